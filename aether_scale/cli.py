@@ -22,7 +22,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "pool": ("aether_scale.pooling:run_pool", "AE pooled in buffers around POIs → triplets.zarr"),
     "train": ("aether_scale.train:run_train", "train the AETHER projector → model/"),
     "infer": ("aether_scale.field:run_infer", "projector over every AE pixel → field.zarr"),
-    "evaluate": ("aether_scale.evaluate:run_evaluate", "region features + Table 1 → report/"),
+    "regions": ("aether_scale.regions:run_regions", "AE and field pooled around label units → regions.parquet"),
+    "evaluate": ("aether_scale.evaluate:run_evaluate", "the paper's Table 1 protocol → report/"),
 }
 
 EPILOG = """\
