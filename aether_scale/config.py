@@ -122,6 +122,9 @@ class PoiSource(Section):
     crs: str | None = Field(None, description="CRS of the coordinates when the file has none")
     columns: PoiColumns = Field(default_factory=PoiColumns)
     append_name: bool = Field(True, description="append ', named <name>.' to ready descriptions")
+    encoding: str = Field(
+        "utf-8", description="CSV: text encoding; undecodable bytes are read as cp1252 (counted)"
+    )
 
 
 class PoisSection(Section):
@@ -144,6 +147,13 @@ class TextSection(Section):
     mode: Literal["auto", "local", "dask"] = "auto"
     device: str = "auto"
     normalize: bool = True
+    chunk_rows: int = Field(65536, ge=256, description="text.zarr rows per chunk")
+    flush_texts: int = Field(
+        16384, ge=256, description="texts encoded between cache writes (progress survives a crash)"
+    )
+    dask_min_texts: int = Field(
+        20000, ge=0, description="mode=auto: fewest new texts worth shipping to dask workers"
+    )
 
 
 # --------------------------------------------------------------------------- pool
@@ -201,9 +211,16 @@ class TrainSection(Section):
 class InferSection(Section):
     """Trained projector over every AE pixel → ``field.zarr``."""
 
-    dtype: Literal["float16", "int8"] = "float16"
-    batch_pixels: int = Field(262_144, ge=1024)
-    device: str = "auto"
+    dtype: Literal["float16", "int8"] = Field(
+        "float16", description="float16, or int8 with the AEF sqrt codec (attrs say so)"
+    )
+    batch_pixels: int = Field(
+        16_384, ge=1024, description="pixels per projector call (small batches stay in cache)"
+    )
+    device: str = Field("auto", description="auto (cuda when the worker has one), cpu, cuda")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per task thread; default 1 (dask runs the tasks)"
+    )
 
 
 # --------------------------------------------------------------------------- regions / evaluate
@@ -220,6 +237,10 @@ class RegionsSection(Section):
     sdm_id: str = "lsoa21cd"
     sdm_buffer_m: float = Field(300.0, gt=0)
     crs: str | None = Field(None, description="CRS of label files that carry none")
+    poi_token_columns: list[str] = Field(
+        default_factory=lambda: ["category", "subcategory"],
+        description="pois.parquet columns whose values form the POI bags (TF-IDF/LDA)",
+    )
 
 
 class EvaluateSection(Section):
@@ -236,6 +257,12 @@ class EvaluateSection(Section):
     lr: float = Field(1e-3, gt=0)
     baselines: list[Literal["tfidf", "lda"]] = Field(default_factory=lambda: ["tfidf", "lda"])
     noaug: bool = Field(True, description="also train and evaluate AETHER w/o aug")
+    batch_size: int | None = Field(
+        None, ge=8, description="head minibatch size; null = full batch"
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    lda_topics: int = Field(20, ge=2)
+    plots: bool = True
 
 
 # --------------------------------------------------------------------------- run config

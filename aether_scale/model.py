@@ -1,0 +1,368 @@
+"""The AETHER projectors and their checkpoints (our format and the reference one).
+
+:class:`AEProj` is the reference AETHER AE projector, parameter for parameter
+(so the published checkpoints load with ``strict=True``)::
+
+    h   = proj(x) + sigmoid(gate) * shortcut(x)      proj = Linear(64,256)-ReLU-Linear(256,128)
+    h   = h / ||h||                                  shortcut = Linear(64,128), gate init −4
+    out = post_mlp(h) / ||post_mlp(h)||              post_mlp = Linear(128,256)-GELU-Dropout-Linear(256,128)
+
+:class:`TextProj` is one ``Linear(384,128)`` followed by L2 normalisation.
+
+Checkpoints
+-----------
+Ours (``checkpoint.pt``, ``last.pt``) is a ``torch.save`` dict of plain tensors
+and Python builtins::
+
+    {"format": "aether_scale/1", "ae_state_dict", "txt_state_dict",
+     "config": {train section + in_dim/text_dim}, "epoch", "metrics", ...}
+
+The reference layout (``ae_state_dict``, ``txt_state_dict``, ``epoch``,
+``hyper_parameters``, ``temps``, ``model_types``, …) is read by
+:func:`load_checkpoint` and written by :func:`export_reference`. Every load goes
+through ``torch.load(weights_only=True)``: a file holding an arbitrary pickled
+object is refused (:class:`CheckpointError`), never executed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT = "aether_scale/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+LAST_NAME = "last.pt"
+
+__all__ = [
+    "AEProj",
+    "TextProj",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_projector",
+    "load_text_projector",
+    "export_reference",
+    "FORMAT",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+class AEProj(nn.Module):
+    """AlphaEarth projector f_θ: (n, 64) pooled, L2-normalised AE → (n, 128) unit vectors.
+
+    Exactly the reference ``AEProj`` (same parameter names and shapes), so
+    reference checkpoints load with ``strict=True``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 64,
+        hidden_dim: int = 256,
+        out_dim: int = 128,
+        dropout: float = 0.1,
+        gate_init: float = -4.0,
+    ) -> None:
+        super().__init__()
+        self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
+        self.proj = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
+        )
+        self.shortcut = nn.Linear(in_dim, out_dim)
+        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.post_mlp = nn.Sequential(
+            nn.Linear(out_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x`` (n, in_dim) to L2-normalised (n, out_dim)."""
+        h = self.proj(x) + torch.sigmoid(self.gate) * self.shortcut(x)
+        h = F.normalize(h, dim=-1)
+        return F.normalize(self.post_mlp(h), dim=-1)
+
+
+class TextProj(nn.Module):
+    """POI text projector: (n, 384) sentence embeddings → (n, 128) unit vectors."""
+
+    def __init__(self, in_dim: int = 384, out_dim: int = 128) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Project ``t`` (n, in_dim) to L2-normalised (n, out_dim)."""
+        return F.normalize(self.proj(t), dim=-1)
+
+
+# --------------------------------------------------------------------------- state dicts
+def _plain_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of detached, contiguous CPU tensors (safe to pickle, device-free)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    """The module under a DDP / torch.compile wrapper (state dict keys without prefixes)."""
+    while True:
+        if hasattr(m, "module") and isinstance(m.module, nn.Module):
+            m = m.module
+        elif hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
+            m = m._orig_mod
+        else:
+            return m
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    ae: nn.Module,
+    txt: nn.Module,
+    *,
+    config: Mapping[str, Any],
+    epoch: int,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write our checkpoint format atomically (temporary file, then rename).
+
+    ``config`` must hold only builtins (the train section plus ``in_dim`` and
+    ``text_dim``); ``extra`` adds keys (e.g. optimizer state for ``last.pt``),
+    which must also be tensors/builtins so the file loads with
+    ``weights_only=True``.
+    """
+    ae, txt = _unwrap(ae), _unwrap(txt)
+    obj: dict[str, Any] = {
+        "format": FORMAT,
+        "ae_state_dict": _plain_state(ae.state_dict()),
+        "txt_state_dict": _plain_state(txt.state_dict()),
+        "config": dict(config),
+        "epoch": int(epoch),
+        "metrics": dict(metrics or {}),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    if extra:
+        obj.update(extra)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _safe_load(path: str) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with errors that say what went wrong."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and Python builtins and "
+            f"was refused (safe loading, weights_only=True). Only load files you trust; "
+            f"re-save it as plain state dicts. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} could not be read as a torch file: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _resolve(path: str | os.PathLike) -> str:
+    """A model folder → its checkpoint.pt; a file path is returned as is."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        p = os.path.join(path, CHECKPOINT_NAME)
+        if not os.path.exists(p):
+            raise CheckpointError(
+                f"model folder {path} has no {CHECKPOINT_NAME} (is it a finished 'train' output?)"
+            )
+        return p
+    return path
+
+
+def _config_from_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
+    hp = obj.get("hyper_parameters") or {}
+    model = hp.get("model") or {}
+    train = hp.get("train") or {}
+    ae = obj["ae_state_dict"]
+    txt = obj["txt_state_dict"]
+    temps = obj.get("temps") or {}
+    cfg: dict[str, Any] = {
+        "in_dim": int(ae["proj.0.weight"].shape[1]),
+        "hidden_dim": int(ae["proj.0.weight"].shape[0]),
+        "out_dim": int(ae["proj.2.weight"].shape[0]),
+        "text_dim": int(txt["proj.weight"].shape[1]),
+        "tau_poi": temps.get("tau_xt", model.get("tau_xt")),
+        "tau_ae": temps.get("tau_ii", model.get("tau_img")),
+        "lam": model.get("lambda"),
+        "lr": model.get("lr"),
+        "weight_decay": model.get("weight_decay"),
+        "batch_size": train.get("batch_size"),
+        "epochs": train.get("epochs"),
+        "lr_final_frac": train.get("eta_min_ratio"),
+    }
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load our checkpoint or a reference AETHER checkpoint, safely, on CPU.
+
+    ``path`` may be a model folder (its ``checkpoint.pt``), one of our ``.pt``
+    files, or a reference ``.pth``. Returns our layout: ``format``,
+    ``ae_state_dict``, ``txt_state_dict``, ``config`` (with ``in_dim``,
+    ``hidden_dim``, ``out_dim``, ``text_dim``), ``epoch``, ``metrics``, plus
+    ``source_format`` (``"aether_scale/1"`` or ``"reference"``). Raises
+    :class:`CheckpointError` for missing files, unsafe pickles or unknown layouts.
+    """
+    p = _resolve(path)
+    obj = _safe_load(p)
+    fmt = obj.get("format")
+    if fmt is not None and fmt != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {p}: format {fmt!r} is not supported by this version (expects {FORMAT!r})"
+        )
+    for key in ("ae_state_dict", "txt_state_dict"):
+        if not isinstance(obj.get(key), Mapping):
+            raise CheckpointError(
+                f"checkpoint {p} has no {key!r}; expected an aether_scale checkpoint or the "
+                f"reference AETHER layout (keys ae_state_dict, txt_state_dict)"
+            )
+    if fmt == FORMAT:
+        out = dict(obj)
+        out["source_format"] = FORMAT
+        return out
+    if "proj.0.weight" not in obj["ae_state_dict"] or "proj.weight" not in obj["txt_state_dict"]:
+        raise CheckpointError(
+            f"checkpoint {p}: ae_state_dict/txt_state_dict do not have the AEProj/TextProj "
+            f"parameter names (proj.0.weight, proj.weight); keys: {sorted(obj['ae_state_dict'])}"
+        )
+    tm = obj.get("train_metrics") or {}
+    return {
+        "format": FORMAT,
+        "source_format": "reference",
+        "ae_state_dict": dict(obj["ae_state_dict"]),
+        "txt_state_dict": dict(obj["txt_state_dict"]),
+        "config": _config_from_reference(obj),
+        "epoch": int(obj.get("epoch", -1)),
+        "metrics": {
+            k: v for k, v in {"loss": tm.get("loss"), "L_AP": tm.get("L_xt"),
+                              "L_AE": tm.get("L_ii")}.items() if v is not None
+        },
+        "reference_extra": {
+            k: obj[k] for k in ("hyper_parameters", "model_types", "temps", "created_at")
+            if k in obj
+        },
+    }
+
+
+def _dims(ck: Mapping[str, Any]) -> dict[str, int]:
+    ae, txt = ck["ae_state_dict"], ck["txt_state_dict"]
+    return {
+        "in_dim": int(ae["proj.0.weight"].shape[1]),
+        "hidden_dim": int(ae["proj.0.weight"].shape[0]),
+        "out_dim": int(ae["proj.2.weight"].shape[0]),
+        "text_dim": int(txt["proj.weight"].shape[1]),
+    }
+
+
+def load_projector(path: str | os.PathLike) -> AEProj:
+    """The trained AE projector from a model folder / checkpoint, in eval mode on CPU.
+
+    Works for our ``model/`` folder or ``checkpoint.pt`` and for reference
+    ``.pth`` files; loads with ``strict=True`` (a missing or unexpected
+    parameter is an error, not a silent partial load).
+    """
+    ck = load_checkpoint(path)
+    d = _dims(ck)
+    cfg = ck.get("config") or {}
+    ae = AEProj(d["in_dim"], d["hidden_dim"], d["out_dim"], dropout=float(cfg.get("dropout", 0.1)))
+    try:
+        ae.load_state_dict(ck["ae_state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: ae_state_dict does not fit AEProj: {e}") from None
+    return ae.eval()
+
+
+def load_text_projector(path: str | os.PathLike) -> TextProj:
+    """The text projector of a checkpoint, in eval mode on CPU (strict load)."""
+    ck = load_checkpoint(path)
+    d = _dims(ck)
+    txt = TextProj(d["text_dim"], d["out_dim"])
+    try:
+        txt.load_state_dict(ck["txt_state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: txt_state_dict does not fit TextProj: {e}") from None
+    return txt.eval()
+
+
+def export_reference(
+    checkpoint: str | os.PathLike | Mapping[str, Any], path: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Our checkpoint (path or loaded dict) → the reference AETHER checkpoint layout.
+
+    The result has ``ae_state_dict``, ``txt_state_dict``, ``epoch``,
+    ``train_metrics`` (``loss``, ``L_xt``, ``L_ii``), ``val_metrics``,
+    ``temps`` (``tau_xt``, ``tau_ii``), ``model_types``, ``hyper_parameters``
+    (``model`` / ``train`` / ``text`` sections with the reference key names)
+    and ``created_at``. With ``path`` it is also saved there (plain tensors and
+    builtins, loadable with ``weights_only=True``).
+    """
+    ck = (
+        load_checkpoint(checkpoint)
+        if isinstance(checkpoint, (str, os.PathLike))
+        else checkpoint
+    )
+    cfg = dict(ck.get("config") or {})
+    d = _dims(ck)
+    m = ck.get("metrics") or {}
+    best = m.get("best") if isinstance(m.get("best"), Mapping) else m
+    ref: dict[str, Any] = {
+        "ae_state_dict": _plain_state(ck["ae_state_dict"]),
+        "txt_state_dict": _plain_state(ck["txt_state_dict"]),
+        "epoch": int(ck.get("epoch", -1)),
+        "train_metrics": {
+            k: float(best[src]) for k, src in (("loss", "loss"), ("L_xt", "L_AP"), ("L_ii", "L_AE"))
+            if isinstance(best.get(src), (int, float))
+        },
+        "val_metrics": {},
+        "temps": {"tau_xt": float(cfg.get("tau_poi", 0.07)), "tau_ii": float(cfg.get("tau_ae", 0.07))},
+        "model_types": {"ae_type": "AEProj", "text_type": "TextProj"},
+        "hyper_parameters": {
+            "model": {
+                "ae_type": "AEProj",
+                "text_type": "TextProj",
+                "hidden_dim": d["hidden_dim"],
+                "out_dim": d["out_dim"],
+                "lambda": float(cfg.get("lam", 0.2)),
+                "tau_img": float(cfg.get("tau_ae", 0.07)),
+                "tau_xt": float(cfg.get("tau_poi", 0.07)),
+                "lr": float(cfg.get("lr", 1e-3)),
+                "weight_decay": float(cfg.get("weight_decay", 1e-4)),
+                "betas": [0.9, 0.999],
+            },
+            "train": {
+                "batch_size": int(cfg.get("batch_size", 512)),
+                "epochs": int(cfg.get("epochs", 100)),
+                "eta_min_ratio": float(cfg.get("lr_final_frac", 0.01)),
+            },
+            "text": {"emb_dim": d["text_dim"]},
+            "exported_by": FORMAT,
+        },
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    if path is not None:
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(ref, tmp)
+        os.replace(tmp, path)
+    return ref

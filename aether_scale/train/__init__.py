@@ -1,0 +1,22 @@
+"""``train`` stage: the AETHER projector trained on ``triplets.zarr`` → ``model/``.
+
+- :func:`train_model` — one training run (any triplets store → a folder with
+  ``checkpoint.pt`` (best-on-train), ``last.pt`` (resumable) and ``metrics.json``).
+- :func:`run_train` — the workspace stage: ``model/`` and, when
+  ``evaluate.noaug`` is set, ``model_noaug/`` ("AETHER w/o aug").
+- :mod:`aether_scale.train.loader` — in-memory and streaming batch sources.
+"""
+
+from .loader import InMemoryBatches, StreamingBatches, TripletStore, TripletStoreError
+from .trainer import cosine_lr, run_train, train_model, write_triplets
+
+__all__ = [
+    "train_model",
+    "run_train",
+    "cosine_lr",
+    "write_triplets",
+    "TripletStore",
+    "TripletStoreError",
+    "InMemoryBatches",
+    "StreamingBatches",
+]

@@ -1,0 +1,454 @@
+"""Batches of triplets from ``triplets.zarr``: in memory when it fits, streamed otherwise.
+
+Both paths yield ``(base, aug, text)`` float32 tensors, one batch at a time,
+with a per-epoch order that depends only on ``(seed, epoch)`` — so a run is
+reproducible, and a resumed run sees the same batches as an uninterrupted one.
+
+- :class:`InMemoryBatches` (fast path): the selected rows live in three tensors
+  (on the training device); each epoch is one ``torch.randperm``, each batch an
+  ``index_select``.
+- :class:`StreamingBatches`: no per-sample ``__getitem__``. Each epoch the
+  store's row chunks are visited in a random order; ``shuffle_buffer_chunks``
+  chunks at a time are read as contiguous slices, rows not in the training
+  subsample are dropped, the buffer (plus the previous buffer's leftover rows)
+  is shuffled, and full batches are cut from it. A background thread runs
+  ahead by up to ``prefetch`` batches (across epoch boundaries), so reading
+  and decompression overlap with the optimiser step.
+
+Several ranks (DDP): in memory, every rank draws the same global permutation
+and takes its ``1/world_size`` slice of every global batch (exactly the
+single-process batches). Streaming, the chunk order is split between ranks
+(rank r reads chunks ``r, r+W, …`` of the epoch's order) and each rank cuts
+local batches of ``batch_size / world_size`` rows; the number of steps is the
+minimum over ranks, so every rank steps together (leftover rows are dropped
+that epoch, like ``DistributedSampler(drop_last=True)``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TripletStore",
+    "TripletStoreError",
+    "InMemoryBatches",
+    "StreamingBatches",
+    "subsample_rows",
+    "epoch_seed",
+]
+
+REQUIRED = ("poi_id", "base", "aug", "text")
+
+
+class TripletStoreError(ValueError):
+    """``triplets.zarr`` is missing a field or has a wrong shape/dtype/value."""
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    """A 63-bit seed for one epoch's shuffles, a pure function of its arguments."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(salt)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def subsample_rows(n: int, fraction: float, seed: int) -> np.ndarray | None:
+    """Sorted row indices of a uniform subsample (fixed ``seed``), or None for all rows."""
+    if fraction >= 1.0:
+        return None
+    k = max(2, int(round(fraction * n)))
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED])
+    return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+
+class TripletStore:
+    """An opened, validated ``triplets.zarr`` (Zarr group or xarray-written store).
+
+    Fields: ``poi_id`` (n,) int, ``base`` (n, in_dim) float, ``aug`` (n, in_dim)
+    float, ``text`` (n, text_dim) float, all chunked along n. Raises
+    :class:`TripletStoreError` naming the store, the field and the fix.
+    """
+
+    def __init__(
+        self, uri: str, *, storage_options: dict | None = None, need_aug: bool = True
+    ) -> None:
+        import zarr
+
+        self.uri = str(uri)
+        try:
+            self.group = zarr.open_group(self.uri, mode="r", storage_options=storage_options)
+        except Exception as e:  # zarr raises several types for "not a group"
+            raise TripletStoreError(
+                f"{self.uri}: cannot open as a Zarr group ({type(e).__name__}: {e}); "
+                f"run the 'pool' stage first or point train at a triplets.zarr"
+            ) from None
+        names = set(self.group.array_keys())
+        needed = [f for f in REQUIRED if need_aug or f != "aug"]
+        missing = [f for f in needed if f not in names]
+        if missing:
+            raise TripletStoreError(
+                f"{self.uri}: missing field(s) {missing}; a triplets store needs arrays "
+                f"{list(REQUIRED)} (found {sorted(names)}); re-run the 'pool' stage"
+            )
+        self.base = self.group["base"]
+        self.text = self.group["text"]
+        self.aug = self.group["aug"] if "aug" in names else None
+        self.poi_id = self.group["poi_id"]
+        n = int(self.poi_id.shape[0]) if len(self.poi_id.shape) == 1 else -1
+        if n < 0:
+            raise TripletStoreError(f"{self.uri}: field 'poi_id' must be 1-d, has shape {self.poi_id.shape}")
+        self.n = n
+        arrays = {"base": self.base, "text": self.text}
+        if self.aug is not None:
+            arrays["aug"] = self.aug
+        for name, arr in arrays.items():
+            if len(arr.shape) != 2 or arr.shape[0] != n:
+                raise TripletStoreError(
+                    f"{self.uri}: field {name!r} has shape {tuple(arr.shape)}, expected ({n}, d) "
+                    f"(one row per poi_id); the store is inconsistent — re-run the 'pool' stage"
+                )
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise TripletStoreError(
+                    f"{self.uri}: field {name!r} has dtype {arr.dtype}, expected float32"
+                )
+        if self.aug is not None and self.aug.shape[1] != self.base.shape[1]:
+            raise TripletStoreError(
+                f"{self.uri}: 'aug' has {self.aug.shape[1]} columns but 'base' has "
+                f"{self.base.shape[1]}; both views must come from the same AE bands"
+            )
+        if n < 2:
+            raise TripletStoreError(f"{self.uri}: {n} triplet(s); contrastive training needs ≥ 2")
+        self.in_dim = int(self.base.shape[1])
+        self.text_dim = int(self.text.shape[1])
+        self.chunk_rows = int(self.base.chunks[0])
+        self.need_aug = need_aug and self.aug is not None
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one triplet as float32 (the fields training reads)."""
+        return 4 * (self.in_dim * (2 if self.need_aug else 1) + self.text_dim)
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """``[(start, stop), …]`` row ranges of the store's chunks."""
+        c = self.chunk_rows
+        return [(s, min(s + c, self.n)) for s in range(0, self.n, c)]
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Rows ``[start, stop)`` of base, aug (None unless needed), text as float32."""
+        base = np.asarray(self.base[start:stop], dtype=np.float32)
+        aug = np.asarray(self.aug[start:stop], dtype=np.float32) if self.need_aug else None
+        text = np.asarray(self.text[start:stop], dtype=np.float32)
+        for name, a in (("base", base), ("aug", aug), ("text", text)):
+            if a is not None and not np.isfinite(a).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+                raise TripletStoreError(
+                    f"{self.uri}: field {name!r} has non-finite values (first at row {bad}); "
+                    f"the pool/text stage must drop rows without a valid vector"
+                )
+        return base, aug, text
+
+
+# --------------------------------------------------------------------------- batching plans
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in the job (rank among world_size)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
+def _global_batches(n: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` of global batches over n shuffled rows.
+
+    Full batches of ``batch_size``; the remainder is trimmed to a multiple of
+    ``world_size`` (equal local shards) and kept as a last, smaller batch when
+    it still has at least 2 rows (a contrastive batch needs a negative).
+    """
+    out = [(s, s + batch_size) for s in range(0, n - batch_size + 1, batch_size)]
+    rest = n - len(out) * batch_size
+    rest -= rest % world_size
+    if rest >= max(2, world_size):
+        start = len(out) * batch_size
+        out.append((start, start + rest))
+    return out
+
+
+class InMemoryBatches:
+    """All selected rows in memory (on ``device``); one permutation per epoch."""
+
+    kind = "in_memory"
+
+    def __init__(
+        self,
+        store: TripletStore,
+        *,
+        batch_size: int,
+        rows: np.ndarray | None,
+        seed: int,
+        device: torch.device,
+        shard: Shard = Shard(),
+    ) -> None:
+        if batch_size % shard.world_size:
+            raise ValueError(
+                f"train.batch_size {batch_size} must be divisible by the number of ranks "
+                f"{shard.world_size} (it is the global batch)"
+            )
+        base, aug, text = store.read(0, store.n)
+        if rows is not None:
+            base, text = base[rows], text[rows]
+            aug = aug[rows] if aug is not None else None
+        self.base = torch.from_numpy(np.ascontiguousarray(base)).to(device)
+        self.aug = torch.from_numpy(np.ascontiguousarray(aug)).to(device) if aug is not None else None
+        self.text = torch.from_numpy(np.ascontiguousarray(text)).to(device)
+        self.n = int(self.base.shape[0])
+        self.batch_size, self.seed, self.device, self.shard = batch_size, seed, device, shard
+        self.plan = _global_batches(self.n, batch_size, shard.world_size)
+        if not self.plan:
+            raise ValueError(f"{self.n} training rows cannot form one batch for {shard.world_size} rank(s)")
+
+    def steps_per_epoch(self) -> int:
+        return len(self.plan)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """The batches of ``epoch`` (this rank's shard of each global batch)."""
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        perm = torch.randperm(self.n, generator=g).to(self.device)
+        w, r = self.shard.world_size, self.shard.rank
+        for start, stop in self.plan:
+            local = (stop - start) // w
+            idx = perm[start + r * local : start + (r + 1) * local]
+            yield (
+                self.base.index_select(0, idx),
+                self.aug.index_select(0, idx) if self.aug is not None else None,
+                self.text.index_select(0, idx),
+            )
+
+    def close(self) -> None:
+        """Nothing to release (kept for symmetry with :class:`StreamingBatches`)."""
+
+
+_EPOCH_END = object()
+
+
+class StreamingBatches:
+    """Batches streamed from the store in shuffled chunk groups, prefetched in a thread."""
+
+    kind = "streaming"
+
+    def __init__(
+        self,
+        store: TripletStore,
+        *,
+        batch_size: int,
+        rows: np.ndarray | None,
+        seed: int,
+        device: torch.device,
+        shuffle_buffer_chunks: int = 4,
+        prefetch: int = 2,
+        shard: Shard = Shard(),
+    ) -> None:
+        if batch_size % shard.world_size:
+            raise ValueError(
+                f"train.batch_size {batch_size} must be divisible by the number of ranks "
+                f"{shard.world_size} (it is the global batch)"
+            )
+        self.store = store
+        self.batch_size, self.seed, self.device, self.shard = batch_size, seed, device, shard
+        self.local_batch = batch_size // shard.world_size
+        self.buffer_chunks = shuffle_buffer_chunks
+        self.prefetch = prefetch
+        self.bounds = store.chunk_bounds()
+        if rows is None:
+            self.keep = None
+            self.chunk_counts = np.array([b - a for a, b in self.bounds])
+        else:
+            self.keep = np.zeros(store.n, dtype=bool)
+            self.keep[rows] = True
+            self.chunk_counts = np.array([int(self.keep[a:b].sum()) for a, b in self.bounds])
+        self.n = int(self.chunk_counts.sum())
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._next_epoch: int | None = None
+        self._end_epoch: int | None = None
+        self.pin = device.type == "cuda"
+
+    # ---- plan
+    def _chunk_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch, salt=1))
+        return rng.permutation(len(self.bounds))
+
+    def _my_chunks(self, order: np.ndarray, rank: int) -> np.ndarray:
+        return order[rank :: self.shard.world_size]
+
+    def _steps(self, epoch: int) -> int:
+        order = self._chunk_order(epoch)
+        w = self.shard.world_size
+        if w == 1:
+            full, rest = divmod(self.n, self.local_batch)
+            return full + (1 if rest >= 2 else 0)
+        return min(int(self.chunk_counts[self._my_chunks(order, r)].sum()) // self.local_batch
+                   for r in range(w))
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        """Steps in ``epoch`` (constant for one rank; with several ranks, the rank minimum)."""
+        return self._steps(epoch)
+
+    # ---- producer
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[np.ndarray | None, ...]]:
+        """This rank's numpy batches of ``epoch`` (read, subsample, shuffle, cut)."""
+        order = self._chunk_order(epoch)
+        mine = self._my_chunks(order, self.shard.rank)
+        steps = self._steps(epoch)
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch, salt=2 + self.shard.rank))
+        b = self.local_batch
+        left: list[np.ndarray | None] | None = None
+        done = 0
+        for g0 in range(0, len(mine), self.buffer_chunks):
+            if done == steps:
+                break
+            parts: list[tuple[np.ndarray | None, ...]] = [left] if left is not None else []
+            for ci in mine[g0 : g0 + self.buffer_chunks]:
+                a, z = self.bounds[ci]
+                arrays = self.store.read(a, z)
+                if self.keep is not None:
+                    m = self.keep[a:z]
+                    arrays = tuple(x[m] if x is not None else None for x in arrays)
+                parts.append(arrays)
+            cols = [
+                np.concatenate([p[k] for p in parts]) if parts[0][k] is not None else None
+                for k in range(3)
+            ]
+            perm = rng.permutation(cols[0].shape[0])
+            cols = [c[perm] if c is not None else None for c in cols]
+            n_full = cols[0].shape[0] // b
+            for i in range(min(n_full, steps - done)):
+                yield tuple(c[i * b : (i + 1) * b] if c is not None else None for c in cols)
+                done += 1
+            left = [c[n_full * b :] if c is not None else None for c in cols]
+        if done < steps and left is not None and left[0].shape[0] >= 2:
+            yield tuple(left)
+            done += 1
+        if done != steps:  # cannot happen unless the store changed underneath us
+            raise RuntimeError(f"streaming loader produced {done} of {steps} batches in epoch {epoch}")
+
+    def _to_tensors(self, batch):
+        out = []
+        for x in batch:
+            if x is None:
+                out.append(None)
+                continue
+            t = torch.from_numpy(np.ascontiguousarray(x))
+            if self.device.type != "cpu":
+                t = t.pin_memory().to(self.device, non_blocking=True)
+            out.append(t)
+        return tuple(out)
+
+    def _run(self, start: int, stop: int) -> None:
+        q = self._queue
+        assert q is not None
+
+        def put(item) -> None:
+            while not self._stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stopped
+
+        try:
+            for e in range(start, stop):
+                for batch in self._epoch_batches(e):
+                    put(self._to_tensors(batch))
+                put(_EPOCH_END)
+        except _Stopped:
+            return
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            try:
+                put(exc)
+            except _Stopped:
+                return
+
+    def start(self, start_epoch: int, stop_epoch: int) -> None:
+        """Begin producing epochs ``start_epoch … stop_epoch-1`` in the background."""
+        self.close()
+        self._stop.clear()
+        self._next_epoch, self._end_epoch = start_epoch, stop_epoch
+        if self.prefetch > 0:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(
+                target=self._run, args=(start_epoch, stop_epoch), name="triplet-prefetch", daemon=True
+            )
+            self._thread.start()
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """The batches of ``epoch``; epochs must be consumed in order after :meth:`start`."""
+        if self._next_epoch is None:
+            self.start(epoch, epoch + 1)
+        if epoch != self._next_epoch:
+            self.start(epoch, self._end_epoch if self._end_epoch and self._end_epoch > epoch else epoch + 1)
+        self._next_epoch = epoch + 1
+        if self._thread is None:  # prefetch = 0: synchronous
+            for batch in self._epoch_batches(epoch):
+                yield self._to_tensors(batch)
+            return
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is _EPOCH_END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any) and drop queued batches."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = None
+        self._queue = None
+
+
+class _Stopped(Exception):
+    """Internal: the consumer closed the loader while the producer was waiting."""
+
+
+def write_triplets(
+    path: str,
+    *,
+    base: np.ndarray,
+    aug: np.ndarray,
+    text: np.ndarray,
+    poi_id: np.ndarray | None = None,
+    chunk_rows: int = 65536,
+    compressors: object = "auto",
+) -> str:
+    """Write a ``triplets.zarr`` in the pool stage's layout (tests, benchmarks, tools).
+
+    Arrays ``poi_id`` (n,) int64, ``base``/``aug`` (n, d) float32 and ``text``
+    (n, D) float32, chunked along n by ``chunk_rows`` rows (whole rows per
+    chunk). ``compressors=None`` writes uncompressed chunks.
+    """
+    import zarr
+
+    n = base.shape[0]
+    if poi_id is None:
+        poi_id = np.arange(n, dtype=np.int64)
+    g = zarr.open_group(path, mode="w")
+    for name, arr in (("poi_id", np.asarray(poi_id, dtype=np.int64)),
+                      ("base", np.asarray(base, dtype=np.float32)),
+                      ("aug", np.asarray(aug, dtype=np.float32)),
+                      ("text", np.asarray(text, dtype=np.float32))):
+        if arr.shape[0] != n:
+            raise ValueError(f"write_triplets: {name} has {arr.shape[0]} rows, base has {n}")
+        chunks = (min(chunk_rows, n),) + arr.shape[1:]
+        a = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                           compressors=compressors)
+        a[...] = arr
+    return path

@@ -1,0 +1,173 @@
+"""Shared benchmark helpers: peak RSS of a process tree, machine info, result JSON.
+
+Small, stable API used by every ``benchmarks/bench_<stage>.py``::
+
+    from _common import PeakRSS, machine_info, write_result
+
+    with PeakRSS() as rss:          # samples this process + all its children
+        run_the_thing()             # (dask worker processes included)
+    print(rss.peak_mb)
+
+    write_result("ingest", {"machine": machine_info(), "peak_rss_mb": rss.peak_mb, ...})
+    # → benchmarks/results/ingest.json
+
+Why a sampler thread: ``resource.getrusage`` only reports the largest single
+process (and children only once they have exited), while a LocalCluster's
+memory lives in several live worker processes; the sum over the tree at each
+moment is what has to fit in the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+__all__ = ["PeakRSS", "machine_info", "write_result", "RESULTS_DIR"]
+
+
+def _tree_rss(root: psutil.Process) -> tuple[int, int]:
+    """(RSS of ``root`` + all live descendants, number of processes) in bytes."""
+    procs = [root]
+    try:
+        procs += root.children(recursive=True)
+    except psutil.Error:
+        pass
+    total = 0
+    n = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+            n += 1
+        except psutil.Error:  # exited between listing and reading
+            continue
+    return total, n
+
+
+class PeakRSS:
+    """Context manager: peak resident memory of a process tree, sampled in a thread.
+
+    ``pid`` defaults to the current process; every descendant (multiprocessing,
+    dask worker "nanny" and worker processes, subprocesses) is included at each
+    sample. Attributes after (or during) the block:
+
+    - ``peak_mb``: largest total RSS seen over the tree, in MiB
+    - ``peak_self_mb``: largest RSS of the root process alone, in MiB
+    - ``baseline_mb``: tree RSS when the block started, in MiB
+    - ``max_processes``: most processes seen in the tree at once
+    - ``samples``: number of samples taken
+
+    The sampling interval (default 0.05 s) bounds how short a spike can be and
+    still be seen; a final sample is taken on exit.
+    """
+
+    def __init__(self, pid: int | None = None, *, interval: float = 0.05) -> None:
+        self.pid = os.getpid() if pid is None else pid
+        self.interval = interval
+        self.peak_mb = 0.0
+        self.peak_self_mb = 0.0
+        self.baseline_mb = 0.0
+        self.max_processes = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc = psutil.Process(self.pid)
+
+    def _sample(self) -> None:
+        total, n = _tree_rss(self._proc)
+        try:
+            own = self._proc.memory_info().rss
+        except psutil.Error:
+            own = 0
+        self.peak_mb = max(self.peak_mb, total / 2**20)
+        self.peak_self_mb = max(self.peak_self_mb, own / 2**20)
+        self.max_processes = max(self.max_processes, n)
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakRSS:
+        total, _ = _tree_rss(self._proc)
+        self.baseline_mb = total / 2**20
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="PeakRSS", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The measurements as a JSON-able dict (MiB values rounded to 0.1)."""
+        return {
+            "peak_rss_mb": round(self.peak_mb, 1),
+            "peak_rss_self_mb": round(self.peak_self_mb, 1),
+            "baseline_rss_mb": round(self.baseline_mb, 1),
+            "max_processes": self.max_processes,
+            "rss_samples": self.samples,
+        }
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a benchmark ran: CPU, cores, RAM, OS, Python and key library versions."""
+    vm = psutil.virtual_memory()
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cpu_count_logical": psutil.cpu_count(logical=True),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_total_gb": round(vm.total / 2**30, 2),
+        "memory_available_gb": round(vm.available / 2**30, 2),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": sys.version.split()[0],
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    versions: dict[str, str] = {}
+    for mod in ("numpy", "dask", "distributed", "xarray", "zarr", "rasterio", "torch"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except Exception:
+                continue
+        versions[mod] = str(getattr(m, "__version__", "?"))
+    info["versions"] = versions
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    """Write ``data`` as ``benchmarks/results/<name>.json`` (atomic) and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
