@@ -51,7 +51,8 @@ def encode(v: np.ndarray) -> np.ndarray:
     """
     v = np.asarray(v, dtype=np.float64)
     nan = np.isnan(v)
-    q = np.rint(np.sign(v) * np.sqrt(np.abs(np.where(nan, 0.0, v))) * SCALE)
+    v = np.where(nan, 0.0, v)
+    q = np.rint(np.sign(v) * np.sqrt(np.abs(v)) * SCALE)
     q = np.clip(q, -127, 127).astype(np.int8)
     q[nan] = NODATA
     return q

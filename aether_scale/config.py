@@ -84,13 +84,29 @@ class SynthSection(Section):
     n_luc_points: int = Field(2000, ge=10)
     n_regions: int = Field(600, ge=10)
     seed: int = 0
+    socio_trace: float = Field(
+        0.06, ge=0,
+        description="amplitude of the weak, class-entangled socioeconomic trace in AE pixels "
+        "(0 = AE blind to socio; see aether_scale.synthetic)",
+    )
+    poi_socio: float = Field(
+        1.0, ge=0, description="how strongly POI categories and chain names follow the socio field"
+    )
+    unit_population: int = Field(1500, ge=10, description="mean residents per LSOA-like unit")
+    nodata_fraction: float = Field(
+        0.01, ge=0, le=0.2, description="share of AE pixels masked (cloud blob + edge gap)"
+    )
 
 
 # --------------------------------------------------------------------------- ingest
 class IngestSection(Section):
     """AlphaEarth tiles → ``ae.zarr``."""
 
-    tiles: list[str] = Field(default_factory=list, description="GeoTIFF/COG/VRT paths or globs")
+    tiles: list[str] = Field(
+        default_factory=list,
+        description="GeoTIFF/COG/VRT paths, folders or globs; input order = precedence for "
+        "overlap 'first'/'last'",
+    )
     crs: str | None = Field(None, description="target CRS; default: the first tile's CRS")
     resolution: float = Field(10.0, gt=0)
     chunk_px: int | None = Field(None, ge=16, description="chunk edge; default ≈64 MB chunks")
@@ -179,6 +195,9 @@ class PoolSection(Section):
     base: BufferSpec = Field(default_factory=lambda: BufferSpec(shape="circle", radius_m=50.0))
     aug: BufferSpec = Field(default_factory=lambda: BufferSpec(shape="circle", radius_m=100.0))
     chunk_rows: int = Field(65536, ge=256, description="triplets.zarr rows per chunk")
+    block_mb: int = Field(
+        32, ge=8, description="cap (MiB) on one prefix-sum strip per worker thread while pooling"
+    )
 
 
 # --------------------------------------------------------------------------- train

@@ -64,10 +64,14 @@ Where only one tile is valid at a pixel, the valid one wins in every mode.
 
 from __future__ import annotations
 
+import functools
 import glob
+import json
 import math
 import os
+import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -83,7 +87,7 @@ _STRIP_VALUES = 1 << 21  # values per temporary strip (float64 encode temp ≈ 1
 _TILE_EXTENSIONS = (".tif", ".tiff", ".vrt", ".gtiff", ".cog")
 _GDAL_ENV = {
     # bounded per-process GDAL block cache (MB): workers keep memory for blocks, not caches
-    "GDAL_CACHEMAX": 64,
+    "GDAL_CACHEMAX": 32,
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
 }
 #: recorded in the stage manifest; bump when the output for the same inputs changes.
@@ -145,8 +149,7 @@ def resolve_tiles(patterns: Sequence[str]) -> list[str]:
             raise IngestError(f"ingest.tiles: {pat} does not exist (fix the path in the config)")
         out.extend(os.path.abspath(f) if "://" not in f and not f.startswith("/vsi") else f
                    for f in found)
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    return list(dict.fromkeys(out))  # drop repeats, keep first-seen order
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class TileInfo:
     nodata: float | None
     band_indexes: tuple[int, ...]  # 1-based source band for A00…A63
     files: tuple[str, ...]  # every file GDAL reads for it (a VRT's sources included)
+    block_rows: int = 256  # rows of the file's internal blocks (read strips follow them)
 
     @property
     def bottom_up(self) -> bool:
@@ -187,6 +191,7 @@ def inspect_tile(path: str) -> TileInfo:
             descriptions = tuple(src.descriptions)
             width, height = src.width, src.height
             files = tuple(src.files) or (path,)
+            block_rows = int(src.block_shapes[0][0]) if src.block_shapes else 256
     except (RasterioError, OSError) as e:
         raise IngestError(
             f"{path}: cannot be read as a raster ({e}). Check that it is a GeoTIFF/COG/VRT that "
@@ -233,6 +238,7 @@ def inspect_tile(path: str) -> TileInfo:
         nodata=None if nodata is None else float(nodata),
         band_indexes=band_indexes,
         files=files,
+        block_rows=block_rows,
     )
 
 
@@ -250,9 +256,9 @@ class TargetGrid:
 
     def transform(self):  # -> affine.Affine
         """The grid's affine transform (north-up: negative y pixel size)."""
-        from rasterio.transform import from_origin
+        from affine import Affine
 
-        return from_origin(self.left, self.top, self.resolution, self.resolution)
+        return Affine(self.resolution, 0.0, self.left, 0.0, -self.resolution, self.top)
 
     def x_centres(self, c0: int = 0, c1: int | None = None) -> np.ndarray:
         c1 = self.width if c1 is None else c1
@@ -282,6 +288,7 @@ def _tile_bounds(t: TileInfo) -> tuple[float, float, float, float]:
     return min(xs), min(ys), max(xs), max(ys)
 
 
+@functools.lru_cache(maxsize=64)
 def _same_crs(wkt_a: str, wkt_b: str) -> bool:
     from rasterio.crs import CRS
 
@@ -361,40 +368,69 @@ def plan_grid(
 
 
 # ------------------------------------------------------------------------ block reads
-def _to_codes(raw: np.ndarray, tile: TileInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Source values (…, 64) → (int8 AEF codes, valid mask (…)).
+def _to_codes(raw: np.ndarray, tile: TileInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """Source values (rows, cols, 64) → int8 AEF codes in ``out``; returns the valid mask.
 
-    A pixel with any band missing (−128, the declared nodata, NaN) is written
-    as all −128: AlphaEarth masks whole pixels.
+    ``out`` defaults to ``raw`` itself (int8 tiles: converted in place). A pixel
+    with any band missing (−128, the declared nodata, NaN) is written as all
+    −128: AlphaEarth masks whole pixels. Works in row strips so temporaries stay
+    a few MB whatever the window size.
     """
-    if tile.dtype == "int8":
-        codes = raw
-        if tile.nodata is not None and tile.nodata != aef.NODATA and -128 <= tile.nodata <= 127:
-            codes[codes == np.int8(tile.nodata)] = aef.NODATA
-    else:
-        codes = np.empty(raw.shape, np.int8)
-        flat_in = raw.reshape(-1, raw.shape[-1])
-        flat_out = codes.reshape(-1, raw.shape[-1])
-        step = max(1, _STRIP_VALUES // raw.shape[-1])
-        for i in range(0, flat_in.shape[0], step):
-            part = flat_in[i:i + step]
+    if out is None:
+        if tile.dtype != "int8":
+            raise TypeError("float tiles need an int8 output buffer")
+        out = raw
+    h = raw.shape[0]
+    valid = np.empty(raw.shape[:2], bool)
+    step = max(1, _STRIP_VALUES // max(1, raw.shape[1] * raw.shape[2]))
+    remap = (tile.dtype == "int8" and tile.nodata is not None and tile.nodata != aef.NODATA
+             and -128 <= tile.nodata <= 127)
+    for i in range(0, h, step):
+        src, dst = raw[i:i + step], out[i:i + step]
+        if tile.dtype == "int8":
+            if remap:
+                src[src == np.int8(tile.nodata)] = aef.NODATA
+            if dst is not src:
+                dst[...] = src
+        else:
+            missing = np.isnan(src)
             if tile.nodata is not None and not math.isnan(tile.nodata):
-                part = np.where(part == tile.nodata, np.nan, part)
-            flat_out[i:i + step] = aef.encode(part)
-    bad = (codes == aef.NODATA).any(axis=-1)
-    if bad.any():
-        codes[bad] = aef.NODATA
-    return codes, ~bad
+                missing |= src == tile.nodata
+            dst[...] = aef.encode(np.where(missing, 0.0, src))
+            dst[missing] = aef.NODATA
+        bad = (dst == aef.NODATA).any(axis=-1)
+        if bad.any():
+            dst[bad] = aef.NODATA
+        valid[i:i + step] = ~bad
+    return valid
 
 
-def _read_window(src, tile: TileInfo, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """Read source rows [r0, r1) × cols [c0, c1) (storage order) as (rows, cols, 64)."""
+def _read_window(src, tile: TileInfo, r0: int, r1: int, c0: int, c1: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Read source rows [r0, r1) × cols [c0, c1) (storage order) as (rows, cols, 64).
+
+    ``out`` (optional): a view of that shape and the tile's dtype — possibly
+    strided or row-reversed — to fill instead of a new array. Reads go through
+    band-first strips that numpy re-interleaves (as fast as GDAL's own strided
+    copy, with memory bounded by the strip). Strips follow the file's internal
+    block rows, so every stored block is decoded once per call, whatever the
+    GDAL cache size.
+    """
     from rasterio.windows import Window
 
-    out = np.empty((r1 - r0, c1 - c0, aef.N_BANDS), dtype=tile.dtype)
-    # GDAL fills the pixel-interleaved buffer through the strided band-first view: no copy
-    src.read(list(tile.band_indexes), window=Window(c0, r0, c1 - c0, r1 - r0),
-             out=out.transpose(2, 0, 1))
+    if out is None:
+        out = np.empty((r1 - r0, c1 - c0, aef.N_BANDS), dtype=tile.dtype)
+    bands = list(tile.band_indexes)
+    bh = max(1, tile.block_rows)
+    budget = max(1, (4 * _STRIP_VALUES) // max(1, (c1 - c0) * aef.N_BANDS))
+    rows_per = bh * max(1, budget // bh)  # whole block rows, at least one
+    edges = [r0] + list(range((r0 // rows_per + 1) * rows_per, r1, rows_per)) + [r1]
+    buf = np.empty((aef.N_BANDS, max(b - a for a, b in zip(edges, edges[1:], strict=False)),
+                    c1 - c0), dtype=tile.dtype)
+    for a, b in zip(edges, edges[1:], strict=False):
+        part = buf[:, :b - a]
+        src.read(bands, window=Window(c0, a, c1 - c0, b - a), out=part)
+        out[a - r0:b - r0] = part.transpose(1, 2, 0)
     return out
 
 
@@ -411,14 +447,19 @@ def _read_aligned(src, p: _Placement, tr0: int, tr1: int, tc0: int, tc1: int,
     if r0 >= r1 or c0 >= c1:
         return None
     sc0, sc1 = c0 - p.col_off, c1 - p.col_off
+    dst = out[r0 - tr0:r1 - tr0, c0 - tc0:c1 - tc0]
     if t.bottom_up:  # storage row s holds target row p.row_off + height - 1 - s
         sr0, sr1 = p.row_off + t.height - r1, p.row_off + t.height - r0
-        raw = _read_window(src, t, sr0, sr1, sc0, sc1)[::-1]
+        view = dst[::-1]
     else:
         sr0, sr1 = r0 - p.row_off, r1 - p.row_off
+        view = dst
+    if t.dtype == "int8":  # straight into the destination, then masked in place
+        _read_window(src, t, sr0, sr1, sc0, sc1, out=view)
+        ok = _to_codes(dst, t)
+    else:
         raw = _read_window(src, t, sr0, sr1, sc0, sc1)
-    codes, ok = _to_codes(raw, t)
-    out[r0 - tr0:r1 - tr0, c0 - tc0:c1 - tc0] = codes
+        ok = _to_codes(raw[::-1] if t.bottom_up else raw, t, out=dst)
     valid = np.zeros(out.shape[:2], bool)
     valid[r0 - tr0:r1 - tr0, c0 - tc0:c1 - tc0] = ok
     return valid
@@ -433,13 +474,10 @@ def _read_reprojected(src, p: _Placement, grid: TargetGrid, tr0: int, tr1: int, 
     gives the codes. Only the source window those pixels need is read. Writes
     into ``out`` and returns the mask of pixels made valid (None: out of reach).
     """
-    from pyproj import Transformer
-
     t = p.tile
     X, Y = np.meshgrid(grid.x_centres(tc0, tc1), grid.y_centres(tr0, tr1))
     if not _same_crs(t.crs_wkt, grid.crs_wkt):
-        tf = Transformer.from_crs(grid.crs_wkt, t.crs_wkt, always_xy=True)
-        X, Y = tf.transform(X, Y)
+        X, Y = _transformer(grid.crs_wkt, t.crs_wkt).transform(X, Y)
     a, _, c, _, e, f = t.transform
     with np.errstate(invalid="ignore"):
         col = np.floor((X - c) / a)
@@ -451,12 +489,28 @@ def _read_reprojected(src, p: _Placement, grid: TargetGrid, tr0: int, tr1: int, 
     row = row[inside].astype(np.int64)
     sr0, sr1 = int(row.min()), int(row.max()) + 1
     sc0, sc1 = int(col.min()), int(col.max()) + 1
-    codes, ok = _to_codes(_read_window(src, t, sr0, sr1, sc0, sc1), t)
+    raw = _read_window(src, t, sr0, sr1, sc0, sc1)
+    codes = raw if t.dtype == "int8" else np.empty(raw.shape, np.int8)
+    ok = _to_codes(raw, t, out=codes)
     idx = (row - sr0) * (sc1 - sc0) + (col - sc0)
     out[inside] = codes.reshape(-1, aef.N_BANDS)[idx]
     valid = np.zeros(out.shape[:2], bool)
     valid[inside] = ok.reshape(-1)[idx]
     return valid
+
+
+_local = threading.local()
+
+
+def _transformer(src_wkt: str, dst_wkt: str):
+    """A PROJ transformer, built once per thread (building one costs ~50 ms)."""
+    from pyproj import Transformer
+
+    cache = _local.__dict__.setdefault("transformers", {})
+    key = (src_wkt, dst_wkt)
+    if key not in cache:
+        cache[key] = Transformer.from_crs(src_wkt, dst_wkt, always_xy=True)
+    return cache[key]
 
 
 def _strips(r0: int, r1: int, width: int, values: int) -> list[tuple[int, int]]:
@@ -474,14 +528,22 @@ def read_block(
     them by the overlap rule. Memory: the block plus one bounded strip.
     Raises :class:`IngestError` on unreadable data or a forbidden overlap.
     """
+    return _read_block(placements, grid, r0, r1, c0, c1, overlap)[0]
+
+
+def _read_block(
+    placements: Sequence[_Placement], grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
+    overlap: OverlapRule,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_block` plus the (rows, cols) mask of valid pixels."""
     import rasterio
     from rasterio.errors import RasterioError
 
     h, w = r1 - r0, c1 - c0
     block = np.full((h, w, aef.N_BANDS), aef.NODATA, np.int8)
-    if not placements:
-        return block
     valid = np.zeros((h, w), bool)
+    if not placements:
+        return block, valid
     owner = np.full((h, w), -1, np.int16)  # which placement wrote a pixel (for error messages)
     with rasterio.Env(**_GDAL_ENV):
         for k, p in enumerate(placements):
@@ -528,7 +590,30 @@ def read_block(
                     f"{p.tile.path}: reading pixels failed ({e}). The file is probably truncated "
                     "or corrupt: re-download or re-export it"
                 ) from None
-    return block
+    return block, valid
+
+
+def _zarr_array(uri: str, options: str):
+    """The ``embedding`` Zarr array of a store (opened per task: a few ms, never stale)."""
+    import zarr
+
+    so = json.loads(options) or None
+    return zarr.open_group(store=uri, mode="r+", storage_options=so)["embedding"]
+
+
+def _write_block(
+    placements: Sequence[_Placement], grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
+    overlap: OverlapRule, out_uri: str, options: str,
+) -> int:
+    """Read one chunk, write it to its Zarr chunk, return its count of valid pixels.
+
+    Reading and writing in one task keeps a worker's memory to one block and
+    lets the statistics come for free (no second pass over the data).
+    """
+    block, valid = _read_block(placements, grid, r0, r1, c0, c1, overlap)
+    if valid.any():  # all-nodata chunks equal the fill value: nothing to store
+        _zarr_array(out_uri, options)[r0:r1, c0:c1, :] = block
+    return int(valid.sum())
 
 
 def _read_into(src, p: _Placement, grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
@@ -583,6 +668,32 @@ def build_array(
     chunks = (tuple(np.diff(ye)), tuple(np.diff(xe)), (aef.N_BANDS,))
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
     return da.Array(graph, name, chunks, dtype=np.int8, meta=np.empty((0, 0, 0), np.int8))
+
+
+def _write_tasks(placements: Sequence[_Placement], grid: TargetGrid, chunk_px: int,
+                 overlap: OverlapRule, out_uri: str, storage_options: dict | None):
+    """One delayed task per chunk (read its window, write its Zarr chunk); their sum.
+
+    Returns a Delayed evaluating to the total number of valid pixels written.
+    """
+    import dask
+    from dask.base import tokenize
+
+    options = json.dumps(storage_options or {}, sort_keys=True, default=str)
+    ye = _chunk_edges(grid.height, chunk_px)
+    xe = _chunk_edges(grid.width, chunk_px)
+    name = "ingest-block-" + tokenize(list(placements), grid, chunk_px, overlap, out_uri)
+    write = dask.delayed(_write_block, pure=True)
+    tasks = []
+    for i in range(len(ye) - 1):
+        r0, r1 = ye[i], ye[i + 1]
+        for j in range(len(xe) - 1):
+            c0, c1 = xe[j], xe[j + 1]
+            mine = [p for p in placements
+                    if p.rows[0] < r1 and p.rows[1] > r0 and p.cols[0] < c1 and p.cols[1] > c0]
+            tasks.append(write(mine, grid, r0, r1, c0, c1, overlap, out_uri, options,
+                               dask_key_name=(name, i, j)))
+    return dask.delayed(sum, pure=True)(tasks, dask_key_name="ingest-count-" + name[13:])
 
 
 def build_dataset(array, grid: TargetGrid):
@@ -671,7 +782,6 @@ def ingest_tiles(
     count, no CRS, unsupported dtype, and (with ``overlap='error'``) overlapping
     tiles holding different valid codes.
     """
-    import dask.array as da
 
     if overlap not in ("error", "first", "last"):
         raise IngestError(f"ingest.overlap must be 'error', 'first' or 'last' (got {overlap!r})")
@@ -684,11 +794,19 @@ def ingest_tiles(
         raise IngestError(f"ingest.chunk_px must be positive (got {chunk_px})")
     arr = build_array(placements, grid, chunk_px=cpx, overlap=overlap)
     ds = build_dataset(arr, grid)
-    ds["embedding"].encoding.update(chunks=(cpx, cpx, aef.N_BANDS), fill_value=aef.NODATA)
-    store = ds.to_zarr(out_uri, mode="w", compute=False, consolidated=False,
-                       storage_options=storage_options)
-    n_valid = da.sum(da.all(arr != aef.NODATA, axis=-1), dtype=np.int64)
-    _, n_valid = _compute(store, n_valid, progress=progress)
+    # fill_value −128: chunks that are all nodata (gaps) are never stored and read back as
+    # nodata. "coordinates" keeps spatial_ref a coordinate on a default open (besides the
+    # CF grid_mapping attribute rioxarray reads).
+    ds["embedding"].encoding.update(chunks=(cpx, cpx, aef.N_BANDS), fill_value=aef.NODATA,
+                                    coordinates="spatial_ref")
+    with warnings.catch_warnings():
+        # consolidated metadata is not in the Zarr v3 spec yet; xarray reads it, others ignore it
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        # writes the metadata and coordinates now; the embedding's chunks are written below
+        ds.to_zarr(out_uri, mode="w", compute=False, consolidated=True,
+                   storage_options=storage_options)
+    counts = _write_tasks(placements, grid, cpx, overlap, out_uri, storage_options)
+    (n_valid,) = _compute(counts, progress=progress)
     seconds = time.perf_counter() - t0
     n_px = grid.width * grid.height
     nbytes = n_px * aef.N_BANDS
@@ -699,7 +817,7 @@ def ingest_tiles(
         "tiles_reprojected": sum(not p.aligned for p in placements),
         "tiles_bottom_up": sum(t.bottom_up for t in tiles),
         "tiles_float": sum(t.dtype != "int8" for t in tiles),
-        "crs": grid.crs_wkt if len(grid.crs_wkt) < 64 else _crs_label(grid.crs_wkt),
+        "crs": _crs_label(grid.crs_wkt),
         "resolution": grid.resolution,
         "width": grid.width,
         "height": grid.height,
@@ -725,11 +843,11 @@ def _crs_label(wkt: str) -> str:
 
 
 def open_ae(uri: str, *, storage_options: dict | None = None):
-    """Open an ``ae.zarr`` lazily with raw int8 codes (the recommended way)."""
+    """Open an ``ae.zarr`` lazily with raw int8 codes (the recommended way; ``.rio`` ready)."""
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
     import xarray as xr
 
-    return xr.open_zarr(uri, mask_and_scale=False, consolidated=False,
-                        storage_options=storage_options)
+    return xr.open_zarr(uri, mask_and_scale=False, storage_options=storage_options)
 
 
 def run_ingest(ws, cfg, *, force: bool = False):

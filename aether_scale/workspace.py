@@ -98,6 +98,9 @@ class Workspace:
         owner = self._producer_of(ref)
         if owner is not None:
             return owner["hash"]
+        if "/" not in ref.strip("/") and "://" not in ref and self.exists(ref):
+            # a workspace entry put there by hand (no producing stage): hash its files
+            return fingerprint_path(self.path(ref))
         return fingerprint_path(ref)
 
     def _producer_of(self, name: str) -> dict[str, Any] | None:

@@ -1,0 +1,287 @@
+"""Benchmark: the text stage vs plain ``SentenceTransformer.encode`` over every row.
+
+    python benchmarks/bench_text.py            # 50,000 POIs
+    python benchmarks/bench_text.py --quick    # 8,000 POIs, smaller samples
+
+One run measures, on the same generated POI set (realistic repetition: chains,
+common pub/café names, a category list with a long tail, ~10% without a name):
+
+1. **baseline** — ``model.encode(descriptions_of_every_row)``, the reference
+   implementation's approach. Encoding every one of 50k rows takes minutes on a
+   busy 2-core machine, so by default a random sample of rows is encoded and the
+   full time is extrapolated from the measured rate (``--baseline-rows 0``
+   encodes every row);
+2. **stage, cold cache** — ``run_text`` end to end (read ``pois.parquet``,
+   deduplicate, encode the distinct texts, write ``text.zarr``);
+3. **stage, rerun** — ``run_text(force=True)`` with the cache warm: no model calls;
+4. **local vs dask encoding** (the ``mode=auto`` rule) — the same fresh distinct
+   texts encoded in-process and on a 2-worker LocalCluster (1 thread each),
+   including worker model loading.
+
+Writes ``benchmarks/results/text.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from _common import PeakRSS, machine_info, write_result  # noqa: E402
+
+# (subcategory, category, relative frequency) — a long-tailed mix like London OSM/OS data
+CATEGORIES = [
+    ("Cafe", "coffee", 30), ("Pub", "nightlife", 25), ("Restaurant", "food", 22),
+    ("Fast food", "food", 15), ("Convenience store", "shops", 14), ("Supermarket", "shops", 8),
+    ("Hairdresser", "personal services", 8), ("Pharmacy", "health", 6), ("Bank", "finance", 5),
+    ("Post office", "public services", 3), ("Dentist", "health", 3), ("GP surgery", "health", 3),
+    ("Bakery", "food", 4), ("Clothes shop", "shops", 6), ("Estate agent", "property", 4),
+    ("Primary school", "education", 4), ("Church", "religion", 3), ("Park", "leisure", 3),
+    ("Gym", "sport", 3), ("Hotel", "accommodation", 3), ("Bar", "nightlife", 4),
+    ("Nightclub", "nightlife", 1), ("Theatre", "culture", 1), ("Museum / gallery", "culture", 1),
+    ("Cinema", "culture", 1), ("Library", "public services", 1), ("Petrol station", "transport", 2),
+    ("Car park", "transport", 2), ("Bus station", "transport", 1), ("Laundrette", "personal services", 1),
+    ("Florist", "shops", 1), ("Bookshop", "shops", 1), ("Skate park", "sport", 0.3),
+    ("Scheduled monument", "landmarks", 0.5), ("Veterinary clinic", "health", 0.7),
+    ("Takeaway", "food", 6), ("Off licence", "shops", 2), ("Nursery", "education", 1.5),
+    ("Electrical features", "infrastructure", 2), ("Headquarters and offices", "services", 4),
+]
+CHAINS = {
+    "Cafe": ["Costa", "Starbucks", "Caffè Nero", "Pret A Manger", "Greggs"],
+    "Pub": ["Wetherspoon", "The Red Lion", "The Crown", "The Royal Oak", "The White Hart",
+            "The Kings Arms", "The Plough"],
+    "Restaurant": ["Nando's", "Pizza Express", "Wagamama", "Zizzi", "Franco Manca"],
+    "Fast food": ["McDonald's", "KFC", "Subway", "Burger King", "Chicken Cottage"],
+    "Convenience store": ["Tesco Express", "Sainsbury's Local", "Co-op", "Londis", "Costcutter"],
+    "Supermarket": ["Tesco", "Sainsbury's", "Lidl", "Aldi", "Waitrose", "Asda"],
+    "Pharmacy": ["Boots", "Superdrug", "Lloyds Pharmacy"],
+    "Bank": ["Barclays", "HSBC", "Lloyds", "NatWest", "Santander"],
+    "Bakery": ["Greggs", "Gail's"],
+    "Petrol station": ["Shell", "BP", "Esso"],
+    "Gym": ["PureGym", "The Gym", "Anytime Fitness"],
+    "Hotel": ["Premier Inn", "Travelodge", "Holiday Inn"],
+    "Estate agent": ["Foxtons", "Winkworth", "Savills"],
+    "Clothes shop": ["Primark", "H&M", "Marks & Spencer", "Next"],
+}
+WORDS = ["Green", "Park", "Royal", "King's", "Station", "High Street", "Victoria", "Golden",
+         "London", "City", "Riverside", "Market", "Corner", "Bridge", "Hill", "Church",
+         "Broadway", "Garden", "Central", "Village", "Abbey", "Albion", "Star", "Crown", "New"]
+SURNAMES = ["Patel", "Smith", "Khan", "Jones", "Ali", "Brown", "Singh", "Taylor", "Williams",
+            "Davies", "Evans", "Wilson", "Thomas", "Johnson", "Roberts", "Ahmed", "Lewis",
+            "Walker", "Wright", "Green", "Hall", "Wood", "Hussain", "Clarke", "Begum", "Murphy",
+            "Kelly", "Cohen", "Silva", "Costa", "Nowak", "Kowalski", "Rossi", "Chen", "Wang"]
+
+
+def make_pois(n: int, seed: int = 0) -> pd.DataFrame:
+    """``n`` POIs with realistic repetition of names and categories."""
+    rng = np.random.default_rng(seed)
+    w = np.array([c[2] for c in CATEGORIES], dtype=float)
+    cat_idx = rng.choice(len(CATEGORIES), size=n, p=w / w.sum())
+    sub = np.array([c[0] for c in CATEGORIES])[cat_idx]
+    cat = np.array([c[1] for c in CATEGORIES])[cat_idx]
+    kind = rng.random(n)
+    names = np.empty(n, dtype=object)
+    # ~10% no name, ~35% chain names (where the category has chains), ~45% common local
+    # names ("Station Cafe", "Patel's Pharmacy") and ~6% rarer, mostly unique names
+    for i_sub in np.unique(sub):
+        rows = np.flatnonzero(sub == i_sub)
+        chains = CHAINS.get(str(i_sub), [])
+        for r, k in zip(rows, kind[rows], strict=True):
+            if k < 0.10:
+                names[r] = None
+            elif k < 0.45 and chains:
+                names[r] = chains[rng.integers(len(chains))]
+            elif k < 0.70:
+                names[r] = f"{WORDS[rng.integers(len(WORDS))]} {i_sub}"
+            elif k < 0.94:
+                names[r] = f"{SURNAMES[rng.integers(len(SURNAMES))]}'s {i_sub}"
+            else:
+                names[r] = (f"{WORDS[rng.integers(len(WORDS))]} "
+                            f"{SURNAMES[rng.integers(len(SURNAMES))]} & "
+                            f"{SURNAMES[rng.integers(len(SURNAMES))]}")
+    desc = np.where(
+        pd.isna(names),
+        "A place of " + sub.astype(object) + ", a type of " + cat.astype(object) + ".",
+        "A place of " + sub.astype(object) + ", a type of " + cat.astype(object)
+        + ", named " + names.astype(str) + ".",
+    )
+    return pd.DataFrame({"poi_id": np.arange(n, dtype=np.int64), "description": desc,
+                         "name": names, "category": cat, "subcategory": sub,
+                         "x": rng.uniform(500_000, 560_000, n), "y": rng.uniform(150_000, 200_000, n)})
+
+
+def write_pois_parquet(df: pd.DataFrame, path: str) -> None:
+    import geopandas as gpd
+
+    os.makedirs(path, exist_ok=True)
+    gdf = gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(df.x, df.y), crs=27700)
+    gdf.to_parquet(os.path.join(path, "part.00000.parquet"), index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8k POIs, small samples (~1 min)")
+    ap.add_argument("--rows", type=int, default=None, help="POI rows (default 50000; quick 8000)")
+    ap.add_argument("--baseline-rows", type=int, default=None,
+                    help="rows the plain-encode baseline encodes (0 = every row; "
+                         "default 1500, quick 600); the rate is extrapolated to all rows")
+    ap.add_argument("--dask-texts", type=int, default=None,
+                    help="fresh texts for the local-vs-dask comparison (default 500; quick 200; 0 skips)")
+    args = ap.parse_args(argv)
+    n = args.rows or (8_000 if args.quick else 50_000)
+    base_rows = args.baseline_rows if args.baseline_rows is not None else (600 if args.quick else 1500)
+    dask_n = args.dask_texts if args.dask_texts is not None else (200 if args.quick else 500)
+
+    import dask
+    import torch
+
+    from aether_scale import text as T
+    from aether_scale.config import load_config
+    from aether_scale.workspace import Workspace
+
+    tmp = tempfile.mkdtemp(prefix="bench_text_")
+    result: dict = {"benchmark": "text", "rows": n, "quick": args.quick,
+                    "torch_threads": torch.get_num_threads()}
+    try:
+        pois = make_pois(n)
+        texts = pois.description.tolist()
+        n_distinct = int(pois.description.nunique())
+        result["distinct_texts"] = n_distinct
+        result["distinct_ratio"] = round(n_distinct / n, 4)
+        print(f"{n} POIs, {n_distinct} distinct descriptions ({n_distinct / n:.1%})")
+
+        t0 = time.perf_counter()
+        model = T.load_text_model("all-MiniLM-L6-v2", "cpu")
+        result["model_load_s"] = round(time.perf_counter() - t0, 2)
+        model.encode(texts[:64], batch_size=64)  # warm-up (both paths benefit equally)
+
+        # 1. baseline: plain encode over every row (or a random sample of rows)
+        rng = np.random.default_rng(1)
+        sample = texts if base_rows in (0, None) or base_rows >= n else \
+            [texts[i] for i in rng.choice(n, size=base_rows, replace=False)]
+        with PeakRSS() as rss_base:
+            t0 = time.perf_counter()
+            plain = model.encode(sample, batch_size=256, normalize_embeddings=True,
+                                 convert_to_numpy=True)
+            dt = time.perf_counter() - t0
+        rate = len(sample) / dt
+        result["baseline"] = {
+            "what": "SentenceTransformer.encode over every row (batch 256)",
+            "rows_encoded": len(sample), "seconds": round(dt, 2),
+            "texts_per_s": round(rate, 1),
+            "all_rows_seconds": round(n / rate, 1) if len(sample) < n else round(dt, 2),
+            "all_rows_extrapolated": len(sample) < n,
+            "peak_rss_mb": round(rss_base.peak_mb, 1),
+        }
+        print(f"baseline: {rate:.0f} texts/s on {len(sample)} rows → all {n} rows "
+              f"≈ {n / rate:.0f} s")
+        del plain
+
+        # 2. the stage, cold cache
+        ws = Workspace(os.path.join(tmp, "ws"))
+        write_pois_parquet(pois, ws.path("pois.parquet"))
+        cfg = load_config(data={"text": {"cache_dir": os.path.join(tmp, "cache"),
+                                         "mode": "local", "device": "cpu"}})
+        with dask.config.set(scheduler="threads"), PeakRSS() as rss_stage:
+            c0 = dict(T.MODEL_CALLS)
+            t0 = time.perf_counter()
+            r1 = T.run_text(ws, cfg, force=True, )
+            dt1 = time.perf_counter() - t0
+            calls1 = T.MODEL_CALLS["texts"] - c0["texts"]
+        st = r1.stats
+        result["stage_cold"] = {
+            "seconds": round(dt1, 2), "rows_per_s": round(n / dt1, 1),
+            "texts_encoded": calls1, "encode_s": st["encode_s"],
+            "encode_texts_per_s": st["texts_per_s"], "read_s": st["read_s"],
+            "write_s": st["write_s"], "peak_rss_mb": round(rss_stage.peak_mb, 1),
+        }
+        speedup = result["baseline"]["all_rows_seconds"] / dt1
+        result["speedup_vs_baseline"] = round(speedup, 2)
+        print(f"stage (cold cache): {dt1:.1f} s = {n / dt1:.0f} rows/s, encoded {calls1} texts; "
+              f"{speedup:.1f}× the baseline's time")
+
+        # 3. rerun with the cache warm
+        c0 = dict(T.MODEL_CALLS)
+        t0 = time.perf_counter()
+        r2 = T.run_text(ws, cfg, force=True)
+        dt2 = time.perf_counter() - t0
+        result["stage_rerun"] = {
+            "seconds": round(dt2, 3), "rows_per_s": round(n / dt2, 1),
+            "model_calls": T.MODEL_CALLS["calls"] - c0["calls"],
+            "texts_encoded": T.MODEL_CALLS["texts"] - c0["texts"],
+            "encode_s": r2.stats["encode_s"],
+        }
+        print(f"stage rerun (warm cache): {dt2:.2f} s, model calls: "
+              f"{result['stage_rerun']['model_calls']}")
+
+        # correctness: stage vectors equal plain encode on a few rows
+        import xarray as xr
+
+        emb = xr.open_zarr(ws.path("text.zarr")).embedding
+        check = rng.choice(n, size=32, replace=False)
+        ref = model.encode([texts[i] for i in check], normalize_embeddings=True)
+        result["max_abs_diff_vs_plain"] = float(np.abs(emb.values[np.sort(check)]
+                                                       - ref[np.argsort(check)]).max())
+
+        # 4. local vs dask encoding of fresh texts (what mode=auto decides)
+        if dask_n:
+            from distributed import Client, LocalCluster
+
+            fresh = [f"A place of {s}, a type of {c}, named {w} {k}."
+                     for k, (s, c, w) in enumerate(zip(pois.subcategory[:dask_n],
+                                                         pois.category[:dask_n],
+                                                         np.resize(SURNAMES, dask_n),
+                                                         strict=True))]
+            lcfg = cfg.text.model_copy(update={"cache_dir": os.path.join(tmp, "c_local"),
+                                               "mode": "local"})
+            t0 = time.perf_counter()
+            T.encode_unique(fresh, lcfg)
+            local_s = time.perf_counter() - t0
+            dcfg = cfg.text.model_copy(update={"cache_dir": os.path.join(tmp, "c_dask"),
+                                               "mode": "dask"})
+            t0 = time.perf_counter()
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                              dashboard_address=None) as lc, Client(lc) as client:
+                t_up = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                _, _, dst = T.encode_unique(fresh, dcfg)
+                first_s = time.perf_counter() - t1
+                # second batch: models already loaded on the workers
+                fresh2 = [t.replace("named", "called") for t in fresh]
+                t1 = time.perf_counter()
+                T.encode_unique(fresh2, dcfg)
+                warm_s = time.perf_counter() - t1
+                auto = T.choose_mode(cfg.text.model_copy(update={"mode": "auto"}), 10**6, client)
+            result["local_vs_dask"] = {
+                "texts": dask_n,
+                "local_s": round(local_s, 2), "local_texts_per_s": round(dask_n / local_s, 1),
+                "dask_cluster_start_s": round(t_up, 2),
+                "dask_first_s_incl_model_load": round(first_s, 2),
+                "dask_warm_s": round(warm_s, 2),
+                "dask_warm_texts_per_s": round(dask_n / warm_s, 1),
+                "workers": "LocalCluster 2 processes x 1 thread (same machine)",
+                "auto_choice_here": list(auto),
+            }
+            print(f"local {dask_n / local_s:.0f} texts/s vs dask (warm) {dask_n / warm_s:.0f} texts/s; "
+                  f"dask first batch incl. model load {first_s:.1f} s; auto → {auto[0]}")
+        result["machine"] = machine_info()
+        path = write_result("text", result)
+        print(f"results → {path}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

