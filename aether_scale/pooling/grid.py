@@ -111,12 +111,15 @@ def grid_of(da: xr.DataArray) -> Grid:
     ys = np.asarray(da["y"].values, dtype=np.float64)
     dx = _regular_step(xs, "x")
     dy = _regular_step(ys, "y")
-    if np.issubdtype(da.dtype, np.integer):
+    if da.dtype == np.int8:
         kind = "codes"
     elif np.issubdtype(da.dtype, np.floating):
         kind = "float"
     else:
-        raise ValueError(f"raster dtype {da.dtype} is neither int8 AE codes nor a float field")
+        raise ValueError(
+            f"raster dtype {da.dtype} is neither int8 AE codes nor a float field "
+            "(open ae.zarr with mask_and_scale=False to keep the int8 codes)"
+        )
     chunks = da.chunks
     if chunks is None:  # numpy-backed: one chunk
         ychunks, xchunks = (len(ys),), (len(xs),)

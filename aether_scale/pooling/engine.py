@@ -1,0 +1,349 @@
+"""Pooling of a raster in buffers around points, as a dask computation over chunks.
+
+Each raster chunk that any buffer reaches becomes ONE task, which reads that
+chunk (exactly once, no halo) and computes the partial sums of every buffer
+reaching into it — points are grouped by the chunks their buffers touch, so
+buffers may be wider than a chunk. There is no task and no Python loop per
+point; the work per point is vectorised in :mod:`.kernels`.
+
+A task reads its chunk itself: it receives the (culled) dask graph of that
+one chunk and computes it in-thread with the synchronous scheduler, so the
+scheduler never holds raster data on a task's behalf and a worker's memory
+is bounded by one chunk plus one strip of prefix sums per thread, whatever
+the raster size.
+
+Tasks are submitted through a sliding window and their results consumed in
+chunk order (row-major over the chunk grid). Partial sums of a point are
+added up on the client as they arrive (vectorised, by point index); a point
+is complete, normalised and handed out once every chunk it touches has
+reported. Results thus stream in a deterministic, spatially coherent order
+with bounded memory, on the threaded scheduler as on any ``distributed``
+cluster, and are bit-identical between the two.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+import numpy as np
+import xarray as xr
+
+from ..config import BufferSpec
+from .grid import Grid, as_yxc, grid_of
+from .kernels import Buffer, RegionSpec, finalize, partial_sums
+
+DEFAULT_BLOCK_BYTES = 32 * 2**20
+"""Cap on one strip's prefix-sum array inside a task (per worker thread; the strip's
+decoded values take another half of it)."""
+
+
+@dataclass
+class PoolResult:
+    """Pooled vectors for n points and B buffers (in the order the buffers were given).
+
+    - ``vectors[b]``: (n, C) float32; NaN rows where buffer b holds no valid
+      pixel or the point is outside the raster.
+    - ``counts[b]``: (n,) int64 valid pixels pooled per point.
+    - ``n_empty[b]``: points inside the raster whose buffer b has no valid pixel.
+    - ``n_outside``: points on no pixel of the raster (``outside`` marks them).
+    """
+
+    vectors: list[np.ndarray]
+    counts: list[np.ndarray]
+    n_empty: list[int]
+    n_outside: int
+    outside: np.ndarray
+    buffers: list[BufferSpec] = field(default_factory=list)
+
+    def valid(self, b: int | None = None) -> np.ndarray:
+        """Points with a vector in buffer ``b`` (every buffer when None)."""
+        bs = range(len(self.counts)) if b is None else [b]
+        ok = ~self.outside
+        for i in bs:
+            ok &= self.counts[i] > 0
+        return ok
+
+
+@dataclass
+class PoolBlock:
+    """Points completed when one chunk's task reported: rows ``index`` of the input points."""
+
+    index: np.ndarray  # (m,) int64 positions into the x/y given to the plan
+    vectors: np.ndarray  # (m, B, C) float32
+    counts: np.ndarray  # (m, B) int64
+
+
+class _Lazy:
+    """Opaque holder: dask.delayed ships its content as is (a chunk's dask graph is
+    computed inside the task, not by the scheduler; arguments are not traversed)."""
+
+    __slots__ = ("arr",)
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+
+    def read(self) -> np.ndarray:
+        a = self.arr
+        if hasattr(a, "__dask_graph__"):
+            (a,) = dask.compute(a, scheduler="synchronous")
+        return np.asarray(a)
+
+
+def _task(lazy: _Lazy, payload: _Lazy) -> tuple[np.ndarray, np.ndarray]:
+    index, kw = payload.arr
+    return index, partial_sums(lazy.read(), **kw)
+
+
+def resolve_buffers(buffers: Sequence[BufferSpec | dict], grid: Grid) -> list[Buffer]:
+    """BufferSpecs (or dicts of their fields) → kernel buffers on ``grid``."""
+    out = []
+    for b in buffers:
+        spec = b if isinstance(b, BufferSpec) else BufferSpec.model_validate(b)
+        if spec.shape == "circle":
+            out.append(Buffer.circle(float(spec.radius_m), grid.dx, grid.dy))
+        else:
+            out.append(Buffer.square(int(spec.radius_px)))
+    if not out:
+        raise ValueError("pool_buffers needs at least one buffer")
+    return out
+
+
+def _client() -> Any | None:
+    if dask.config.get("scheduler", None) in ("threads", "threading", "sync", "synchronous",
+                                              "single-threaded", "processes"):
+        return None
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+class _Combiner:
+    """Adds up per-chunk partial sums by point; hands out points whose chunks all reported."""
+
+    def __init__(self, need: np.ndarray, shape: tuple[int, int]) -> None:
+        self.need = need
+        self.idx = np.zeros(0, dtype=np.int64)
+        self.sums = np.zeros((0, *shape), dtype=np.float64)
+        self.got = np.zeros(0, dtype=np.int64)
+
+    def add(self, idx: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        one = self.need[idx] == 1
+        done_idx, done_sums = [idx[one]], [sums[one]]
+        if not one.all():
+            all_idx = np.concatenate([self.idx, idx[~one]])
+            all_sums = np.concatenate([self.sums, sums[~one]])
+            all_got = np.concatenate([self.got, np.ones(int((~one).sum()), dtype=np.int64)])
+            order = np.argsort(all_idx, kind="stable")  # pending (earlier chunks) first
+            uniq, start = np.unique(all_idx[order], return_index=True)
+            tot = np.add.reduceat(all_sums[order], start, axis=0)
+            got = np.add.reduceat(all_got[order], start)
+            complete = got == self.need[uniq]
+            done_idx.append(uniq[complete])
+            done_sums.append(tot[complete])
+            self.idx, self.sums, self.got = uniq[~complete], tot[~complete], got[~complete]
+        return np.concatenate(done_idx), np.concatenate(done_sums)
+
+
+class PoolPlan:
+    """Points located on a raster and grouped into one pooling task per chunk they reach.
+
+    Build it with :func:`plan_pool`; iterate :meth:`blocks` to run it.
+    """
+
+    def __init__(
+        self,
+        da: xr.DataArray,
+        x: np.ndarray,
+        y: np.ndarray,
+        buffers: Sequence[BufferSpec | dict],
+        *,
+        normalize: bool = True,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> None:
+        da = as_yxc(da)
+        if da.chunks is None:  # numpy-backed: give it a chunk layout
+            da = da.chunk({"y": 1024, "x": 1024})
+        self.da = da
+        self.grid = g = grid_of(da)
+        self.specs = [b if isinstance(b, BufferSpec) else BufferSpec.model_validate(b) for b in buffers]
+        self.buffers = resolve_buffers(self.specs, g)
+        x = np.asarray(x, dtype=np.float64).ravel()
+        y = np.asarray(y, dtype=np.float64).ravel()
+        if x.shape != y.shape:
+            raise ValueError(f"x and y must have the same length, got {x.size} and {y.size}")
+        self.x, self.y = x, y
+        self.n = x.size
+        self.normalize = normalize
+        self.block_bytes = int(block_bytes)
+        self.row, self.col, inside = g.locate(x, y)
+        self.outside = ~inside
+        # every chunk the buffers' bounding box touches: (point, chunk) pairs
+        h, w = g.shape
+        pr = max(b.pad_rows for b in self.buffers)
+        pc = max(b.pad_cols for b in self.buffers)
+        pts = np.flatnonzero(inside)
+        bi0, bj0 = g.chunk_of(np.maximum(self.row[pts] - pr, 0), np.maximum(self.col[pts] - pc, 0))
+        bi1, bj1 = g.chunk_of(np.minimum(self.row[pts] + pr, h - 1),
+                              np.minimum(self.col[pts] + pc, w - 1))
+        nbj = bj1 - bj0 + 1
+        reps = (bi1 - bi0 + 1) * nbj
+        self.need = np.zeros(self.n, dtype=np.int64)
+        self.need[pts] = reps
+        owner = np.repeat(np.arange(pts.size), reps)
+        k = np.arange(owner.size) - np.repeat(np.cumsum(reps) - reps, reps)
+        nbx = len(g.col_bounds) - 1
+        key = (bi0[owner] + k // nbj[owner]) * nbx + bj0[owner] + k % nbj[owner]
+        order = np.argsort(key, kind="stable")
+        key, idx = key[order], pts[owner[order]]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.array([], int)
+        ends = np.r_[starts[1:], key.size]
+        self.groups: list[tuple[int, int, np.ndarray]] = [
+            (int(key[s] // nbx), int(key[s] % nbx), idx[s:e]) for s, e in zip(starts, ends, strict=True)
+        ]
+        self._token = uuid.uuid4().hex[:10]
+
+    @property
+    def n_outside(self) -> int:
+        return int(self.outside.sum())
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.groups)
+
+    def _delayed(self, k: int) -> Any:
+        bi, bj, idx = self.groups[k]
+        g = self.grid
+        h, w = g.shape
+        y0, y1 = int(g.row_bounds[bi]), int(g.row_bounds[bi + 1])
+        x0, x1 = int(g.col_bounds[bj]), int(g.col_bounds[bj + 1])
+        sub = self.da.data.blocks[bi, bj]
+        if hasattr(sub, "__dask_graph__"):
+            (sub,) = dask.optimize(sub)
+        reg = RegionSpec(y0, x0, g.ys[y0:y1].copy(), g.xs[x0:x1].copy(), g.dy, g.dx, h, w)
+        kw = dict(
+            kind=g.kind, reg=reg, px=self.x[idx], py=self.y[idx], prow=self.row[idx],
+            pcol=self.col[idx], buffers=self.buffers, block_bytes=self.block_bytes,
+        )
+        return dask.delayed(_task, pure=False)(
+            _Lazy(sub), _Lazy((idx, kw)), dask_key_name=f"pool-chunk-{self._token}-{bi}-{bj}"
+        )
+
+    def blocks(self, *, window: int | None = None) -> Iterator[PoolBlock]:
+        """Run the tasks; yield the points completed by each chunk, in chunk order.
+
+        Every point inside the raster appears in exactly one :class:`PoolBlock`
+        (after the last chunk its buffers touch has reported). At most
+        ``window`` tasks are in flight (default: twice the number of worker
+        threads), so results never pile up in worker memory. Uses the current
+        ``distributed`` client when there is one, else the configured local
+        dask scheduler.
+        """
+        comb = _Combiner(self.need, (len(self.buffers), self.grid.n_channels + 1))
+        for idx, sums in run_windowed(self._delayed, len(self.groups), window=window):
+            done, tot = comb.add(idx, sums)
+            if done.size:
+                vec, cnt = finalize(tot, self.grid.kind, normalize=self.normalize)
+                yield PoolBlock(done, vec, cnt)
+        if comb.idx.size:
+            raise AssertionError(f"{comb.idx.size} points never completed (bug)")
+
+
+def run_windowed(make: Any, ntask: int, *, window: int | None = None) -> Iterator[Any]:
+    """Compute ``make(0) … make(ntask-1)`` (dask Delayed) and yield results in that order.
+
+    At most ``window`` tasks are in flight; the Delayed objects are built only
+    when submitted. Uses the current distributed client if any, else the
+    configured local scheduler (in batches of ``window``).
+    """
+    client = _client()
+    if window is None:
+        if client is not None:
+            window = 2 * max(1, sum(client.nthreads().values()))
+        else:
+            window = 2 * int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    window = max(1, int(window))
+    if client is None:
+        for s in range(0, ntask, window):
+            batch = [make(k) for k in range(s, min(s + window, ntask))]
+            yield from dask.compute(*batch)
+        return
+    pending: deque = deque()
+    nxt = 0
+    while nxt < ntask and len(pending) < window:
+        pending.append(client.compute(make(nxt)))
+        nxt += 1
+    while pending:
+        fut = pending.popleft()
+        res = fut.result()
+        fut.release()
+        if nxt < ntask:
+            pending.append(client.compute(make(nxt)))
+            nxt += 1
+        yield res
+
+
+def plan_pool(
+    da: xr.DataArray,
+    x: np.ndarray,
+    y: np.ndarray,
+    buffers: Sequence[BufferSpec | dict],
+    *,
+    normalize: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> PoolPlan:
+    """Locate points on ``da`` and group them by chunk; run with ``plan.blocks()``.
+
+    Use this instead of :func:`pool_buffers` to stream results (e.g. millions
+    of points) without holding them all in memory.
+    """
+    return PoolPlan(da, x, y, buffers, normalize=normalize, block_bytes=block_bytes)
+
+
+def pool_buffers(
+    da: xr.DataArray,
+    x: np.ndarray,
+    y: np.ndarray,
+    buffers: Sequence[BufferSpec],
+    *,
+    normalize: bool = True,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> PoolResult:
+    """Mean of the raster's valid pixels in each buffer around each point.
+
+    ``da``: dims (y, x, band|dim), dask-backed (e.g. ``ae.zarr``'s
+    ``embedding`` opened with ``mask_and_scale=False``), regular pixel-centre
+    ``x``/``y`` coordinates (either direction). int8 values are AlphaEarth
+    codes (de-quantised; −128 = nodata pixel); float values are a field
+    (NaN in any channel = nodata pixel). ``x``, ``y``: point coordinates in
+    the raster CRS. ``buffers``: circles (``radius_m``, CRS units) and/or
+    square windows (``radius_px``); membership per DESIGN.md: a pixel is in
+    a circle when its centre is within ``radius_m`` of the point, and in a
+    square window of radius k when it lies in the (2k+1)² block centred on
+    the pixel containing the point (clipped at the raster edge).
+
+    Returns a :class:`PoolResult`; vectors are L2-normalised when
+    ``normalize`` (the AETHER contract). Raises ``ValueError`` for a raster
+    without regular x/y coordinates, wrong dims or dtype, or x/y of unequal
+    length.
+    """
+    plan = plan_pool(da, x, y, buffers, normalize=normalize, block_bytes=block_bytes)
+    c = plan.grid.n_channels
+    nb = len(plan.buffers)
+    vectors = [np.full((plan.n, c), np.nan, dtype=np.float32) for _ in range(nb)]
+    counts = [np.zeros(plan.n, dtype=np.int64) for _ in range(nb)]
+    for blk in plan.blocks():
+        for b in range(nb):
+            vectors[b][blk.index] = blk.vectors[:, b]
+            counts[b][blk.index] = blk.counts[:, b]
+    inside = ~plan.outside
+    n_empty = [int(np.sum(inside & (cnt == 0))) for cnt in counts]
+    return PoolResult(vectors, counts, n_empty, plan.n_outside, plan.outside, plan.specs)

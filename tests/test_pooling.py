@@ -1,0 +1,395 @@
+"""Pooling engine vs an independent brute-force computation, the pool stage end to end.
+
+The brute force below is written from the DESIGN.md membership rule alone:
+for each point it builds a boolean mask over the whole (small) raster and
+averages the de-quantised valid pixels with numpy. It shares no code with
+the engine (no prefix sums, no chunking, no per-chunk partial sums).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from aether_scale.config import BufferSpec
+from aether_scale.pooling import pool_buffers
+
+PIX = 10.0
+
+
+# --------------------------------------------------------------------------- fixtures
+def make_raster(
+    h: int = 70, w: int = 90, c: int = 8, *, chunk: int = 16, seed: int = 0,
+    y_decreasing: bool = True, kind: str = "codes",
+) -> tuple[xr.DataArray, np.ndarray]:
+    """A chunked (y, x, band) raster with nodata holes; returns (DataArray, decoded float64)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-127, 128, size=(h, w, c), dtype=np.int16).astype(np.int8)
+    codes[5:14, 20:33] = -128  # a nodata block crossing chunk edges
+    codes[h - 6 :, : w // 3] = -128  # nodata at the raster edge
+    holes = rng.random((h, w)) < 0.05
+    codes[holes] = -128
+    codes[rng.random((h, w)) < 0.01, 3] = -128  # nodata in one band only: pixel invalid too
+    q = codes.astype(np.float64)
+    dec = np.sign(q) * (q / 127.5) ** 2
+    dec[codes == -128] = np.nan
+    x = 500_000.0 + PIX / 2 + PIX * np.arange(w)
+    y = 6_000_000.0 + PIX / 2 + PIX * np.arange(h)
+    if y_decreasing:
+        y = y[::-1]
+        codes, dec = codes[::-1].copy(), dec[::-1].copy()
+    if kind == "codes":
+        data, dim = codes, "band"
+    else:
+        data, dim = dec.astype(np.float32), "dim"
+    da = xr.DataArray(data, dims=("y", "x", dim), coords={"y": y, "x": x}).chunk(
+        {"y": chunk, "x": chunk}
+    )
+    return da, dec
+
+
+def brute_force(dec: np.ndarray, xs: np.ndarray, ys: np.ndarray, px: float, py: float,
+                spec: dict) -> tuple[np.ndarray, int]:
+    """Mean of valid pixels of ``dec`` (h, w, C; NaN = nodata) in one buffer, L2-normalised."""
+    h, w, _ = dec.shape
+    X, Y = np.meshgrid(xs, ys)  # pixel centres, (h, w)
+    if spec["shape"] == "circle":
+        r = spec["radius_m"]
+        member = (X - px) ** 2 + (Y - py) ** 2 <= r * r
+    else:
+        k = spec["radius_px"]
+        col = int(np.argmin(np.abs(xs - px)))
+        row = int(np.argmin(np.abs(ys - py)))
+        member = np.zeros((h, w), bool)
+        member[max(row - k, 0) : row + k + 1, max(col - k, 0) : col + k + 1] = True
+    valid = member & ~np.isnan(dec).any(axis=-1)
+    n = int(valid.sum())
+    if n == 0:
+        return np.full(dec.shape[-1], np.nan), 0
+    m = dec[valid].mean(axis=0)
+    return m / np.linalg.norm(m), n
+
+
+def points_for(da: xr.DataArray, n: int = 150, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Random points + points near chunk edges, raster edges, in nodata, and outside."""
+    rng = np.random.default_rng(seed)
+    xs, ys = da.x.values, da.y.values
+    x0, x1 = xs.min() - PIX / 2, xs.max() + PIX / 2
+    y0, y1 = ys.min() - PIX / 2, ys.max() + PIX / 2
+    px = list(rng.uniform(x0, x1, n))
+    py = list(rng.uniform(y0, y1, n))
+    # just either side of chunk boundaries (every 16 px) and of the raster edges
+    for cx in (16, 32, 48):
+        for eps in (-0.3, 0.3):
+            px.append(x0 + cx * PIX + eps)
+            py.append(rng.uniform(y0, y1))
+            px.append(rng.uniform(x0, x1))
+            py.append(y1 - cx * PIX + eps)
+    px += [x0 + 0.1, x1 - 0.1, x0 + 0.1, x1 - 0.1]
+    py += [y0 + 0.1, y1 - 0.1, y1 - 0.1, y0 + 0.1]
+    px += [x0 - 3.0, x1 + 25.0]  # outside
+    py += [y0 + 100.0, y1 - 50.0]
+    return np.array(px), np.array(py)
+
+
+BUFFERS = [
+    {"shape": "circle", "radius_m": 50.0},
+    {"shape": "circle", "radius_m": 100.0},
+    {"shape": "circle", "radius_m": 215.0},  # wider than a 16-px chunk (160 m)
+    {"shape": "square", "radius_px": 4},
+    {"shape": "square", "radius_px": 20},  # window wider than a chunk
+]
+
+
+def check_against_brute_force(da, dec, px, py, buffers, res, *, atol=1e-5) -> None:
+    xs, ys = da.x.values, da.y.values
+    for b, spec in enumerate(buffers):
+        for i in range(px.size):
+            if res.outside[i]:
+                assert np.isnan(res.vectors[b][i]).all()
+                continue
+            want, n = brute_force(dec, xs, ys, px[i], py[i], spec)
+            assert res.counts[b][i] == n, (spec, i, px[i], py[i])
+            if n == 0:
+                assert np.isnan(res.vectors[b][i]).all()
+            else:
+                np.testing.assert_allclose(res.vectors[b][i], want, atol=atol, rtol=0)
+
+
+# --------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("y_decreasing", [True, False])
+def test_codes_match_brute_force(y_decreasing: bool) -> None:
+    da, dec = make_raster(y_decreasing=y_decreasing)
+    px, py = points_for(da)
+    specs = [BufferSpec(**b) for b in BUFFERS]
+    res = pool_buffers(da, px, py, specs)
+    assert res.n_outside == 2
+    assert res.outside[-2:].all()
+    assert all(v.dtype == np.float32 and v.shape == (px.size, 8) for v in res.vectors)
+    check_against_brute_force(da, dec, px, py, BUFFERS, res)
+    # strips of 1 row (many prefix strips per chunk) give bit-identical results
+    tiny = pool_buffers(da, px, py, specs, block_bytes=1)
+    for b in range(len(specs)):
+        np.testing.assert_array_equal(tiny.vectors[b], res.vectors[b])
+        np.testing.assert_array_equal(tiny.counts[b], res.counts[b])
+    # nodata areas really produce empty buffers for small windows
+    assert res.n_empty[3] >= 0 and res.n_empty[3] == int(np.sum(~res.outside & (res.counts[3] == 0)))
+
+
+def test_huge_radius_uses_wide_sums() -> None:
+    """A 1.9 km circle covers the whole raster: int64 prefix path, many chunks per point."""
+    da, dec = make_raster(seed=9)
+    px, py = points_for(da, n=10, seed=10)
+    spec = {"shape": "circle", "radius_m": 1900.0}
+    res = pool_buffers(da, px, py, [BufferSpec(**spec)])
+    check_against_brute_force(da, dec, px, py, [spec], res)
+
+
+def test_point_in_nodata_block_is_empty() -> None:
+    da, dec = make_raster()
+    invalid = np.isnan(dec).any(axis=-1)
+    # a pixel whose whole 9x9 window is nodata (inside the 9x13 nodata block)
+    rows, cols = np.nonzero(
+        np.lib.stride_tricks.sliding_window_view(invalid, (9, 9)).all(axis=(-1, -2))
+    )
+    assert rows.size
+    r, c = rows[0] + 4, cols[0] + 4
+    px, py = np.array([da.x.values[c] + 1.0]), np.array([da.y.values[r] - 2.0])
+    res = pool_buffers(da, px, py, [BufferSpec(shape="square", radius_px=4),
+                                    BufferSpec(shape="circle", radius_m=300.0)])
+    assert res.counts[0][0] == 0 and res.n_empty == [1, 0]
+    assert np.isnan(res.vectors[0][0]).all()
+    assert res.counts[1][0] > 0 and np.isfinite(res.vectors[1][0]).all()
+
+
+def test_float_field_with_nans_and_transposed_dims() -> None:
+    da, dec = make_raster(kind="float", y_decreasing=False, seed=3)
+    da = da.transpose("dim", "x", "y")  # engine must reorder to (y, x, C)
+    px, py = points_for(da, n=60, seed=4)
+    buffers = [BUFFERS[0], BUFFERS[2], BUFFERS[4]]
+    res = pool_buffers(da, px, py, [BufferSpec(**b) for b in buffers])
+    # reference on the float32 values the field actually holds
+    dec32 = dec.astype(np.float32).astype(np.float64)
+    check_against_brute_force(da, dec32, px, py, buffers, res, atol=1e-5)
+
+
+def test_unnormalised_means_are_dequantised_codes() -> None:
+    da, dec = make_raster(seed=5)
+    px, py = points_for(da, n=30, seed=6)
+    res = pool_buffers(da, px, py, [BufferSpec(shape="circle", radius_m=70.0)], normalize=False)
+    xs, ys = da.x.values, da.y.values
+    X, Y = np.meshgrid(xs, ys)
+    for i in np.flatnonzero(~res.outside):
+        m = ((X - px[i]) ** 2 + (Y - py[i]) ** 2 <= 70.0**2) & ~np.isnan(dec).any(-1)
+        if m.any():
+            np.testing.assert_allclose(res.vectors[0][i], dec[m].mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_inputs_are_refused() -> None:
+    da, _ = make_raster()
+    with pytest.raises(ValueError, match="same length"):
+        pool_buffers(da, np.zeros(3), np.zeros(2), [BufferSpec(radius_m=50.0)])
+    with pytest.raises(ValueError, match="dims"):
+        pool_buffers(da.isel(band=0), np.zeros(1), np.zeros(1), [BufferSpec(radius_m=50.0)])
+    irregular = da.assign_coords(x=np.r_[da.x.values[:-1], da.x.values[-1] + 3.0])
+    with pytest.raises(ValueError, match="regular grid"):
+        pool_buffers(irregular, np.zeros(1), np.zeros(1), [BufferSpec(radius_m=50.0)])
+
+
+# --------------------------------------------------------------------------- polygons
+def test_polygons_match_brute_force() -> None:
+    import shapely
+
+    from aether_scale.pooling import pool_polygons
+
+    for y_decreasing in (True, False):
+        da, dec = make_raster(y_decreasing=y_decreasing, seed=7)
+        xs, ys = da.x.values, da.y.values
+        x0, y0 = xs.min(), ys.min()
+        polys = [
+            shapely.box(x0 + 3, y0 + 7, x0 + 333, y0 + 251),  # spans several chunks
+            shapely.box(x0 + 101, y0 + 102, x0 + 181, y0 + 173),  # overlaps the first
+            shapely.Point(x0 + 600, y0 + 400).buffer(123.0),  # a disc
+            shapely.box(x0 + 333, y0 + 7, x0 + 497, y0 + 251),  # touches the first
+            shapely.box(x0 - 500, y0 - 500, x0 - 100, y0 - 100),  # outside
+            shapely.Polygon([(x0 + 200, y0 + 500), (x0 + 880, y0 + 690), (x0 + 420, y0 + 300)]),
+            None,
+        ]
+        res = pool_polygons(da, np.array(polys, dtype=object))
+        X, Y = np.meshgrid(xs, ys)
+        valid = ~np.isnan(dec).any(-1)
+        for i, g in enumerate(polys):
+            if g is None:
+                assert res.counts[i] == 0
+                continue
+            m = shapely.contains_xy(g, X, Y) & valid
+            assert res.counts[i] == m.sum(), (i, y_decreasing)
+            if m.any():
+                want = dec[m].mean(0)
+                np.testing.assert_allclose(res.vectors[i], want / np.linalg.norm(want), atol=1e-5)
+            else:
+                assert np.isnan(res.vectors[i]).all()
+        assert res.n_empty == 2
+        np.testing.assert_array_equal(np.asarray(res, dtype=np.float32), res.vectors)
+
+
+# --------------------------------------------------------------------------- distributed
+def write_ae_zarr(path, da: xr.DataArray, crs: str = "EPSG:32630") -> None:
+    """ae.zarr in the workspace-contract layout (int8 codes, band A00…, spatial_ref)."""
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    from aether_scale.aef import BAND_NAMES
+
+    da = da.assign_coords(band=list(BAND_NAMES[: da.sizes["band"]]))
+    ds = xr.Dataset({"embedding": da})
+    ds = ds.rio.write_crs(crs)
+    ds["embedding"].attrs["nodata"] = -128
+    ds.to_zarr(path, mode="w")
+
+
+def test_threads_and_local_cluster_identical(tmp_path) -> None:
+    import dask
+    from distributed import Client, LocalCluster
+
+    da, dec = make_raster(h=64, w=80, chunk=24, seed=11)
+    write_ae_zarr(tmp_path / "ae.zarr", da)
+    ae = xr.open_zarr(tmp_path / "ae.zarr", mask_and_scale=False)["embedding"]
+    assert ae.dtype == np.int8 and ae.chunks is not None
+    px, py = points_for(ae, n=80, seed=12)
+    specs = [BufferSpec(**b) for b in (BUFFERS[0], BUFFERS[2], BUFFERS[3])]
+    with dask.config.set(scheduler="threads"):
+        local = pool_buffers(ae, px, py, specs)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="512MiB",
+                      dashboard_address=None) as cluster, Client(cluster):
+        dist = pool_buffers(ae, px, py, specs)
+    for b in range(len(specs)):
+        np.testing.assert_array_equal(local.vectors[b], dist.vectors[b])
+        np.testing.assert_array_equal(local.counts[b], dist.counts[b])
+    check_against_brute_force(ae, dec, px, py, [BUFFERS[0], BUFFERS[2], BUFFERS[3]], dist)
+
+
+# --------------------------------------------------------------------------- stage
+@pytest.mark.parametrize("pois_layout", ["file", "folder"])
+def test_run_pool_writes_triplets(tmp_path, pois_layout: str) -> None:
+    import geopandas as gpd
+    import shapely
+    import zarr
+
+    from aether_scale.config import load_config
+    from aether_scale.pooling import run_pool
+    from aether_scale.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    da, dec = make_raster(h=60, w=72, c=64, chunk=20, seed=21)
+    write_ae_zarr(ws.path("ae.zarr"), da)
+    xs, ys = da.x.values, da.y.values
+    rng = np.random.default_rng(22)
+    n = 300
+    px = rng.uniform(xs.min(), xs.max(), n)
+    py = rng.uniform(ys.min(), ys.max(), n)
+    invalid = np.isnan(dec).any(-1)
+    r, c = np.argwhere(np.lib.stride_tricks.sliding_window_view(invalid, (9, 13)).all((-1, -2)))[0]
+    px[0], py[0] = xs[c + 6] + 1, ys[r + 4] - 1  # inside the nodata block: no valid AE
+    px[1], py[1] = xs.min() - 100, ys.max() + 100  # outside the raster
+    geoms = list(shapely.points(px, py))
+    geoms[2] = None  # no geometry
+    poi_id = np.arange(1000, 1000 + n, dtype=np.int64)[::-1].copy()
+    gdf = gpd.GeoDataFrame({"poi_id": poi_id, "description": ["x"] * n}, geometry=geoms,
+                           crs="EPSG:32630")
+    if pois_layout == "file":
+        gdf.to_parquet(ws.path("pois.parquet"))
+    else:  # a partitioned folder, as dask-geopandas writes it
+        import os
+
+        os.makedirs(ws.path("pois.parquet"))
+        gdf.iloc[:120].to_parquet(ws.path("pois.parquet") + "/part.0.parquet")
+        gdf.iloc[120:].to_parquet(ws.path("pois.parquet") + "/part.1.parquet")
+    # text for every POI except poi #3; rows in a different order than pois.parquet
+    tid = np.delete(poi_id, 3)[::-1].copy()
+    temb = rng.standard_normal((tid.size, 16)).astype(np.float32)
+    g = zarr.open_group(ws.path("text.zarr"), mode="w")
+    g.create_array("embedding", data=temb, chunks=(64, 16))
+    g.create_array("poi_id", data=tid, chunks=(64,))
+
+    cfg = load_config(data={"pool": {"chunk_rows": 256,
+                                     "base": {"shape": "circle", "radius_m": 40.0},
+                                     "aug": {"shape": "square", "radius_px": 9}}})
+    res = run_pool(ws, cfg)
+    assert not res.skipped
+    st = res.stats
+    out = zarr.open_group(ws.path("triplets.zarr"), mode="r")
+    pid = out["poi_id"][:]
+    base, aug, text = out["base"][:], out["aug"][:], out["text"][:]
+    assert base.shape == (pid.size, 64) and aug.dtype == np.float32 and text.shape == (pid.size, 16)
+    assert out["base"].chunks == (256, 64)
+    assert st["n_pois"] == n and st["n_no_geometry"] == 1 and st["n_outside_raster"] == 1
+    assert st["n_dropped_no_ae"] >= 1 and st["n_dropped_no_text"] == 1
+    assert st["n_triplets"] == pid.size == n - 2 - st["n_dropped_no_ae"] - 1
+    assert not np.isin([poi_id[0], poi_id[1], poi_id[2], poi_id[3]], pid).any()
+    assert np.unique(pid).size == pid.size
+    # every row checked against the brute force and against text.zarr by poi_id
+    pos = {int(p): i for i, p in enumerate(poi_id)}
+    tpos = {int(p): i for i, p in enumerate(tid)}
+    for k, p in enumerate(pid):
+        i = pos[int(p)]
+        want_b, nb = brute_force(dec, xs, ys, px[i], py[i], {"shape": "circle", "radius_m": 40.0})
+        want_a, na = brute_force(dec, xs, ys, px[i], py[i], {"shape": "square", "radius_px": 9})
+        assert nb > 0 and na > 0
+        np.testing.assert_allclose(base[k], want_b, atol=1e-5)
+        np.testing.assert_allclose(aug[k], want_a, atol=1e-5)
+        np.testing.assert_array_equal(text[k], temb[tpos[int(p)]])
+    np.testing.assert_allclose(np.linalg.norm(base, axis=1), 1.0, atol=1e-5)
+    # xarray reads it too, and a rerun is skipped
+    ds = xr.open_zarr(ws.path("triplets.zarr"), consolidated=False)
+    assert ds["base"].dims == ("poi", "band")
+    assert run_pool(ws, cfg).skipped
+
+
+def test_run_pool_missing_input_names_stage(tmp_path) -> None:
+    from aether_scale.config import load_config
+    from aether_scale.pooling import run_pool
+    from aether_scale.workspace import Workspace
+
+    with pytest.raises(FileNotFoundError, match="aether-scale ingest"):
+        run_pool(Workspace(tmp_path / "empty"), load_config())
+
+
+def test_plan_blocks_stream_every_point_once() -> None:
+    from aether_scale.pooling import plan_pool
+
+    da, _ = make_raster(seed=13)
+    px, py = points_for(da, n=120, seed=14)
+    specs = [BufferSpec(radius_m=215.0), BufferSpec(shape="square", radius_px=2)]
+    plan = plan_pool(da, px, py, specs)
+    assert plan.n_tasks > 1 and int(plan.need.max()) > 1  # buffers span several chunks
+    seen = np.concatenate([b.index for b in plan.blocks(window=1)])
+    assert np.sort(seen).tolist() == np.flatnonzero(~plan.outside).tolist()
+    whole = pool_buffers(da, px, py, specs)
+    again = {}
+    for blk in plan_pool(da, px, py, specs).blocks(window=3):
+        for j, i in enumerate(blk.index):
+            again[int(i)] = blk.vectors[j, 0]
+    for i, v in again.items():
+        np.testing.assert_array_equal(v, whole.vectors[0][i])
+
+
+def test_run_pool_refuses_crs_mismatch(tmp_path) -> None:
+    import geopandas as gpd
+    import shapely
+    import zarr
+
+    from aether_scale.config import load_config
+    from aether_scale.pooling import run_pool
+    from aether_scale.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    da, _ = make_raster(h=20, w=20, c=64, chunk=10)
+    write_ae_zarr(ws.path("ae.zarr"), da)
+    gpd.GeoDataFrame({"poi_id": [1, 2]}, geometry=list(shapely.points([0.1, 0.2], [51.0, 51.1])),
+                     crs="EPSG:4326").to_parquet(ws.path("pois.parquet"))
+    g = zarr.open_group(ws.path("text.zarr"), mode="w")
+    g.create_array("embedding", data=np.zeros((2, 4), np.float32))
+    g.create_array("poi_id", data=np.array([1, 2]))
+    with pytest.raises(ValueError, match="pois.parquet.*EPSG:4326.*differs"):
+        run_pool(ws, load_config())
