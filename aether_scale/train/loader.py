@@ -197,10 +197,20 @@ class InMemoryBatches:
                 f"train.batch_size {batch_size} must be divisible by the number of ranks "
                 f"{shard.world_size} (it is the global batch)"
             )
-        base, aug, text = store.read(0, store.n)
-        if rows is not None:
-            base, text = base[rows], text[rows]
-            aug = aug[rows] if aug is not None else None
+        if rows is None:
+            base, aug, text = store.read(0, store.n)
+        else:  # chunk by chunk, so memory holds the subsample plus one chunk, not the store
+            keep = np.zeros(store.n, dtype=bool)
+            keep[rows] = True
+            parts = []
+            for a, z in store.chunk_bounds():
+                m = keep[a:z]
+                if m.any():
+                    parts.append(tuple(x[m] if x is not None else None for x in store.read(a, z)))
+            base, aug, text = (
+                np.concatenate([p[k] for p in parts]) if parts[0][k] is not None else None
+                for k in range(3)
+            )
         self.base = torch.from_numpy(np.ascontiguousarray(base)).to(device)
         self.aug = torch.from_numpy(np.ascontiguousarray(aug)).to(device) if aug is not None else None
         self.text = torch.from_numpy(np.ascontiguousarray(text)).to(device)
@@ -323,13 +333,15 @@ class StreamingBatches:
                 np.concatenate([p[k] for p in parts]) if parts[0][k] is not None else None
                 for k in range(3)
             ]
+            # in-buffer shuffle: gather each batch through the permutation (one copy per row)
             perm = rng.permutation(cols[0].shape[0])
-            cols = [c[perm] if c is not None else None for c in cols]
             n_full = cols[0].shape[0] // b
             for i in range(min(n_full, steps - done)):
-                yield tuple(c[i * b : (i + 1) * b] if c is not None else None for c in cols)
+                idx = perm[i * b : (i + 1) * b]
+                yield tuple(c[idx] if c is not None else None for c in cols)
                 done += 1
-            left = [c[n_full * b :] if c is not None else None for c in cols]
+            rest = perm[n_full * b :]
+            left = [c[rest] if c is not None else None for c in cols]
         if done < steps and left is not None and left[0].shape[0] >= 2:
             yield tuple(left)
             done += 1

@@ -1,0 +1,507 @@
+"""Training the AETHER projector (AdamW, cosine LR, best-on-train, resumable, DDP-ready).
+
+One step: base and augmented views go through :class:`~aether_scale.model.AEProj`
+in a single forward (concatenated, then split — one GEMM chain instead of two),
+the POI text through :class:`~aether_scale.model.TextProj`, and
+:class:`~aether_scale.loss.AetherLoss` gives λ·L_AE + (1−λ)·L_AP. AdamW
+(``fused=True`` where the device supports it) with a per-step cosine schedule
+from ``lr`` to ``lr_final_frac·lr`` over all steps, like the reference's
+``CosineAnnealingLR(T_max=epochs·steps, eta_min=0.01·lr)``.
+
+Files in ``out_dir`` (rank 0 writes; all atomically):
+
+- ``checkpoint.pt`` — best-on-train: the epoch with the lowest mean
+  cross-modal loss L_AP (the paper's selection rule).
+- ``last.pt`` — after every epoch: weights, optimizer state, RNG state and the
+  metric history; ``train_model(..., resume=True)`` continues from it and ends
+  bit-identical to an uninterrupted run on CPU (batch order is a pure function
+  of ``(seed, epoch)``).
+- ``metrics.json`` — per-epoch ``loss``/``L_AE``/``L_AP``/``lr``/``seconds``,
+  the best epoch, config, row counts, device, loader path.
+
+Several GPUs: launch with ``torchrun --nproc-per-node N -m aether_scale.cli
+train …``; ``WORLD_SIZE>1`` in the environment makes every rank join a
+process group (NCCL on CUDA, gloo on CPU), wraps the heads in DDP, shards the
+data (see :mod:`.loader`) and gathers negatives across ranks in the loss.
+``train.batch_size`` stays the *global* batch, so the loss and the gradients
+equal the single-process ones (the loss is scaled by ``world_size`` before
+``backward`` to undo DDP's gradient averaging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import RunConfig, TrainSection
+from ..loss import AetherLoss
+from ..model import (
+    CHECKPOINT_NAME,
+    LAST_NAME,
+    AEProj,
+    CheckpointError,
+    TextProj,
+    _safe_load,
+    save_checkpoint,
+)
+from .loader import (
+    InMemoryBatches,
+    Shard,
+    StreamingBatches,
+    TripletStore,
+    subsample_rows,
+    write_triplets,
+)
+
+__all__ = ["train_model", "run_train", "cosine_lr", "write_triplets", "resolve_device"]
+
+METRICS_NAME = "metrics.json"
+# Config keys that do not change what is learned (may differ on resume).
+_RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory"})
+
+
+def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
+    """Learning rate at ``step`` of ``total``: cosine from ``lr`` down to ``final_frac·lr``."""
+    t = min(max(step, 0), total) / max(total, 1)
+    return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+# --------------------------------------------------------------------------- distributed
+def _env_shard() -> Shard:
+    """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
+    w = int(os.environ.get("WORLD_SIZE", "1"))
+    return Shard(int(os.environ.get("RANK", "0")), w) if w > 1 else Shard()
+
+
+def _init_distributed(device: torch.device) -> Shard:
+    """Join the process group when launched by torchrun (idempotent)."""
+    shard = _env_shard()
+    if shard.world_size == 1:
+        return shard
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method="env://")
+    if dist.get_world_size() != shard.world_size:
+        raise RuntimeError("WORLD_SIZE does not match the initialised process group")
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` → ``cuda:<LOCAL_RANK>`` when CUDA is present, else ``cpu``; else ``spec``."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if spec == "auto":
+        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device is {spec!r} but CUDA is not available here (use 'auto' or 'cpu')")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local}")
+    return dev
+
+
+# --------------------------------------------------------------------------- helpers
+class _Heads(nn.Module):
+    """Both projectors as one module (one DDP wrapper, one optimizer)."""
+
+    def __init__(self, ae: AEProj, txt: TextProj) -> None:
+        super().__init__()
+        self.ae, self.txt = ae, txt
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ae(x), self.txt(t)
+
+
+def _make_optimizer(params, cfg: TrainSection, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused when the device supports it (CPU and CUDA in current torch), else foreach."""
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, foreach=device.type != "cpu" or None, **kw)
+
+
+def _write_json(path: str, obj: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _learned_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in _RUNTIME_KEYS}
+
+
+# --------------------------------------------------------------------------- train_model
+def train_model(
+    triplets_uri: str,
+    cfg: TrainSection,
+    out_dir: str,
+    *,
+    log: Callable[[str], None] | None = print,
+    resume: bool = False,
+    storage_options: dict | None = None,
+) -> dict[str, Any]:
+    """Train the projectors on a triplets store; write ``out_dir/{checkpoint.pt,last.pt,metrics.json}``.
+
+    ``cfg`` is the ``train`` config section (epochs, batch_size, lr, weight_decay,
+    lr_final_frac, tau_ae, tau_poi, lam, use_aug, train_fraction, seed, device,
+    in_memory, …). With ``resume=True`` and an ``out_dir/last.pt`` from the
+    same learned config, training continues after its epoch (a finished run
+    returns at once); a ``last.pt`` from another config raises
+    :class:`~aether_scale.model.CheckpointError`. ``log`` gets one line per
+    epoch (after ``last.pt`` is written). Returns a summary dict (best epoch
+    and L_AP, epochs run, rows, device, loader path, paths).
+    Raises :class:`~.loader.TripletStoreError` for a malformed store.
+    """
+    say = log or (lambda _m: None)
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    shard = _init_distributed(device)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(triplets_uri, cfg, out_dir, say=say, resume=resume,
+                      storage_options=storage_options, device=device, shard=shard, t_start=t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[[str], None],
+           resume: bool, storage_options: dict | None, device: torch.device, shard: Shard,
+           t_start: float) -> dict[str, Any]:
+    """The body of :func:`train_model` (thread count already set)."""
+    is_main = shard.rank == 0
+    os.makedirs(out_dir, exist_ok=True)
+    last_path = os.path.join(out_dir, LAST_NAME)
+    best_path = os.path.join(out_dir, CHECKPOINT_NAME)
+    metrics_path = os.path.join(out_dir, METRICS_NAME)
+    cfg_dict = cfg.model_dump(mode="json")
+
+    # ---- resume state: rank 0 reads last.pt and hands it to the other ranks
+    state: dict[str, Any] | None = None
+    if resume and is_main and os.path.exists(last_path):
+        state = _safe_load(last_path)
+    if shard.world_size > 1:
+        import torch.distributed as dist
+
+        box = [state]
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+
+    # ---- data
+    store = TripletStore(triplets_uri, storage_options=storage_options, need_aug=cfg.use_aug)
+    rows = subsample_rows(store.n, cfg.train_fraction, cfg.seed)
+    n_rows = store.n if rows is None else len(rows)
+    if state is not None:
+        kind = state["loader"]
+    elif cfg.in_memory == "always":
+        kind = "in_memory"
+    elif cfg.in_memory == "never":
+        kind = "streaming"
+    else:
+        import psutil
+
+        kind = "in_memory" if n_rows * store.row_bytes < 0.25 * psutil.virtual_memory().available else "streaming"
+    if kind == "in_memory":
+        batches: InMemoryBatches | StreamingBatches = InMemoryBatches(
+            store, batch_size=cfg.batch_size, rows=rows, seed=cfg.seed, device=device, shard=shard)
+    else:
+        batches = StreamingBatches(
+            store, batch_size=cfg.batch_size, rows=rows, seed=cfg.seed, device=device,
+            shuffle_buffer_chunks=cfg.shuffle_buffer_chunks, prefetch=cfg.prefetch, shard=shard)
+    steps = batches.steps_per_epoch()
+    if steps < 1:
+        raise ValueError(f"{triplets_uri}: {n_rows} rows give no batch of {cfg.batch_size} "
+                         f"on {shard.world_size} rank(s); lower train.batch_size")
+    total_steps = steps * cfg.epochs
+
+    # ---- model, optimizer, loss
+    torch.manual_seed(cfg.seed)
+    ae = AEProj(store.in_dim, cfg.hidden_dim, cfg.out_dim, dropout=cfg.dropout, gate_init=cfg.gate_init)
+    txt = TextProj(store.text_dim, cfg.out_dim)
+    heads = _Heads(ae, txt).to(device)
+    full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows}
+    if state is not None:
+        old, new = _learned_config(state.get("config", {})), _learned_config(full_cfg)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise CheckpointError(
+                f"{last_path} was written by a run with a different train config or input "
+                f"(differs in {diff}); delete {out_dir} or train with resume=False to start over"
+            )
+    opt = _make_optimizer(heads.parameters(), cfg, device)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start_epoch = 0
+    if state is not None:
+        ae.load_state_dict(state["ae_state_dict"])
+        txt.load_state_dict(state["txt_state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["metrics"].get("epochs", []))
+        best = state["metrics"].get("best")
+        start_epoch = int(state["epoch"]) + 1
+        _set_rng_state(state["rng"], device)
+        say(f"[train] resuming from {last_path} after epoch {start_epoch}/{cfg.epochs}")
+    model: nn.Module = heads
+    if shard.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(heads, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=cfg.use_aug,
+                         rank=shard.rank, world_size=shard.world_size)
+    scale = float(shard.world_size)
+    say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} · "
+        f"{shard.world_size} rank(s) · {steps} steps/epoch · epochs {start_epoch}→{cfg.epochs}")
+
+    def metrics_doc() -> dict[str, Any]:
+        return {
+            "epochs": history,
+            "best": best,
+            "best_epoch": best["epoch"] if best else None,
+            "config": full_cfg,
+            "n_triplets": n_rows,
+            "n_triplets_store": store.n,
+            "device": str(device),
+            "world_size": shard.world_size,
+            "loader": kind,
+            "steps_per_epoch": steps,
+            "triplets": str(triplets_uri),
+        }
+
+    if isinstance(batches, StreamingBatches):
+        batches.start(start_epoch, cfg.epochs)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            sums: list[torch.Tensor] = []
+            step = epoch * steps
+            for base, aug, text in batches.epoch(epoch):
+                lr = cosine_lr(step, total_steps, cfg.lr, cfg.lr_final_frac)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                if cfg.use_aug:
+                    z, z_p = model(torch.cat((base, aug)), text)
+                    z_b, z_a = z.split(base.shape[0])
+                else:
+                    z_b, z_p = model(base, text)
+                    z_a = None
+                out = loss_fn(z_b, z_a, z_p)
+                (out.loss * scale if scale != 1.0 else out.loss).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sums.append(torch.stack((out.loss.detach(),
+                                         out.L_AE.detach() if out.L_AE is not None else out.L_AP.detach() * 0,
+                                         out.L_AP.detach())))
+                step += 1
+            if len(sums) != steps:
+                raise RuntimeError(f"epoch {epoch}: {len(sums)} steps, expected {steps}")
+            mean = torch.stack(sums).double().mean(0).cpu().tolist()
+            rec = {
+                "epoch": epoch,
+                "loss": mean[0],
+                "L_AE": mean[1] if cfg.use_aug else None,
+                "L_AP": mean[2],
+                "lr_end": cosine_lr(step, total_steps, cfg.lr, cfg.lr_final_frac),
+                "seconds": round(time.perf_counter() - t0, 4),
+            }
+            history.append(rec)
+            improved = best is None or rec["L_AP"] < best["L_AP"]
+            if improved:
+                best = dict(rec)
+            if is_main:
+                if improved:
+                    save_checkpoint(best_path, ae, txt, config=full_cfg, epoch=epoch,
+                                    metrics={"best": best, "epochs": history})
+                save_checkpoint(
+                    last_path, ae, txt, config=full_cfg, epoch=epoch,
+                    metrics={"best": best, "epochs": history},
+                    extra={"optimizer": opt.state_dict(), "rng": _rng_state(device), "loader": kind},
+                )
+                _write_json(metrics_path, metrics_doc())
+            ae_s = f" L_AE {rec['L_AE']:.4f}" if rec["L_AE"] is not None else ""
+            say(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f}{ae_s} "
+                f"L_AP {rec['L_AP']:.4f} lr {lr:.2e} {rec['seconds']:.2f} s" + (" *" if improved else ""))
+    finally:
+        batches.close()
+    if is_main and not os.path.exists(metrics_path) and history:
+        _write_json(metrics_path, metrics_doc())
+    return {
+        "best_epoch": best["epoch"] if best else None,
+        "best_L_AP": best["L_AP"] if best else None,
+        "epochs_run": cfg.epochs - start_epoch,
+        "resumed_from_epoch": start_epoch if state is not None else None,
+        "n_triplets": n_rows,
+        "n_triplets_store": store.n,
+        "device": str(device),
+        "world_size": shard.world_size,
+        "loader": kind,
+        "steps_per_epoch": steps,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "mean_epoch_seconds": (
+            round(float(np.mean([h["seconds"] for h in history[start_epoch:]])), 4)
+            if cfg.epochs > start_epoch else None
+        ),
+        "checkpoint": best_path,
+        "metrics": metrics_path,
+    }
+
+
+# --------------------------------------------------------------------------- run_train (stage)
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resume_dir(ws, name: str, key: str) -> str:
+    """A stable local folder for a training run's checkpoints (survives a crash)."""
+    if ws.is_local:
+        return os.path.join(ws.root, ".resume", f"train-{name}-{key}")
+    return os.path.join(tempfile.gettempdir(), "aether_scale-resume", f"train-{name}-{key}")
+
+
+def _triplets_ref(ws) -> str:
+    """``triplets.zarr`` as a workspace name when a stage manifest produced it, else its path
+    (a store written by another tool is fingerprinted by its files)."""
+    try:
+        ws.fingerprint("triplets.zarr")
+        return "triplets.zarr"
+    except FileNotFoundError:
+        return ws.path("triplets.zarr")
+
+
+def train_jobs(ws, cfg: RunConfig) -> list[tuple[str, TrainSection, str, str | None]]:
+    """The training runs of the stage: ``(output, train section, resume folder, same_as)``.
+
+    ``same_as`` names an earlier output with the identical training (then the
+    output is a copy). The resume folder is keyed by the learned config and
+    the fingerprint of ``triplets.zarr``, so a rerun with the same inputs finds
+    the interrupted run's ``last.pt`` and a changed config never does.
+    """
+    tcfg = cfg.train
+    outputs = ["model"] + (["model_noaug"] if cfg.evaluate.noaug else [])
+    variants = {"model": tcfg, "model_noaug": tcfg.model_copy(update={"use_aug": False})}
+    fp = ws.fingerprint(_triplets_ref(ws))
+    jobs: list[tuple[str, TrainSection, str, str | None]] = []
+    for name in outputs:
+        sub = variants[name]
+        same = next((j[0] for j in jobs if j[1] == sub), None)
+        key = _hash({"train": _learned_config(sub.model_dump(mode="json")), "input": fp})
+        jobs.append((name, sub, _resume_dir(ws, name, key), same))
+    return jobs
+
+
+def run_train(ws, cfg: RunConfig, *, force: bool = False):
+    """Stage ``train``: ``triplets.zarr`` → ``model/`` (and ``model_noaug/``).
+
+    ``model_noaug`` ("AETHER w/o aug": L = L_AP only) is trained too when
+    ``evaluate.noaug`` is true. Each run trains in a stable folder
+    (``<workspace>/.resume/train-<output>-<hash of config and input>``), so a
+    rerun after a crash resumes from its ``last.pt``; on success the folders
+    are copied into the outputs and removed. Under torchrun (``WORLD_SIZE>1``)
+    rank 0 runs the stage and the other ranks join each training run.
+    """
+    from ..workspace import StageResult
+
+    tcfg = cfg.train
+    outputs = ["model"] + (["model_noaug"] if cfg.evaluate.noaug else [])
+    # runtime knobs (device, threads, prefetch, in_memory) do not invalidate a model
+    config = {"train": _learned_config(cfg.section("train")), "outputs": outputs}
+    src = ws.path("triplets.zarr")
+    if not ws.exists("triplets.zarr"):
+        raise FileNotFoundError(f"{src} does not exist; run the 'pool' stage first")
+    jobs = train_jobs(ws, cfg)
+    shard = _env_shard()
+    if shard.world_size > 1:
+        _init_distributed(resolve_device(tcfg.device))
+    if shard.rank != 0:
+        return _follow_rank0(src, jobs, ws.storage_options)
+
+    def fn(tmp: dict[str, str]) -> dict[str, Any]:
+        _tell_ranks("go")
+        stats: dict[str, Any] = {}
+        for name, sub, rdir, same in jobs:
+            if same is not None:  # train.use_aug is false: model_noaug == model
+                print(f"[train] {name}: same training as {same}; copying it")
+                stats[name] = dict(stats[same])
+                _copy_out(ws, dict((j[0], j[2]) for j in jobs)[same], tmp[name])
+                continue
+            if force and os.path.exists(rdir):
+                shutil.rmtree(rdir)
+            print(f"[train] {name} (use_aug={sub.use_aug}) → {rdir}")
+            stats[name] = train_model(src, sub, rdir, resume=True,
+                                      storage_options=ws.storage_options or None)
+            _copy_out(ws, rdir, tmp[name])
+        for _, _, rdir, _ in jobs:
+            shutil.rmtree(rdir, ignore_errors=True)
+        return stats
+
+    res: StageResult = ws.run_stage("train", outputs=outputs, inputs={"triplets": _triplets_ref(ws)},
+                                    config=config, fn=fn, force=force)
+    if res.skipped:
+        _tell_ranks("skip")
+    return res
+
+
+def _tell_ranks(decision: str) -> None:
+    """Rank 0 → other ranks: whether the stage trains (``go``) or is up to date (``skip``)."""
+    if _env_shard().world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([decision], src=0)
+
+
+def _follow_rank0(src: str, jobs, storage_options):
+    """Non-zero ranks: wait for rank 0's decision, then join each training run (no files)."""
+    import torch.distributed as dist
+
+    from ..workspace import StageResult
+
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] == "go":
+        scratch = tempfile.mkdtemp(prefix="aether_rank")
+        try:
+            for name, sub, _, same in jobs:
+                if same is None:  # rank 0 hands its resume state over in train_model
+                    train_model(src, sub, os.path.join(scratch, name), resume=True, log=None,
+                                storage_options=storage_options or None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return StageResult("train", box[0] != "go", {})
+
+
+def _copy_out(ws, src_dir: str, dst: str) -> None:
+    """Copy a finished training folder to the stage's temporary output (local or fsspec)."""
+    if ws.is_local:
+        shutil.copytree(src_dir, dst)
+    else:
+        ws.fs.put(src_dir, dst, recursive=True)
