@@ -1,0 +1,306 @@
+"""The paper's Table 1 protocol: task heads on region features, five seeds, mean ± std.
+
+Protocol (AETHER §3.4 / §4, applied identically to every method):
+
+- **Splits**: per seed, one random permutation of a task's units gives
+  test (``evaluate.test_fraction``), validation (``val_fraction``) and train
+  (the rest). The split depends only on the seed and the number of units, so
+  every method sees exactly the same units in each part.
+- **Features** are standardised with the train part's mean and std.
+- **Heads** (torch, CPU, deterministic per seed): ``mlp`` = Linear-ReLU-Linear
+  with ``hidden_dim`` units, or ``linear``. Adam (``lr``, ``weight_decay``),
+  full batch (or ``batch_size`` minibatches), early stopping on the
+  validation loss with ``patience``; the best-validation weights are kept.
+- **LUC**: cross-entropy; macro precision / recall / F1 on test
+  (``sklearn.metrics.precision_recall_fscore_support(average="macro")``).
+- **SDM**: softmax head trained with the soft cross-entropy
+  −Σ q log p (≡ KL(q‖p) + const); on test, averaged over units:
+  KL(q‖p) = Σ q log(q / max(p, ε)) (terms with q = 0 contribute 0),
+  L1 = Σ |q − p|, Chebyshev = max |q − p|.
+- **Methods**: AE, AETHER, AETHER w/o aug (whatever ``regions.parquet``
+  holds) and the POI-only baselines TF-IDF / LDA (:mod:`aether_scale.baselines`).
+
+``report/metrics.json`` holds ``{task: {method: {metric: [per-seed values]}}}``
+in raw units (the table scales them as the paper does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+
+from .baselines import BASELINE_NAMES, bags_to_matrix, lda_features, tfidf_features
+from .config import EvaluateSection, RunConfig
+from .workspace import StageResult, Workspace
+
+__all__ = [
+    "Split",
+    "make_split",
+    "standardize",
+    "train_head",
+    "luc_metrics",
+    "sdm_metrics",
+    "evaluate_task",
+    "run_evaluate",
+    "METRICS",
+    "KL_EPS",
+]
+
+METRICS = {"luc": ("f1", "precision", "recall"), "sdm": ("kl", "l1", "chebyshev")}
+KL_EPS = 1e-8  # floor on predicted probabilities in KL(q‖p)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices of one seed's train / validation / test units."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def make_split(n: int, seed: int, test_fraction: float = 0.2, val_fraction: float = 0.1) -> Split:
+    """Random train/val/test split of ``n`` units for ``seed`` (same for every method).
+
+    Raises ValueError when a part would be empty.
+    """
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    if min(n_test, n_val, n - n_test - n_val) < 1:
+        raise ValueError(f"{n} units cannot be split into non-empty train/val/test parts "
+                         f"(evaluate.test_fraction={test_fraction}, val_fraction={val_fraction})")
+    perm = np.random.default_rng(seed).permutation(n)
+    return Split(train=np.sort(perm[n_test + n_val:]), val=np.sort(perm[n_test:n_test + n_val]),
+                 test=np.sort(perm[:n_test]))
+
+
+def standardize(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """``x`` standardised with the mean/std of its ``train`` rows (constant columns: std 1)."""
+    mu = x[train].mean(axis=0)
+    sd = x[train].std(axis=0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    return ((x - mu) / sd).astype(np.float32)
+
+
+def luc_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Macro precision, recall and F1 (classes absent from both count as 0, sklearn's rule)."""
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {"f1": float(f), "precision": float(p), "recall": float(r)}
+
+
+def sdm_metrics(q: np.ndarray, p: np.ndarray, eps: float = KL_EPS) -> dict[str, float]:
+    """Mean over units of KL(q‖p), L1 = Σ|q−p| and Chebyshev = max|q−p| (q true, p predicted)."""
+    q = np.asarray(q, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(q > 0, q * (np.log(np.where(q > 0, q, 1.0)) - np.log(np.maximum(p, eps))),
+                         0.0)
+    diff = np.abs(q - p)
+    return {"kl": float(terms.sum(axis=1).mean()), "l1": float(diff.sum(axis=1).mean()),
+            "chebyshev": float(diff.max(axis=1).mean())}
+
+
+def _head(d_in: int, d_out: int, cfg: EvaluateSection) -> torch.nn.Module:
+    if cfg.head == "linear":
+        return torch.nn.Linear(d_in, d_out)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, cfg.hidden_dim), torch.nn.ReLU(),
+                               torch.nn.Linear(cfg.hidden_dim, d_out))
+
+
+def _loss(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if task == "luc":
+        return torch.nn.functional.cross_entropy(logits, target)
+    return -(target * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def train_head(
+    task: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    split: Split,
+    cfg: EvaluateSection,
+    seed: int,
+) -> np.ndarray:
+    """Fit a head on ``split.train`` with early stopping on ``split.val``; predict ``split.test``.
+
+    ``task='luc'``: ``y`` are class indices 0…C−1, returns predicted classes.
+    ``task='sdm'``: ``y`` are (n, B) distributions, returns (n_test, B) softmax
+    probabilities. Deterministic for a given seed.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if task == "luc":
+        yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        n_out = int(y.max()) + 1
+    else:
+        yt = torch.from_numpy(np.asarray(y, dtype=np.float32))
+        n_out = y.shape[1]
+    head = _head(x.shape[1], n_out, cfg)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tr, va = torch.from_numpy(split.train), torch.from_numpy(split.val)
+    best, best_state, bad = float("inf"), None, 0
+    bs = cfg.batch_size or len(tr)
+    for _epoch in range(cfg.max_epochs):
+        head.train()
+        order = tr[torch.randperm(len(tr), generator=gen)] if bs < len(tr) else tr
+        for s in range(0, len(order), bs):
+            idx = order[s:s + bs]
+            opt.zero_grad(set_to_none=True)
+            _loss(task, head(xt[idx]), yt[idx]).backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            v = float(_loss(task, head(xt[va]), yt[va]))
+        if v < best - 1e-6:
+            best, bad = v, 0
+            best_state = {k: t.clone() for k, t in head.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    with torch.no_grad():
+        out = head(xt[torch.from_numpy(split.test)])
+    if task == "luc":
+        return out.argmax(dim=1).numpy()
+    return torch.softmax(out, dim=1).numpy().astype(np.float64)
+
+
+def evaluate_task(
+    task: str,
+    features: dict[str, np.ndarray | Callable[[int], np.ndarray]],
+    y: np.ndarray,
+    cfg: EvaluateSection,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Run the protocol for one task: ``{method: {metric: [value per seed]}}``.
+
+    ``features`` maps a method to its (n, d) array, or to a function of the
+    seed returning it (seed-dependent features such as LDA). ``y``: LUC class
+    labels (any integers; mapped to 0…C−1) or SDM (n, B) distributions.
+    """
+    n = len(y)
+    if task == "luc":
+        _, y = np.unique(np.asarray(y), return_inverse=True)
+    else:
+        y = np.asarray(y, dtype=np.float64)
+    out: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS[task]} for m in features}
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny heads: one thread is fastest and makes runs reproducible
+    try:
+        for seed in cfg.seeds:
+            split = make_split(n, seed, cfg.test_fraction, cfg.val_fraction)
+            for method, feat in features.items():
+                x = feat(seed) if callable(feat) else feat
+                if x.shape[0] != n:
+                    raise ValueError(f"{task}/{method}: {x.shape[0]} feature rows for {n} units")
+                xs = standardize(np.asarray(x, dtype=np.float64), split.train)
+                pred = train_head(task, xs, y, split, cfg, seed)
+                m = (luc_metrics(y[split.test], pred) if task == "luc"
+                     else sdm_metrics(y[split.test], pred))
+                for k, v in m.items():
+                    out[method][k].append(v)
+            if log:
+                log(f"[evaluate] {task}: seed {seed} done")
+    finally:
+        torch.set_num_threads(torch_threads)
+    return out
+
+
+# --------------------------------------------------------------------------- stage
+def _task_inputs(path: str, task: str, cfg: EvaluateSection
+                 ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+    from .regions import read_regions
+
+    table, feats, meta = read_regions(path, task)
+    if task == "luc":
+        y = table["label"].to_numpy()
+    else:
+        y = table[meta["labels"]].to_numpy(np.float64)
+    features: dict[str, Any] = dict(feats)
+    if not cfg.noaug:
+        features.pop("AETHER_noaug", None)
+    if cfg.baselines and "poi_tokens" in table.columns:
+        counts, _vocab = bags_to_matrix(list(table["poi_tokens"]), list(table["poi_counts"]))
+        if "tfidf" in cfg.baselines:
+            features[BASELINE_NAMES["tfidf"]] = tfidf_features(counts)
+        if "lda" in cfg.baselines:
+            k = cfg.lda_topics
+
+            def lda(seed: int, _c: Any = counts, _k: int = k) -> np.ndarray:
+                return lda_features(_c, _k, seed)
+
+            features[BASELINE_NAMES["lda"]] = lda
+    info = {"units": int(len(y)), "regions": meta.get("stats", {}),
+            "buffer_m": meta.get("buffer_m")}
+    if task == "luc":
+        info["classes"] = int(len(np.unique(y)))
+    return features, y, info
+
+
+def run_evaluate(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResult:
+    """Stage ``evaluate``: ``regions.parquet`` → ``report/`` (metrics.json, report.md, plots).
+
+    Prints the Table-1-shaped table. Raises FileNotFoundError when
+    ``regions.parquet`` is missing.
+    """
+    from .report import write_report
+
+    if not ws.exists("regions.parquet"):
+        raise FileNotFoundError(
+            f"{ws.path('regions.parquet')} is missing: run 'aether-scale regions' first")
+    ec = cfg.evaluate
+    from .field import input_ref
+
+    inputs = {"regions": input_ref(ws, "regions.parquet")}
+    for name in ("ae.zarr", "field.zarr", "model"):
+        if ws.exists(name):
+            inputs[name] = input_ref(ws, name)
+    table_text: list[str] = []
+
+    def fn(tmp: dict[str, str]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rpath = ws.path("regions.parquet")
+        metrics: dict[str, Any] = {}
+        info: dict[str, Any] = {}
+        for task in ec.tasks:
+            if not os.path.exists(os.path.join(rpath, f"{task}.parquet")):
+                print(f"[evaluate] {task}: no units in regions.parquet — skipped")
+                continue
+            features, y, info[task] = _task_inputs(rpath, task, ec)
+            metrics[task] = evaluate_task(task, features, y, ec, log=print)
+        if not metrics:
+            raise ValueError("no task could be evaluated: regions.parquet has neither luc nor sdm")
+        out = tmp["report"]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        run_info = {"config": cfg.section("evaluate"), "tasks": info,
+                    "seconds": round(time.perf_counter() - t0, 1)}
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(run_info, f, indent=2, default=str)
+        table_text.append(write_report(out, metrics, run_info, ws=ws, plots=ec.plots))
+        return {"tasks": {t: {"units": info[t]["units"], "methods": sorted(metrics[t])}
+                          for t in metrics}, "seconds": run_info["seconds"]}
+
+    res = ws.run_stage("evaluate", outputs=["report"], inputs=inputs,
+                       config=cfg.section("evaluate"), fn=fn, force=force)
+    if table_text:
+        print(table_text[0])
+    else:  # skipped: show the existing report's table
+        md = os.path.join(ws.path("report"), "report.md")
+        if os.path.exists(md):
+            print(open(md).read())
+    return res

@@ -1,0 +1,271 @@
+"""``report/``: the Table-1-shaped table (report.md) and the plots a person wants to look at.
+
+- ``report.md``: mean ± std over seeds per method, scaled like the paper's
+  Table 1 (LUC F1/P/R ×10²; SDM KL ×10³, L1 ×10², Chebyshev ×10³), the
+  paper's London numbers for reference, unit counts and the protocol.
+- ``metrics.png``: one bar chart per metric, methods side by side, error
+  bars = std over seeds.
+- ``fields.png``: AE and AETHER fields side by side, first three principal
+  components as RGB on a coarsened grid (nodata grey).
+- ``loss.png``: the training loss curves from ``model/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["format_table", "write_report", "plot_metrics", "plot_fields", "plot_loss",
+           "PAPER_TABLE1", "SCALE", "METHOD_ORDER"]
+
+# metric → (scale, column title)
+SCALE: dict[str, tuple[float, str]] = {
+    "f1": (1e2, "F1"), "precision": (1e2, "Precision"), "recall": (1e2, "Recall"),
+    "kl": (1e3, "KL"), "l1": (1e2, "L1"), "chebyshev": (1e3, "Chebyshev"),
+}
+COLUMNS = [("luc", "f1"), ("luc", "precision"), ("luc", "recall"),
+           ("sdm", "kl"), ("sdm", "l1"), ("sdm", "chebyshev")]
+METHOD_ORDER = ["TF-IDF", "LDA", "AE", "AETHER", "AETHER_noaug"]
+METHOD_LABEL = {"AE": "AlphaEarth (AE)", "AETHER": "AETHER", "AETHER_noaug": "AETHER (w/o aug)"}
+
+# The paper's Table 1 (London), already scaled: F1, P, R, KL, L1, Chebyshev.
+PAPER_TABLE1: dict[str, tuple[float, ...]] = {
+    "TF-IDF": (31.7, 31.8, 33.3, 52.0, 24.4, 72.8),
+    "LDA": (29.2, 31.5, 30.4, 58.0, 25.9, 77.7),
+    "AE": (56.6, 58.3, 57.3, 43.2, 21.7, 65.9),
+    "AETHER": (60.7, 61.4, 60.7, 33.0, 18.8, 56.2),
+    "AETHER_noaug": (60.5, 60.5, 60.1, 34.1, 19.1, 57.2),
+}
+
+
+def _methods(metrics: dict[str, Any]) -> list[str]:
+    seen: list[str] = []
+    for task in metrics.values():
+        for m in task:
+            if m not in seen:
+                seen.append(m)
+    return [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
+
+
+def _cell(vals: Sequence[float] | None, scale: float) -> str:
+    if not vals:
+        return "–"
+    a = np.asarray(vals, dtype=np.float64) * scale
+    return f"{a.mean():.1f} ± {a.std(ddof=0):.1f}"
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Markdown table: one row per method, Table 1's columns, mean ± std over seeds (scaled)."""
+    head = "| Model | LUC F1 ↑ | Precision ↑ | Recall ↑ | SDM KL ↓ | L1 ↓ | Chebyshev ↓ |"
+    lines = [head, "|---|" + "---:|" * 6]
+    for m in _methods(metrics):
+        cells = [_cell(metrics.get(t, {}).get(m, {}).get(k), SCALE[k][0]) for t, k in COLUMNS]
+        lines.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paper_table() -> str:
+    lines = ["| Model (paper, London) | F1 | Precision | Recall | KL | L1 | Chebyshev |",
+             "|---|" + "---:|" * 6]
+    for m, row in PAPER_TABLE1.items():
+        lines.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _findings(metrics: dict[str, Any]) -> list[str]:
+    """The paper's qualitative claims, checked on these numbers (means over seeds)."""
+    out = []
+
+    def mean(t: str, m: str, k: str) -> float | None:
+        v = metrics.get(t, {}).get(m, {}).get(k)
+        return float(np.mean(v)) if v else None
+
+    ae_kl, ath_kl = mean("sdm", "AE", "kl"), mean("sdm", "AETHER", "kl")
+    if ae_kl is not None and ath_kl is not None:
+        out.append(f"- SDM KL: AETHER {ath_kl * 1e3:.1f} vs AE {ae_kl * 1e3:.1f} "
+                   f"({(ath_kl - ae_kl) / ae_kl * 100:+.1f} %; paper −23.6 %)")
+    ae_f1, ath_f1 = mean("luc", "AE", "f1"), mean("luc", "AETHER", "f1")
+    if ae_f1 is not None and ath_f1 is not None:
+        out.append(f"- LUC F1: AETHER {ath_f1 * 1e2:.1f} vs AE {ae_f1 * 1e2:.1f} "
+                   f"({(ath_f1 - ae_f1) * 1e2:+.1f} points; paper +4.1)")
+    for b in ("TF-IDF", "LDA"):
+        bf = mean("luc", b, "f1")
+        if ae_f1 is not None and bf is not None:
+            out.append(f"- LUC F1: AE {ae_f1 * 1e2:.1f} vs {b} {bf * 1e2:.1f} "
+                       f"({'AE ahead' if ae_f1 > bf else 'AE NOT ahead'})")
+    return out
+
+
+def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any], *,
+                 ws: Any = None, plots: bool = True) -> str:
+    """Write ``report.md`` (+ plots) into ``out_dir``; returns the table as printed text."""
+    table = format_table(metrics)
+    figs: list[str] = []
+    if plots:
+        figs += plot_metrics(metrics, os.path.join(out_dir, "metrics.png"))
+        if ws is not None:
+            if ws.exists("ae.zarr") and ws.exists("field.zarr"):
+                figs += plot_fields(ws.path("ae.zarr"), ws.path("field.zarr"),
+                                    os.path.join(out_dir, "fields.png"))
+            for name in ("model", "model_noaug"):
+                mpath = os.path.join(ws.path(name), "metrics.json") if ws.exists(name) else None
+                if mpath and os.path.exists(mpath):
+                    figs += plot_loss(mpath, os.path.join(out_dir, f"loss_{name}.png"))
+    cfg = run_info.get("config", {})
+    tasks = run_info.get("tasks", {})
+    units = ", ".join(f"{t}: {v['units']:,} units" + (f", {v['classes']} classes"
+                                                     if "classes" in v else "")
+                      for t, v in tasks.items())
+    md = [
+        "# AETHER evaluation (Table 1 protocol)",
+        "",
+        f"Mean ± std over seeds {cfg.get('seeds')}. LUC metrics ×10² (higher is better); "
+        "SDM KL and Chebyshev ×10³, L1 ×10² (lower is better).",
+        "",
+        table,
+        "",
+        "## Findings checked",
+        "",
+        *(_findings(metrics) or ["- (not enough methods to compare)"]),
+        "",
+        "## Protocol",
+        "",
+        f"- Units: {units}.",
+        f"- Splits: random per seed, test {cfg.get('test_fraction')}, validation "
+        f"{cfg.get('val_fraction')}, rest train — identical for every method.",
+        f"- Head: {cfg.get('head')} (hidden {cfg.get('hidden_dim')}), Adam lr {cfg.get('lr')}, "
+        f"early stopping on validation loss (patience {cfg.get('patience')}, "
+        f"≤ {cfg.get('max_epochs')} epochs); features standardised on train.",
+        "- LUC: cross-entropy, macro P/R/F1. SDM: softmax head, soft cross-entropy; "
+        "KL(q‖p), L1, Chebyshev averaged over test units.",
+        "- TF-IDF / LDA: bags of POI categories/subcategories within each unit's buffer.",
+        "",
+        "## Paper (London) for reference",
+        "",
+        _paper_table(),
+        "",
+    ]
+    if figs:
+        md += ["## Plots", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return table + "\n" + "\n".join(_findings(metrics))
+
+
+# --------------------------------------------------------------------------- plots
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(metrics: dict[str, Any], path: str) -> list[str]:
+    """Bar chart per metric (methods side by side, std error bars) → ``path``."""
+    plt = _plt()
+    cols = [(t, k) for t, k in COLUMNS if t in metrics]
+    if not cols:
+        return []
+    methods = _methods(metrics)
+    tasks = [t for t in ("luc", "sdm") if t in metrics]
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(10, 3.4 * len(tasks)), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    flat_axes = [axes[tasks.index(t)][i % 3] for i, (t, _k) in enumerate(cols)]
+    for ax, (t, k) in zip(flat_axes, cols, strict=True):
+        sc, title = SCALE[k]
+        means, stds = [], []
+        for m in methods:
+            v = np.asarray(metrics[t].get(m, {}).get(k, []), dtype=float) * sc
+            means.append(v.mean() if v.size else np.nan)
+            stds.append(v.std() if v.size else 0.0)
+        ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
+               color=[colors(i) for i in range(len(methods))])
+        ax.set_xticks(range(len(methods)), [METHOD_LABEL.get(m, m).replace(" (", "\n(")
+                                            for m in methods], rotation=45, ha="right", fontsize=7)
+        arrow = "↑" if t == "luc" else "↓"
+        ax.set_title(f"{t.upper()} {title} {arrow} (×{sc:g})", fontsize=9)
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:
+            lo = min(finite) - 2 * max(stds + [1e-9])
+            ax.set_ylim(bottom=max(0.0, lo * 0.9))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _coarse(path: str, max_px: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """A strided view of a field (≤ ``max_px`` on the long side) as float32 + valid mask."""
+    from .field import _LUT_U8, open_ae
+
+    da = open_ae(path)
+    step = max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / max_px)))
+    sub = da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
+    if np.issubdtype(sub.dtype, np.integer):
+        valid = np.all(sub != -128, axis=-1)
+        arr = _LUT_U8[sub.astype(np.int8).view(np.uint8)]
+    else:
+        arr = sub.astype(np.float32)
+        valid = np.all(np.isfinite(arr), axis=-1)
+    return arr, valid
+
+
+def _pca_rgb(arr: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    rgb = np.full(valid.shape + (3,), 0.6, dtype=np.float32)
+    if valid.sum() < 4:
+        return rgb
+    x = arr[valid].astype(np.float64)
+    x -= x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 20000)], full_matrices=False)
+    pcs = x @ vt[:3].T
+    lo, hi = np.percentile(pcs, 2, axis=0), np.percentile(pcs, 98, axis=0)
+    rgb[valid] = np.clip((pcs - lo) / np.where(hi > lo, hi - lo, 1.0), 0, 1)
+    return rgb
+
+
+def plot_fields(ae_path: str, field_path: str, path: str) -> list[str]:
+    """AE and AETHER side by side: first 3 principal components as RGB → ``path``."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, (p, title) in zip(axes, [(ae_path, "AlphaEarth (AE), PC1–3"),
+                                     (field_path, "AETHER field, PC1–3")], strict=True):
+        arr, valid = _coarse(p)
+        ax.imshow(_pca_rgb(arr, valid), interpolation="nearest")
+        ax.set_title(title)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_loss(metrics_json: str, path: str) -> list[str]:
+    """Per-epoch training losses from a ``model/metrics.json`` → ``path`` (none: no plot)."""
+    with open(metrics_json) as f:
+        m = json.load(f)
+    epochs = m.get("epochs") if isinstance(m, dict) else None
+    if not isinstance(epochs, list) or not epochs or not isinstance(epochs[0], dict):
+        return []
+    keys = [k for k in epochs[0] if ("loss" in k.lower() or k.startswith("L_"))
+            and isinstance(epochs[0][k], (int, float))]
+    if not keys:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = [e.get("epoch", i + 1) for i, e in enumerate(epochs)]
+    for k in keys:
+        ax.plot(xs, [e.get(k, np.nan) for e in epochs], label=k)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training loss ({os.path.basename(os.path.dirname(metrics_json))})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,181 @@
+"""The Table 1 protocol: metrics by hand, splits, determinism, report files and schema."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from aether_scale.baselines import bags_to_matrix, lda_features, tfidf_features
+from aether_scale.config import EvaluateSection, load_config
+from aether_scale.evaluate import (
+    evaluate_task,
+    luc_metrics,
+    make_split,
+    run_evaluate,
+    sdm_metrics,
+    standardize,
+)
+from aether_scale.regions import _write_task
+from aether_scale.report import format_table
+from aether_scale.workspace import Workspace
+
+FAST = EvaluateSection(seeds=[0, 1], max_epochs=60, patience=10, lr=1e-2, lda_topics=4)
+
+
+def test_sdm_metrics_by_hand():
+    q = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    p = np.array([[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]])
+    m = sdm_metrics(q, p)
+    kl0 = 0.5 * np.log(0.5 / 0.25) * 2  # q=0 term contributes nothing
+    assert m["kl"] == pytest.approx(kl0 / 2)
+    assert m["l1"] == pytest.approx((0.25 + 0.25 + 0.5) / 2)
+    assert m["chebyshev"] == pytest.approx(0.5 / 2)
+    # p = 0 where q > 0 is floored at eps, not infinite
+    m2 = sdm_metrics(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))
+    assert np.isfinite(m2["kl"]) and m2["kl"] == pytest.approx(-np.log(1e-8))
+
+
+def test_luc_metrics_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 1, 1, 1, 0, 2])
+    # class 0: P=1/2 R=1/2; class 1: P=2/3 R=1; class 2: P=1 R=1/2
+    prec = (0.5 + 2 / 3 + 1) / 3
+    rec = (0.5 + 1 + 0.5) / 3
+    f1s = [0.5, 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5]
+    m = luc_metrics(y, p)
+    assert m["precision"] == pytest.approx(prec)
+    assert m["recall"] == pytest.approx(rec)
+    assert m["f1"] == pytest.approx(np.mean(f1s))
+
+
+def test_splits_are_disjoint_deterministic_and_seeded():
+    a, b, c = make_split(100, 3), make_split(100, 3), make_split(100, 4)
+    for part in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
+    assert not np.array_equal(a.test, c.test)
+    allidx = np.concatenate([a.train, a.val, a.test])
+    assert len(allidx) == 100 and len(np.unique(allidx)) == 100
+    assert (len(a.test), len(a.val)) == (20, 10)
+    with pytest.raises(ValueError, match="cannot be split"):
+        make_split(3, 0)
+
+
+def test_standardize_uses_train_only():
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [100.0, 5.0]])
+    s = standardize(x, np.array([0, 1]))
+    np.testing.assert_allclose(s[:2, 0], [-1, 1])
+    assert s[2, 0] == pytest.approx(99.0)
+    np.testing.assert_allclose(s[:2, 1], [0, 0])  # constant train column: std 1
+
+
+def _luc_data(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    centers = rng.normal(size=(4, 8)) * 3
+    good = centers[y] + rng.normal(size=(n, 8))
+    noise = rng.normal(size=(n, 8))
+    return good, noise, y
+
+
+def test_luc_protocol_learns_and_is_deterministic():
+    good, noise, y = _luc_data()
+    feats = {"good": good, "noise": noise}
+    r1 = evaluate_task("luc", feats, y + 10, FAST)  # labels need not start at 0
+    r2 = evaluate_task("luc", feats, y + 10, FAST)
+    assert r1 == r2
+    assert set(r1) == {"good", "noise"} and set(r1["good"]) == {"f1", "precision", "recall"}
+    assert all(len(v) == 2 for v in r1["good"].values())
+    assert min(r1["good"]["f1"]) > 0.9
+    assert max(r1["noise"]["f1"]) < 0.5
+    lin = evaluate_task("luc", feats, y, FAST.model_copy(update={"head": "linear"}))
+    assert min(lin["good"]["f1"]) > 0.9
+
+
+def test_sdm_protocol_informative_beats_noise():
+    rng = np.random.default_rng(1)
+    n = 300
+    z = rng.normal(size=(n, 3))
+    logits = z @ rng.normal(size=(3, 5))
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    res = evaluate_task("sdm", {"z": z, "noise": rng.normal(size=(n, 3)), "lda": lambda s: z + s},
+                        q, FAST)
+    assert np.mean(res["z"]["kl"]) < 0.5 * np.mean(res["noise"]["kl"])
+    assert np.mean(res["z"]["l1"]) < np.mean(res["noise"]["l1"])
+    assert all(len(v) == 2 for m in res.values() for v in m.values())
+
+
+def test_baselines():
+    tokens = [["a=x", "b=y"], [], ["a=x"], ["b=z", "a=x"]]
+    counts = [[2, 1], [], [3], [1, 1]]
+    m, vocab = bags_to_matrix(tokens, counts)
+    assert list(vocab) == ["a=x", "b=y", "b=z"]
+    np.testing.assert_array_equal(m.toarray(), [[2, 1, 0], [0, 0, 0], [3, 0, 0], [1, 0, 1]])
+    t = tfidf_features(m)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), [1, 0, 1, 1], atol=1e-6)
+    assert t[2, 0] == pytest.approx(1.0)  # a lone token is the whole vector
+    th = lda_features(sp.csr_matrix(m), 3, seed=0)
+    np.testing.assert_allclose(th.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(th, lda_features(sp.csr_matrix(m), 3, seed=0))
+
+
+def _regions_folder(path: str, n: int = 240) -> None:
+    """A regions.parquet folder as the regions stage writes it (AE/AETHER features + bags)."""
+    os.makedirs(path, exist_ok=True)
+    good, noise, y = _luc_data(n, seed=2)
+    rng = np.random.default_rng(5)
+    units = gpd.GeoDataFrame({"unit_id": [str(i) for i in range(n)], "label": y,
+                              "label_name": [f"c{v}" for v in y]},
+                             geometry=gpd.points_from_xy(rng.uniform(0, 1, n), rng.uniform(0, 1, n)))
+    tok = sp.csr_matrix(rng.poisson(0.5 + (y[:, None] == np.arange(4)) * 2, size=(n, 4)))
+    vocab = np.array([f"category=k{i}" for i in range(4)], dtype=object)
+    feats = {"AE": np.c_[good, noise].astype(np.float32), "AETHER": np.c_[good, good].astype(np.float32)}
+    meta = {"task": "luc", "methods": list(feats), "labels": ["label", "label_name"],
+            "buffer_m": 50.0, "stats": {"kept": n}}
+    _write_task(os.path.join(path, "luc.parquet"), units, ["label", "label_name"], feats, tok, vocab,
+                np.asarray(tok.sum(1)).ravel(), meta)
+    z = good[:, :3]
+    logits = z @ rng.normal(size=(3, 9))
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sdm_cols = [f"ns-sec_{k}" for k in range(1, 10)]
+    for k, c in enumerate(sdm_cols):
+        units[c] = q[:, k]
+    meta = dict(meta, task="sdm", labels=sdm_cols)
+    _write_task(os.path.join(path, "sdm.parquet"), units, sdm_cols, feats, tok, vocab,
+                np.asarray(tok.sum(1)).ravel(), meta)
+
+
+def test_run_evaluate_writes_report_with_schema(tmp_path, capsys):
+    ws = Workspace(str(tmp_path / "ws"))
+    _regions_folder(ws.path("regions.parquet"))
+    cfg = load_config(data={"evaluate": FAST.model_dump()})
+    res = run_evaluate(ws, cfg)
+    out = capsys.readouterr().out
+    assert "| AETHER |" in out and "LUC F1" in out
+    rep = ws.path("report")
+    for f in ("metrics.json", "report.md", "metrics.png", "run.json"):
+        assert os.path.exists(os.path.join(rep, f)), f
+    m = json.load(open(os.path.join(rep, "metrics.json")))
+    assert set(m) == {"luc", "sdm"}
+    assert set(m["luc"]) == {"AE", "AETHER", "TF-IDF", "LDA"}
+    for task, names in (("luc", {"f1", "precision", "recall"}), ("sdm", {"kl", "l1", "chebyshev"})):
+        for method in m[task].values():
+            assert set(method) == names
+            assert all(len(v) == 2 and all(isinstance(x, float) for x in v) for v in method.values())
+    md = open(os.path.join(rep, "report.md")).read()
+    assert "AlphaEarth (AE)" in md and "60.7" in md and "![metrics.png]" in md
+    # the table shows the scaled mean ± std of the per-seed values
+    f1 = np.asarray(m["luc"]["AETHER"]["f1"]) * 100
+    assert f"{f1.mean():.1f} ± {f1.std():.1f}" in format_table(m)
+    assert res.stats["tasks"]["luc"]["units"] == 240
+    # rerun: skipped, same numbers
+    assert run_evaluate(ws, cfg).skipped
+
+
+def test_run_evaluate_needs_regions(tmp_path):
+    with pytest.raises(FileNotFoundError, match="regions"):
+        run_evaluate(Workspace(str(tmp_path / "w")), load_config())
