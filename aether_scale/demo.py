@@ -70,8 +70,7 @@ def run_demo(
     print(f"workspace: {workspace}")
     report = os.path.join(workspace, "report", "report.md")
     if os.path.exists(report):
-        print(open(report).read())
-        print(f"report: {report}")
+        print(f"report (table, protocol, plots): {report}")
     return {"workspace": workspace, "results": results, "city": city}
 
 
