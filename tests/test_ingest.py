@@ -301,7 +301,7 @@ def test_float_bottom_up_other_zone_matches_int8_north_up(tmp_path: Path) -> Non
 
 def test_read_strip_size_does_not_change_output(tmp_path: Path, mosaic, monkeypatch) -> None:
     # tiny strips force many partial reads per block (block rows, float sub-strips)
-    from aether_scale import ingest as ingest_mod
+    from aether_scale.ingest import reads as ingest_mod
 
     paths, expected = mosaic
     v = aef.decode(codes(22))
