@@ -36,11 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-# Shared cores: with OpenMP's default busy-waiting, torch's 2 intra-op threads stall for a
-# whole scheduler slice at every parallel region whenever another process holds a core
-# (measured here: 705 ms/step vs 45 ms/step with PASSIVE). Set before torch loads libgomp;
-# applies to every variant alike (the reference's DataLoader workers inherit it).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy matters on 2 cores: on an otherwise idle machine the default
+# (spinning) is faster for the small GEMMs of a training step; on cores shared with other
+# jobs, spinning threads stall at every parallel region and OMP_WAIT_POLICY=PASSIVE is far
+# faster (705 vs 45 ms/step measured while other jobs ran). The benchmark leaves the
+# environment as the user set it, applies it to every variant alike and records it.
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

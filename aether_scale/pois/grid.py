@@ -1,0 +1,98 @@
+"""The AE raster grid as the POI stage sees it: CRS, transform, shape and chunking.
+
+:func:`raster_grid` reads it from ``ae.zarr`` (metadata only) and
+:meth:`RasterGrid.locate` maps points in the AE CRS to pixels, the coverage test
+(half-open pixel bounds) and the AE chunk ``(chunk_y, chunk_x)`` each falls in —
+the key the output is sorted and partitioned by.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RasterGrid", "raster_grid"]
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """What the POI stage needs of ``ae.zarr``: CRS, affine transform, shape, chunking."""
+
+    crs_wkt: str
+    transform: tuple[float, float, float, float, float, float]  # a, b, c, d, e, f (GDAL order a..f)
+    height: int
+    width: int
+    chunk_edges_y: tuple[int, ...]  # row offsets where chunks start, plus the height
+    chunk_edges_x: tuple[int, ...]
+
+    @property
+    def n_chunks(self) -> tuple[int, int]:
+        return len(self.chunk_edges_y) - 1, len(self.chunk_edges_x) - 1
+
+    def locate(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pixel (row, col) of each point, whether it lies inside the raster, and its
+        chunk (chunk_y, chunk_x; −1 outside). Vectorised over the arrays."""
+        a, b, c, d, e, f = self.transform
+        det = a * e - b * d
+        dx, dy = x - c, y - f
+        with np.errstate(invalid="ignore"):  # NaN coordinates are flagged as outside below
+            colf = (e * dx - b * dy) / det
+            rowf = (a * dy - d * dx) / det
+            inside = (
+                np.isfinite(colf) & np.isfinite(rowf)
+                & (colf >= 0) & (colf < self.width) & (rowf >= 0) & (rowf < self.height)
+            )
+        row = np.where(inside, np.floor(np.where(inside, rowf, 0)), -1).astype(np.int64)
+        col = np.where(inside, np.floor(np.where(inside, colf, 0)), -1).astype(np.int64)
+        cy = np.searchsorted(np.asarray(self.chunk_edges_y[1:]), row, side="right")
+        cx = np.searchsorted(np.asarray(self.chunk_edges_x[1:]), col, side="right")
+        cy = np.where(inside, cy, -1).astype(np.int32)
+        cx = np.where(inside, cx, -1).astype(np.int32)
+        return row, col, inside, np.stack([cy, cx])
+
+
+def raster_grid(ae_path: str) -> RasterGrid:
+    """Read the grid of ``ae.zarr`` (lazily; no pixel data is loaded).
+
+    Raises FileNotFoundError when the store is missing (run ``aether-scale ingest``)
+    and ValueError when it has no CRS or no ``embedding`` variable.
+    """
+    import rioxarray  # noqa: F401  (registers .rio)
+    import xarray as xr
+
+    try:
+        ds = xr.open_zarr(ae_path, mask_and_scale=False)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise FileNotFoundError(
+            f"{ae_path}: cannot open the AE store ({e}); run `aether-scale ingest` first"
+        ) from None
+    if "embedding" not in ds:
+        raise ValueError(f"{ae_path}: no variable 'embedding' (found: {list(ds.data_vars)})")
+    gm = ds["embedding"].attrs.get("grid_mapping") or ds["embedding"].encoding.get("grid_mapping")
+    for name in {gm or "spatial_ref", "spatial_ref"}:
+        if name in ds.data_vars:  # stored as a variable (no 'coordinates' attr): make it a coord
+            ds = ds.set_coords(name)
+    emb = ds["embedding"]
+    crs = emb.rio.crs or ds.rio.crs
+    if crs is None:
+        raise ValueError(f"{ae_path}: no CRS (expected a rioxarray 'spatial_ref' coordinate)")
+    t = emb.rio.transform()
+    chunks = emb.chunks
+    if chunks is None:
+        enc = emb.encoding.get("chunks") or emb.encoding.get("preferred_chunks")
+        ny, nx = emb.sizes["y"], emb.sizes["x"]
+        cy_, cx_ = (enc[0], enc[1]) if enc else (ny, nx)
+        cys = [cy_] * (ny // cy_) + ([ny % cy_] if ny % cy_ else [])
+        cxs = [cx_] * (nx // cx_) + ([nx % cx_] if nx % cx_ else [])
+    else:
+        ax = dict(zip(emb.dims, chunks, strict=True))
+        cys, cxs = list(ax["y"]), list(ax["x"])
+    return RasterGrid(
+        crs_wkt=crs.to_wkt(),
+        transform=(t.a, t.b, t.c, t.d, t.e, t.f),
+        height=int(emb.sizes["y"]),
+        width=int(emb.sizes["x"]),
+        chunk_edges_y=tuple(int(v) for v in np.concatenate([[0], np.cumsum(cys)])),
+        chunk_edges_x=tuple(int(v) for v in np.concatenate([[0], np.cumsum(cxs)])),
+    )

@@ -1,0 +1,215 @@
+"""The ``pois`` stage: every source → ``pois.parquet`` (GeoParquet parts) + stats.
+
+:func:`process_pois` validates the config, opens the sources
+(:mod:`.readers`), applies the row rules per partition (:mod:`.rows`), drops
+duplicate ids (first occurrence in source/file order kept), splits the kept rows
+into output partitions by AE chunk key (never splitting a chunk) and writes one
+sorted GeoParquet part per partition. :func:`run_pois` wraps it as a workspace
+stage (``ws.run_stage``). See the :mod:`aether_scale.pois` docstring for the
+columns, rules and stats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import numpy as np
+import pandas as pd
+
+from ..config import PoisSection, RunConfig
+from ..workspace import StageResult, Workspace
+from .clean import _template_parts
+from .errors import PoiInputError
+from .grid import RasterGrid, raster_grid
+from .readers import SourceSpec, _nullable, _resolve_source, read_source
+from .rows import _ID_STRIDE, DROP_REASONS, _finish, _kept_keys, _part_stats, _prepare, _select
+
+__all__ = ["process_pois", "run_pois", "workspace_input"]
+
+_RESERVED = {
+    "poi_id", "description", "name", "category", "subcategory", "source",
+    "x", "y", "chunk_y", "chunk_x", "geometry",
+}
+
+
+def _write_part(pieces: list[pd.DataFrame], path: str, crs_wkt: str, columns: list[str]) -> int:
+    """Concatenate the pieces of one output partition, sort, write one GeoParquet file."""
+    import fsspec
+    import geopandas as gpd
+
+    df = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=columns)
+    df = df.sort_values(["chunk_y", "chunk_x", "poi_id"], kind="stable", ignore_index=True)
+    df = df[columns]
+    gdf = gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(df["x"], df["y"]), crs=crs_wkt)
+    with fsspec.open(path, "wb") as f:
+        gdf.to_parquet(f, index=False)
+    return len(gdf)
+
+
+# ----------------------------------------------------------------------------- stage
+def _partition_bounds(key_counts: pd.Series, target: int) -> np.ndarray:
+    """Split sorted chunk keys into ranges of about ``target`` rows, never splitting a
+    key. Returns boundaries ``b`` so partition i holds keys in ``[b[i], b[i+1])``."""
+    if key_counts.empty:
+        return np.array([0, 1], dtype=np.int64)
+    keys = key_counts.index.to_numpy(dtype=np.int64)
+    cum = np.cumsum(key_counts.to_numpy())
+    bucket = (cum - 1) // target  # partition of each key by its last row
+    starts = keys[np.r_[0, np.flatnonzero(np.diff(bucket)) + 1]]
+    return np.r_[starts, keys[-1] + 1].astype(np.int64)
+
+
+def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str, Any]:
+    """Read, clean, deduplicate, sort and write every source; return the stats.
+
+    ``out_path`` is a folder that receives ``part.NNNNN.parquet`` files. Raises
+    :class:`PoiInputError` on configuration/file mismatches before any data is read.
+    """
+    import fsspec
+
+    if not pcfg.sources:
+        raise PoiInputError("config pois.sources is empty; add at least one POI file "
+                            "(path + columns)")
+    for k in pcfg.keep_columns:
+        if k in _RESERVED:
+            raise PoiInputError(f"config pois.keep_columns: {k!r} clashes with an output column "
+                                f"({', '.join(sorted(_RESERVED))}); map it as a role instead")
+    _template_parts(pcfg.template, "template")
+    _template_parts(pcfg.template_no_name, "template_no_name")
+
+    opened = []
+    keep_dtypes: dict[str, str | None] = {k: None for k in pcfg.keep_columns}
+    for i, src in enumerate(pcfg.sources):
+        parts, dtypes, file_crs, kind = read_source(
+            src, i, partition_rows=pcfg.partition_rows, keep_columns=tuple(pcfg.keep_columns)
+        )
+        spec = _resolve_source(src, i, list(dtypes), file_crs, kind, pcfg)
+        opened.append((spec, parts, dtypes))
+    # kept columns: missing everywhere is an error; dtype = first source that has it
+    for k in pcfg.keep_columns:
+        if not any(k in cols for _, _, cols in opened):
+            raise PoiInputError(
+                f"config pois.keep_columns: {k!r} is in none of the sources; columns there: "
+                + "; ".join(f"[{s.index}] " + ", ".join(c) for s, _, c in opened)
+            )
+    for k in pcfg.keep_columns:
+        dt = next(d[k] for _, _, d in opened if k in d)
+        if not all(k in d for _, _, d in opened):
+            dt = _nullable(dt)  # rows of sources without the column hold missing values
+        keep_dtypes[k] = dt
+
+    prep = dask.delayed(_prepare, pure=True)
+    prepared: list[tuple[SourceSpec, list[Any]]] = []
+    for spec, parts, _ in opened:
+        prepared.append((spec, [prep(p, spec, grid, pcfg.template, pcfg.template_no_name, keep_dtypes)
+                                for p in parts]))
+    flat = [p for _, ps in prepared for p in ps]
+    flat = list(dask.persist(*flat))
+    lens = dask.compute(*[dask.delayed(len)(p) for p in flat])
+    fin = dask.delayed(_finish, pure=True)
+    finished: list[Any] = []
+    j = 0
+    for spec, ps in prepared:
+        offset = 0
+        generated = "id" not in spec.roles
+        for _ in ps:
+            finished.append(fin(flat[j], spec.index, offset, generated))
+            offset += lens[j]
+            j += 1
+    finished = list(dask.persist(*finished))
+    del flat
+
+    per_part = dask.compute(*[dask.delayed(_part_stats)(p) for p in finished])
+    per_source: list[dict[str, int]] = []
+    j = 0
+    for _spec, ps in prepared:
+        acc: dict[str, int] = {}
+        for st in per_part[j : j + len(ps)]:
+            for k, v in st.items():
+                acc[k] = acc.get(k, 0) + v
+        per_source.append(acc)
+        j += len(ps)
+
+    ncy, ncx = grid.n_chunks
+    keys = pd.concat(dask.compute(*[dask.delayed(_kept_keys)(p, ncx) for p in finished]) or
+                     [pd.DataFrame({"poi_id": [], "_order": [], "_key": []})], ignore_index=True)
+    keys = keys.sort_values("_order", kind="stable")
+    dup = keys["poi_id"].duplicated(keep="first").to_numpy()
+    dup_orders = np.sort(keys["_order"].to_numpy()[dup])
+    dup_source = (keys["_order"].to_numpy()[dup] // _ID_STRIDE).astype(int)
+    for i, acc in enumerate(per_source):
+        acc["duplicate_id"] = int((dup_source == i).sum())
+    kept_keys = keys.loc[~dup, "_key"]
+    counts = kept_keys.value_counts().sort_index()
+    bounds = _partition_bounds(counts, pcfg.partition_rows)
+    n_out = len(bounds) - 1
+
+    columns = ["poi_id", "description", "name", "category", "subcategory", "source",
+               "x", "y", "chunk_y", "chunk_x", *pcfg.keep_columns]
+    fs, root = fsspec.core.url_to_fs(out_path)
+    fs.makedirs(root, exist_ok=True)
+    sel = dask.delayed(_select, pure=True)
+    writer = dask.delayed(_write_part, pure=True)
+    writes = []
+    for lo in range(n_out):
+        pieces = [sel(p, dup_orders, bounds, lo, ncx) for p in finished]
+        writes.append(writer(pieces, f"{out_path}/part.{lo:05d}.parquet", grid.crs_wkt, columns))
+    written = dask.compute(*writes)
+
+    total = {k: sum(s.get(k, 0) for s in per_source) for k in per_source[0]}
+    kept = int(sum(written))
+    dropped = {k: total[k] for k in (*DROP_REASONS, "duplicate_id")}
+    if kept + sum(dropped.values()) != total["rows"]:  # pragma: no cover - internal invariant
+        raise RuntimeError(f"POI accounting mismatch: kept {kept} + dropped {dropped} != {total['rows']}")
+    return {
+        "rows_read": total["rows"],
+        "kept": kept,
+        "dropped": dropped,
+        "repaired": {"non_point": total["non_point"], "encoding": total["encoding"]},
+        "sources": [
+            {"path": s.path, "rows_read": per_source[s.index]["rows"],
+             "kept": per_source[s.index]["rows"]
+             - sum(per_source[s.index][k] for k in (*DROP_REASONS, "duplicate_id")),
+             "dropped": {k: per_source[s.index][k] for k in (*DROP_REASONS, "duplicate_id")},
+             "ids": "column " + s.roles["id"] if "id" in s.roles else "generated: source*2**40 + row"}
+            for s, _ in prepared
+        ],
+        "files": n_out,
+        "chunks_with_pois": int(len(counts)),
+        "ae_chunks": [ncy, ncx],
+        "coverage_rule": "inside the ae.zarr pixel bounds (nodata is left to pooling)",
+    }
+
+
+def workspace_input(ws: Workspace, name: str) -> str:
+    """``name`` when a stage manifest in ``ws`` produced it (fingerprint = that manifest),
+    else its full path (fingerprinted as a plain folder/file, e.g. a store written by
+    hand or by an older run)."""
+    return name if ws._producer_of(name) is not None else ws.path(name)
+
+
+def run_pois(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResult:
+    """``aether-scale pois``: the configured POI sources → ``pois.parquet`` (a folder of
+    GeoParquet parts; see the :mod:`aether_scale.pois` docstring for columns, rules and stats).
+
+    Raises :class:`PoiInputError` (a ValueError) naming the file, config key and fix for
+    a missing column / CRS / coordinate setting, FileNotFoundError when ``ae.zarr`` is
+    missing.
+    """
+    pcfg = cfg.pois
+    if not pcfg.sources:
+        raise PoiInputError("config pois.sources is empty; add at least one POI file "
+                            "(path + columns)")
+    inputs = {f"source_{i}": s.path for i, s in enumerate(pcfg.sources)}
+    if not ws.exists("ae.zarr"):
+        raise FileNotFoundError(f"{ws.path('ae.zarr')} does not exist; run `aether-scale ingest` "
+                                "first (the POI stage needs the AE CRS and coverage)")
+    inputs["ae"] = workspace_input(ws, "ae.zarr")
+
+    def fn(tmp: dict[str, str]) -> dict[str, Any]:
+        grid = raster_grid(ws.path("ae.zarr"))
+        return process_pois(pcfg, grid, tmp["pois.parquet"])
+
+    return ws.run_stage("pois", outputs=["pois.parquet"], inputs=inputs,
+                        config=cfg.section("pois"), fn=fn, force=force)
