@@ -41,7 +41,6 @@ from pathlib import Path
 # jobs, spinning threads stall at every parallel region and OMP_WAIT_POLICY=PASSIVE is far
 # faster (705 vs 45 ms/step measured while other jobs ran). The benchmark leaves the
 # environment as the user set it, applies it to every variant alike and records it.
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -109,7 +109,7 @@ c.LocalBackend.clusters_directory = "{tmp_path / 'clusters'}"
                     break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "gateway.log").read_text())
+                raise RuntimeError((tmp_path / "gateway.log").read_text()) from None
             time.sleep(0.2)
     else:
         proc.kill()
