@@ -125,3 +125,18 @@ def test_fsspec_memory_workspace():
     with ws.fs.open(ws.path("o.txt")) as f:
         assert f.read() == b"hello"
     assert ws.run_stage("s", outputs=["o.txt"], fn=fn, log=None).skipped
+
+
+def test_hand_placed_workspace_entry_is_fingerprinted_by_content(tmp_path):
+    """An input put into the workspace by hand (no producing stage) still invalidates on change."""
+    ws = Workspace(tmp_path / "ws")
+    (tmp_path / "ws" / "ae.zarr").mkdir()
+    (tmp_path / "ws" / "ae.zarr" / "c.0").write_text("a")
+    calls: list = []
+    ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"}, fn=_writer(calls, "x"), log=None)
+    assert ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"},
+                        fn=_writer(calls, "x"), log=None).skipped
+    (tmp_path / "ws" / "ae.zarr" / "c.1").write_text("b")
+    again = ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"},
+                         fn=_writer(calls, "x"), log=None)
+    assert not again.skipped and len(calls) == 2
