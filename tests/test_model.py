@@ -163,3 +163,28 @@ def test_malformed_checkpoints_get_clear_errors(tmp_path) -> None:
     torch.save({"ae_state_dict": sd, "txt_state_dict": txt.state_dict()}, p)
     with pytest.raises(CheckpointError, match="gate"):
         load_projector(p)
+
+
+def test_cpu_dropout_matches_dropout_semantics():
+    """The cheaper CPU dropout drops a fraction p, scales kept values by 1/(1-p),
+    back-propagates through the same mask, is the identity in eval, and is seeded by torch."""
+    import torch
+
+    from aether_scale.model import Dropout
+
+    d = Dropout(0.1)
+    x = torch.ones(800, 500, requires_grad=True)
+    torch.manual_seed(3)
+    y = d(x)
+    frac = float((y == 0).float().mean())
+    assert abs(frac - 0.1) < 0.003
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)
+    torch.manual_seed(3)
+    assert torch.equal(d(x), y)  # same seed, same mask
+    assert not torch.equal(d(x), y)  # the stream moves on
+    d.eval()
+    assert torch.equal(d(x), x)
+    # no parameters: the reference state-dict layout is unchanged
+    assert list(Dropout(0.5).state_dict()) == []
