@@ -39,6 +39,41 @@ there and is skipped on rerun when its inputs and config are unchanged (--force 
 """
 
 
+# What each stage reads from the workspace, and the stage that writes it.
+NEEDS: dict[str, dict[str, str]] = {
+    "pois": {"ae.zarr": "ingest"},
+    "text": {"pois.parquet": "pois"},
+    "pool": {"ae.zarr": "ingest", "pois.parquet": "pois", "text.zarr": "text"},
+    "train": {"triplets.zarr": "pool"},
+    "infer": {"ae.zarr": "ingest", "model": "train"},
+    "regions": {"ae.zarr": "ingest", "field.zarr": "infer"},
+    "evaluate": {"regions.parquet": "regions"},
+}
+
+
+def check_ready(names: list[str], workspace: str, cfg: RunConfig) -> None:
+    """Refuse early (before any cluster starts) when the first stage's inputs are missing.
+
+    Later stages get their inputs from the earlier ones in the same run. Raises
+    ``FileNotFoundError`` naming the missing output and the command that makes it.
+    """
+    from .workspace import Workspace
+
+    first = names[0]
+    if first == "ingest" and not cfg.ingest.tiles:
+        raise FileNotFoundError(
+            "no AlphaEarth tiles given: set ingest.tiles in the config or pass "
+            "--set ingest.tiles='[\"/path/to/tiles/*.tif\"]'"
+        )
+    ws = Workspace(workspace)
+    for name, producer in NEEDS.get(first, {}).items():
+        if not ws.exists(name):
+            raise FileNotFoundError(
+                f"{ws.path(name)} does not exist: run `aether-scale {producer} -w {workspace}` "
+                f"first (or `aether-scale run -w {workspace} -c CONFIG` for every stage)"
+            )
+
+
 def stage_function(name: str) -> Callable:
     """Import the function that implements a stage (``"ingest"`` → ``run_ingest``)."""
     target, _ = STAGES[name]
@@ -98,6 +133,7 @@ def run_stages(names: list[str], workspace: str, cfg: RunConfig, *, force: bool 
     from .cluster import connect
     from .workspace import Workspace
 
+    check_ready(names, workspace, cfg)
     ws = Workspace(workspace)
     results = []
     with connect(cfg.cluster):

@@ -59,3 +59,16 @@ def test_console_script_runs_as_module():
 def test_parser_run_until_choices():
     args = build_parser().parse_args(["run", "-w", "x", "--until", "pool"])
     assert args.until == "pool"
+
+
+def test_missing_upstream_output_is_refused_before_a_cluster_starts(tmp_path, capsys):
+    code = main(["pool", "-w", str(tmp_path / "ws")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "ae.zarr does not exist" in err and "aether-scale ingest" in err
+    assert "dask:" not in err  # no cluster was started for a run that cannot go anywhere
+
+
+def test_ingest_without_tiles_is_refused(tmp_path, capsys):
+    assert main(["ingest", "-w", str(tmp_path / "ws")]) == 1
+    assert "ingest.tiles" in capsys.readouterr().err
