@@ -262,12 +262,11 @@ def run_evaluate(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> Stage
         raise FileNotFoundError(
             f"{ws.path('regions.parquet')} is missing: run 'aether-scale regions' first")
     ec = cfg.evaluate
-    from .field import input_ref
 
-    inputs = {"regions": input_ref(ws, "regions.parquet")}
+    inputs = {"regions": "regions.parquet"}
     for name in ("ae.zarr", "field.zarr", "model"):
         if ws.exists(name):
-            inputs[name] = input_ref(ws, name)
+            inputs[name] = name
     table_text: list[str] = []
 
     def fn(tmp: dict[str, str]) -> dict[str, Any]:

@@ -606,19 +606,9 @@ def _compute(client: Any | None, store: Any, n_valid: Any, *, progress: bool) ->
 def _model_ref(ws: Workspace, name: str) -> str | None:
     """The workspace output name of a model folder (``model`` / ``model/``), if present."""
     for cand in (name, f"{name}/"):
-        if ws._producer_of(cand) is not None:
+        if ws.producer_of(cand) is not None:
             return cand
     return name if ws.exists(name) else None
-
-
-def input_ref(ws: Workspace, name: str) -> str:
-    """How a stage names a workspace input for fingerprinting.
-
-    The output name when a stage's manifest produced it (its manifest hash is
-    the fingerprint); otherwise the full path (e.g. a ``model/`` copied in by
-    hand), fingerprinted by content/size+mtime.
-    """
-    return name if ws._producer_of(name) is not None else ws.path(name)
 
 
 def run_infer(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResult:
@@ -638,8 +628,7 @@ def run_infer(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageRes
         noaug_ref = _model_ref(ws, "model_noaug")
         if noaug_ref is not None:
             models["field_noaug.zarr"] = noaug_ref
-    inputs = {"ae": input_ref(ws, "ae.zarr"),
-              **{f"model:{out}": input_ref(ws, ref) for out, ref in models.items()}}
+    inputs = {"ae": "ae.zarr", **{f"model:{out}": ref for out, ref in models.items()}}
 
     def fn(tmp: dict[str, str]) -> dict[str, Any]:
         stats: dict[str, Any] = {}

@@ -482,12 +482,11 @@ def run_regions(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageR
     rasters = {m: name for m, name in FIELD_SOURCES.items() if ws.exists(name)}
     if not cfg.evaluate.noaug:
         rasters.pop("AETHER_noaug", None)
-    from .field import input_ref
 
-    inputs: dict[str, str] = {m: input_ref(ws, name) for m, name in rasters.items()}
+    inputs: dict[str, str] = dict(rasters)
     pois = "pois.parquet" if ws.exists("pois.parquet") else None
     if pois:
-        inputs["pois"] = input_ref(ws, pois)
+        inputs["pois"] = pois
     rc = cfg.regions
     for key in ("luc_points", "sdm_units", "sdm_table"):
         if getattr(rc, key):

@@ -525,7 +525,6 @@ def run_text(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResu
     does not. Raises ValueError when ``pois.parquet`` is missing or has empty
     descriptions, OSError when the model cannot be loaded.
     """
-    from .pois import workspace_input
 
     tcfg = cfg.text
     if not ws.exists("pois.parquet"):
@@ -568,5 +567,5 @@ def run_text(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResu
         }
 
     return ws.run_stage("text", outputs=["text.zarr"],
-                        inputs={"pois": workspace_input(ws, "pois.parquet")},
+                        inputs={"pois": "pois.parquet"},
                         config=section, fn=fn, force=force)

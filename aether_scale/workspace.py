@@ -95,15 +95,21 @@ class Workspace:
         manifest hash) or an external file/folder/URL (content hash for small
         files, size + modification time otherwise).
         """
-        owner = self._producer_of(ref)
+        owner = self.producer_of(ref)
         if owner is not None:
             return owner["hash"]
-        if "/" not in ref.strip("/") and "://" not in ref and self.exists(ref):
-            # a workspace entry put there by hand (no producing stage): hash its files
-            return fingerprint_path(self.path(ref))
+        if "/" not in ref.strip("/") and "://" not in ref:
+            if self.exists(ref):
+                # a workspace entry put there by hand (no producing stage): hash its files
+                return fingerprint_path(self.path(ref))
+            if not os.path.exists(ref):
+                raise FileNotFoundError(
+                    f"input {self.path(ref)} does not exist: run the stage that writes {ref} first"
+                )
         return fingerprint_path(ref)
 
-    def _producer_of(self, name: str) -> dict[str, Any] | None:
+    def producer_of(self, name: str) -> dict[str, Any] | None:
+        """The manifest of the stage that wrote workspace output ``name`` (None if none did)."""
         if "/" in name.strip("/") or "://" in name:
             return None
         mdir = self.path(MANIFEST_DIR)

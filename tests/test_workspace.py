@@ -140,3 +140,10 @@ def test_hand_placed_workspace_entry_is_fingerprinted_by_content(tmp_path):
     again = ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"},
                          fn=_writer(calls, "x"), log=None)
     assert not again.skipped and len(calls) == 2
+
+
+def test_missing_workspace_input_names_its_workspace_path(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(FileNotFoundError, match=r"ws/triplets\.zarr does not exist"):
+        ws.run_stage("train", outputs=["model"], inputs={"t": "triplets.zarr"},
+                     fn=lambda tmp: {}, log=None)

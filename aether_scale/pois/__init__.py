@@ -72,7 +72,7 @@ from .grid import RasterGrid, raster_grid
 from .readers import SourceSpec as SourceSpec  # not in __all__; importable as before
 from .readers import read_source
 from .rows import DROP_REASONS
-from .stage import process_pois, run_pois, workspace_input
+from .stage import process_pois, run_pois
 
 __all__ = [
     "PoiInputError",
@@ -85,5 +85,4 @@ __all__ = [
     "build_descriptions",
     "process_pois",
     "run_pois",
-    "workspace_input",
 ]

@@ -25,7 +25,7 @@ from .grid import RasterGrid, raster_grid
 from .readers import SourceSpec, _nullable, _resolve_source, read_source
 from .rows import _ID_STRIDE, DROP_REASONS, _finish, _kept_keys, _part_stats, _prepare, _select
 
-__all__ = ["process_pois", "run_pois", "workspace_input"]
+__all__ = ["process_pois", "run_pois"]
 
 _RESERVED = {
     "poi_id", "description", "name", "category", "subcategory", "source",
@@ -182,13 +182,6 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
     }
 
 
-def workspace_input(ws: Workspace, name: str) -> str:
-    """``name`` when a stage manifest in ``ws`` produced it (fingerprint = that manifest),
-    else its full path (fingerprinted as a plain folder/file, e.g. a store written by
-    hand or by an older run)."""
-    return name if ws._producer_of(name) is not None else ws.path(name)
-
-
 def run_pois(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResult:
     """``aether-scale pois``: the configured POI sources → ``pois.parquet`` (a folder of
     GeoParquet parts; see the :mod:`aether_scale.pois` docstring for columns, rules and stats).
@@ -205,7 +198,7 @@ def run_pois(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResu
     if not ws.exists("ae.zarr"):
         raise FileNotFoundError(f"{ws.path('ae.zarr')} does not exist; run `aether-scale ingest` "
                                 "first (the POI stage needs the AE CRS and coverage)")
-    inputs["ae"] = workspace_input(ws, "ae.zarr")
+    inputs["ae"] = "ae.zarr"
 
     def fn(tmp: dict[str, str]) -> dict[str, Any]:
         grid = raster_grid(ws.path("ae.zarr"))

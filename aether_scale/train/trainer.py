@@ -388,16 +388,6 @@ def _resume_dir(ws, name: str, key: str) -> str:
     return os.path.join(tempfile.gettempdir(), "aether_scale-resume", f"train-{name}-{key}")
 
 
-def _triplets_ref(ws) -> str:
-    """``triplets.zarr`` as a workspace name when a stage manifest produced it, else its path
-    (a store written by another tool is fingerprinted by its files)."""
-    try:
-        ws.fingerprint("triplets.zarr")
-        return "triplets.zarr"
-    except FileNotFoundError:
-        return ws.path("triplets.zarr")
-
-
 def train_jobs(ws, cfg: RunConfig) -> list[tuple[str, TrainSection, str, str | None]]:
     """The training runs of the stage: ``(output, train section, resume folder, same_as)``.
 
@@ -409,7 +399,7 @@ def train_jobs(ws, cfg: RunConfig) -> list[tuple[str, TrainSection, str, str | N
     tcfg = cfg.train
     outputs = ["model"] + (["model_noaug"] if cfg.evaluate.noaug else [])
     variants = {"model": tcfg, "model_noaug": tcfg.model_copy(update={"use_aug": False})}
-    fp = ws.fingerprint(_triplets_ref(ws))
+    fp = ws.fingerprint("triplets.zarr")
     jobs: list[tuple[str, TrainSection, str, str | None]] = []
     for name in outputs:
         sub = variants[name]
@@ -464,7 +454,7 @@ def run_train(ws, cfg: RunConfig, *, force: bool = False):
             shutil.rmtree(rdir, ignore_errors=True)
         return stats
 
-    res: StageResult = ws.run_stage("train", outputs=outputs, inputs={"triplets": _triplets_ref(ws)},
+    res: StageResult = ws.run_stage("train", outputs=outputs, inputs={"triplets": "triplets.zarr"},
                                     config=config, fn=fn, force=force)
     if res.skipped:
         _tell_ranks("skip")
