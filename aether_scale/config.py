@@ -437,7 +437,7 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping of sections")
         _resolve_paths(loaded, p.parent.resolve())
-        merged = _deep_merge(merged, loaded)
+        merged = deep_merge(merged, loaded)
     if overrides:
         items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
         for k, v in items:
@@ -451,11 +451,12 @@ def load_config(
     return cfg
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``b`` merged over ``a``, recursively for nested sections (neither is modified)."""
     out = dict(a)
     for k, v in b.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out

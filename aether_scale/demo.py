@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from .config import load_config
+from .config import deep_merge, load_config
 
 # The demo's own defaults: small enough for a few minutes on 2 cores, with
 # memory-limited worker processes so the out-of-core paths really run.
@@ -63,7 +63,7 @@ def run_demo(
     city_dir = os.path.join(workspace, "city")
     city = write_city(city_dir, base.synth)
     data = demo_config_data(city)
-    cfg = load_config(config, overrides, data=_merge(DEMO_DEFAULTS, data))
+    cfg = load_config(config, overrides, data=deep_merge(DEMO_DEFAULTS, data))
     names = stages or available_stages(STAGES)
     results = run_stages(names, workspace, cfg, force=force)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; stages run: {', '.join(names)}")
@@ -80,9 +80,3 @@ def available_stages(stages: dict[str, tuple[str, str]]) -> list[str]:
 
     return [n for n, (t, _) in stages.items() if importlib.util.find_spec(t.split(":")[0])]
 
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
