@@ -55,6 +55,18 @@ def _chunk_edges(n: int, size: int) -> list[int]:
     return list(range(0, n, size)) + [n]
 
 
+def _chunk_windows(placements: Sequence[_Placement], ye: list[int], xe: list[int]):
+    """Each output chunk's index, pixel window (r0, r1, c0, c1) and the tile placements
+    that overlap it — the one place that decides which tiles a chunk reads."""
+    for i in range(len(ye) - 1):
+        r0, r1 = ye[i], ye[i + 1]
+        for j in range(len(xe) - 1):
+            c0, c1 = xe[j], xe[j + 1]
+            mine = [p for p in placements
+                    if p.rows[0] < r1 and p.rows[1] > r0 and p.cols[0] < c1 and p.cols[1] > c0]
+            yield i, j, (r0, r1, c0, c1), mine
+
+
 def build_array(
     placements: Sequence[_Placement], grid: TargetGrid, *, chunk_px: int = DEFAULT_CHUNK_PX,
     overlap: OverlapRule = "error",
@@ -70,14 +82,10 @@ def build_array(
     ye = _chunk_edges(grid.height, chunk_px)
     xe = _chunk_edges(grid.width, chunk_px)
     name = "ingest-block-" + tokenize(list(placements), grid, chunk_px, overlap)
-    dsk: dict[tuple, tuple] = {}
-    for i in range(len(ye) - 1):
-        r0, r1 = ye[i], ye[i + 1]
-        for j in range(len(xe) - 1):
-            c0, c1 = xe[j], xe[j + 1]
-            mine = [p for p in placements
-                    if p.rows[0] < r1 and p.rows[1] > r0 and p.cols[0] < c1 and p.cols[1] > c0]
-            dsk[(name, i, j, 0)] = (read_block, mine, grid, r0, r1, c0, c1, overlap)
+    dsk: dict[tuple, tuple] = {
+        (name, i, j, 0): (read_block, mine, grid, r0, r1, c0, c1, overlap)
+        for i, j, (r0, r1, c0, c1), mine in _chunk_windows(placements, ye, xe)
+    }
     chunks = (tuple(np.diff(ye)), tuple(np.diff(xe)), (aef.N_BANDS,))
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
     return da.Array(graph, name, chunks, dtype=np.int8, meta=np.empty((0, 0, 0), np.int8))
@@ -97,15 +105,10 @@ def _write_tasks(placements: Sequence[_Placement], grid: TargetGrid, chunk_px: i
     xe = _chunk_edges(grid.width, chunk_px)
     name = "ingest-block-" + tokenize(list(placements), grid, chunk_px, overlap, out_uri)
     write = dask.delayed(_write_block, pure=True)
-    tasks = []
-    for i in range(len(ye) - 1):
-        r0, r1 = ye[i], ye[i + 1]
-        for j in range(len(xe) - 1):
-            c0, c1 = xe[j], xe[j + 1]
-            mine = [p for p in placements
-                    if p.rows[0] < r1 and p.rows[1] > r0 and p.cols[0] < c1 and p.cols[1] > c0]
-            tasks.append(write(mine, grid, r0, r1, c0, c1, overlap, out_uri, options,
-                               dask_key_name=(name, i, j)))
+    tasks = [
+        write(mine, grid, r0, r1, c0, c1, overlap, out_uri, options, dask_key_name=(name, i, j))
+        for i, j, (r0, r1, c0, c1), mine in _chunk_windows(placements, ye, xe)
+    ]
     return dask.delayed(sum, pure=True)(tasks, dask_key_name="ingest-count-" + name[13:])
 
 
