@@ -282,18 +282,23 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} · "
         f"{shard.world_size} rank(s) · {steps} steps/epoch · epochs {start_epoch}→{cfg.epochs}")
 
+    # What this run was: recorded in metrics.json and returned to the stage's manifest.
+    run_info = {
+        "n_triplets": n_rows,
+        "n_triplets_store": store.n,
+        "device": str(device),
+        "world_size": shard.world_size,
+        "loader": kind,
+        "steps_per_epoch": steps,
+    }
+
     def metrics_doc() -> dict[str, Any]:
         return {
             "epochs": history,
             "best": best,
             "best_epoch": best["epoch"] if best else None,
             "config": full_cfg,
-            "n_triplets": n_rows,
-            "n_triplets_store": store.n,
-            "device": str(device),
-            "world_size": shard.world_size,
-            "loader": kind,
-            "steps_per_epoch": steps,
+            **run_info,
             "triplets": str(triplets_uri),
         }
 
@@ -360,12 +365,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         "best_L_AP": best["L_AP"] if best else None,
         "epochs_run": cfg.epochs - start_epoch,
         "resumed_from_epoch": start_epoch if state is not None else None,
-        "n_triplets": n_rows,
-        "n_triplets_store": store.n,
-        "device": str(device),
-        "world_size": shard.world_size,
-        "loader": kind,
-        "steps_per_epoch": steps,
+        **run_info,
         "seconds": round(time.perf_counter() - t_start, 3),
         "mean_epoch_seconds": (
             round(float(np.mean([h["seconds"] for h in history[start_epoch:]])), 4)
