@@ -224,6 +224,11 @@ class TrainSection(Section):
     shuffle_buffer_chunks: int = Field(4, ge=1)
     prefetch: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1)
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="GEMM operands: bfloat16 = mixed precision (float32 accumulation, "
+        "normalisation, loss, weights and optimizer); ≈1.5× faster per step on AVX512-BF16 CPUs",
+    )
 
 
 # --------------------------------------------------------------------------- infer

@@ -27,6 +27,7 @@ object is refused (:class:`CheckpointError`), never executed.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -74,11 +75,19 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         if self.p == 1.0:
             return torch.zeros_like(x)
-        n = x.numel()
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
-        r = bits.view(torch.int16)[:n].view(x.shape)
-        drop = r < (round(self.p * 65536) - 32768)
-        return x.masked_fill(drop, 0.0).mul_(1.0 / (1.0 - self.p))
+        return x.masked_fill(drop_mask(x.shape, self.p), 0.0).mul_(1.0 / (1.0 - self.p))
+
+
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """The CPU dropout decision for a tensor of ``shape``: True = drop (probability ``p``).
+
+    16 random bits per element from torch's global generator (int64 draws viewed
+    as int16). Shared by :class:`Dropout` and the fused training kernels, so both
+    drop the same elements for the same RNG state.
+    """
+    n = math.prod(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+    return bits.view(torch.int16)[:n].view(shape) < (round(p * 65536) - 32768)
 
 
 class AEProj(nn.Module):

@@ -8,6 +8,9 @@ Measured in one run, on the same ``triplets.zarr`` of random unit vectors
   single forward for both AE views, fused AdamW);
 - ``ours_streaming``: the same with ``in_memory=never`` (chunk-shuffled
   contiguous reads from Zarr, in-buffer shuffle, background prefetch);
+- ``…_bf16``: the same two with ``train.precision=bfloat16`` (bf16 GEMM
+  operands, float32 accumulation, normalisation, loss, weights and optimizer);
+  the plain names are float32 (``--precision`` picks which are run);
 - ``reference``: the reference training loop — a per-sample ``Dataset``
   (``__getitem__`` returns one triplet) in a ``DataLoader(num_workers=4,
   batch_size=512, shuffle=True)``, the projector run separately for each view,
@@ -175,11 +178,12 @@ def run_reference(store: str, *, epochs: int, max_steps: int | None, device: tor
 
 # ----------------------------------------------------------------------------- ours
 def run_ours(store: str, n: int, *, in_memory: str, epochs: int, device: str,
-             threads: int | None) -> dict:
+             threads: int | None, precision: str = "float32") -> dict:
     """Our trainer on ``store``; per-epoch numbers scaled to ``n`` rows when the store is smaller."""
     steps_full = math.ceil(n / 512)
-    cfg = TrainSection(epochs=epochs, in_memory=in_memory, device=device, threads=threads)
-    out = SCRATCH / f"model-{in_memory}"
+    cfg = TrainSection(epochs=epochs, in_memory=in_memory, device=device, threads=threads,
+                       precision=precision)
+    out = SCRATCH / f"model-{in_memory}-{precision}"
     shutil.rmtree(out, ignore_errors=True)
     c0 = _cpu_seconds()
     summary = train_model(store, cfg, str(out), log=print)
@@ -198,6 +202,8 @@ def run_ours(store: str, n: int, *, in_memory: str, epochs: int, device: str,
         "extrapolated": summary["n_triplets"] < n,
         "loader": summary["loader"],
         "device": summary["device"],
+        "precision": summary["precision"],
+        "final_loss": m["epochs"][-1]["loss"],
         "threads": torch.get_num_threads(),
     }
 
@@ -214,6 +220,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--chunk-rows", type=int, default=65_536)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--precision", default="float32,bfloat16",
+                    help="comma-separated train.precision values to time (float32, bfloat16)")
     args = ap.parse_args()
     steps = args.steps or (128 if args.quick else None)
     if args.threads:
@@ -228,14 +236,19 @@ def main() -> None:
     print(f"stores ready in {time.perf_counter() - t:.1f} s")
 
     res: dict = {}
-    for name, kind in (("ours_in_memory", "always"), ("ours_streaming", "never")):
-        print(f"--- {name}")
-        with PeakRSS() as rss:
-            r = run_ours(ours_store, args.n, in_memory=kind, epochs=args.epochs,
-                         device=args.device, threads=args.threads)
-        r.update(rss.as_dict())
-        res[name] = r
-        print(f"{name}: {[round(s, 2) for s in r['s_per_epoch']]} s/epoch")
+    ours: list[str] = []
+    for precision in args.precision.split(","):
+        suffix = {"float32": "", "bfloat16": "_bf16"}[precision]
+        for base, kind in (("ours_in_memory", "always"), ("ours_streaming", "never")):
+            name = base + suffix
+            print(f"--- {name}")
+            with PeakRSS() as rss:
+                r = run_ours(ours_store, args.n, in_memory=kind, epochs=args.epochs,
+                             device=args.device, threads=args.threads, precision=precision)
+            r.update(rss.as_dict())
+            res[name] = r
+            ours.append(name)
+            print(f"{name}: {[round(s, 2) for s in r['s_per_epoch']]} s/epoch")
     if not args.skip_reference:
         print("--- reference")
         with PeakRSS() as rss:
@@ -254,7 +267,7 @@ def main() -> None:
         for name in res
     }
     target = 0.25 if dev.type == "cuda" else PAPER_GPU_S_PER_EPOCH
-    for name in ("ours_in_memory", "ours_streaming"):
+    for name in ours:
         summary[name]["meets_target_s_per_epoch"] = best(name) <= target
         if "reference" in res:
             sp = best("reference") / best(name)
@@ -277,6 +290,7 @@ def main() -> None:
         "results": res,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_threads": torch.get_num_threads(),
+        "cpu_bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "load_avg_1m_start": load0,
         "load_avg_1m_end": os.getloadavg()[0],
         "note": "wall times on shared cores are noisy; ratios within this run are what count. "

@@ -5,6 +5,8 @@
 - :func:`run_train` — the workspace stage: ``model/`` and, when
   ``evaluate.noaug`` is set, ``model_noaug/`` ("AETHER w/o aug").
 - :mod:`aether_scale.train.loader` — in-memory and streaming batch sources.
+- :mod:`aether_scale.train.fused` — the CPU training kernels of both heads
+  (one autograd node each; ``train.precision: bfloat16`` = bf16 GEMM operands).
 
 CPU note: on cores shared with other jobs, OpenMP's default busy-waiting makes
 torch's intra-op threads stall at every parallel region (measured on 2 shared

@@ -1,8 +1,9 @@
 """Training the AETHER projector (AdamW, cosine LR, best-on-train, resumable, DDP-ready).
 
 One step: base and augmented views go through :class:`~aether_scale.model.AEProj`
-in a single forward (concatenated, then split — one GEMM chain instead of two),
-the POI text through :class:`~aether_scale.model.TextProj`, and
+in a single forward (concatenated, then split — one GEMM chain instead of two;
+on CPU as the fused kernel of :mod:`.fused`), the POI text through
+:class:`~aether_scale.model.TextProj`, and
 :class:`~aether_scale.loss.AetherLoss` gives λ·L_AE + (1−λ)·L_AP. AdamW
 (``fused=True`` where the device supports it) with a per-step cosine schedule
 from ``lr`` to ``lr_final_frac·lr`` over all steps, like the reference's
@@ -55,6 +56,7 @@ from ..model import (
     _safe_load,
     save_checkpoint,
 )
+from .fused import fused_ae_forward, fused_text_forward
 from .loader import (
     InMemoryBatches,
     Shard,
@@ -115,14 +117,62 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 # --------------------------------------------------------------------------- helpers
 class _Heads(nn.Module):
-    """Both projectors as one module (one DDP wrapper, one optimizer)."""
+    """Both projectors as one module (one DDP wrapper, one optimizer).
 
-    def __init__(self, ae: AEProj, txt: TextProj) -> None:
+    On CPU the training forward runs the fused kernels of :mod:`.fused` (GEMM
+    operands in ``compute_dtype``); elsewhere the modules themselves, under
+    autocast when ``compute_dtype`` is bfloat16. Outputs are float32 either way.
+    """
+
+    def __init__(self, ae: AEProj, txt: TextProj, *, fused: bool = False,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.ae, self.txt = ae, txt
+        self.fused, self.compute_dtype = fused, compute_dtype
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ae(x), self.txt(t)
+        if self.fused:
+            return (fused_ae_forward(self.ae, x, self.compute_dtype),
+                    fused_text_forward(self.txt, t, self.compute_dtype))
+        low = self.compute_dtype != torch.float32
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=low):
+            z, z_t = self.ae(x), self.txt(t)
+        return z.float(), z_t.float()
+
+
+def _retain_freed_memory() -> bool:
+    """glibc: keep freed blocks of up to 32 MiB in the heap instead of returning them to the OS.
+
+    A CPU training step allocates and frees the same few MiB of temporaries every
+    step; with glibc's defaults they are unmapped and page-faulted back each time
+    (≈2,000 minor faults per step at batch 512, several ms of kernel time on 2
+    cores). With these settings a step takes ~1 fault. The cost: the process keeps
+    its high-water mark of such blocks. Applies to this process for its lifetime;
+    a no-op (False) off glibc or with ``AETHER_KEEP_MALLOC=1`` in the environment.
+    """
+    if os.environ.get("AETHER_KEEP_MALLOC") == "1":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
+def _compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], None]) -> torch.dtype:
+    """The GEMM operand dtype for ``train.precision`` (warns when bf16 is not native here)."""
+    if cfg.precision == "float32":
+        return torch.float32
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        say("[train] warning: this CPU has no native bfloat16 GEMMs (AVX512-BF16/AMX); "
+            "train.precision: bfloat16 will be slower than float32 here")
+    elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision is bfloat16 but {torch.cuda.get_device_name(device)} "
+                         "does not support it; use float32")
+    return torch.bfloat16
 
 
 def _make_optimizer(params, cfg: TrainSection, device: torch.device) -> torch.optim.Optimizer:
@@ -248,7 +298,10 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     torch.manual_seed(cfg.seed)
     ae = AEProj(store.in_dim, cfg.hidden_dim, cfg.out_dim, dropout=cfg.dropout, gate_init=cfg.gate_init)
     txt = TextProj(store.text_dim, cfg.out_dim)
-    heads = _Heads(ae, txt).to(device)
+    compute_dtype = _compute_dtype(cfg, device, say)
+    heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=compute_dtype).to(device)
+    if device.type == "cpu":
+        _retain_freed_memory()
     full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows}
     if state is not None:
         old, new = _learned_config(state.get("config", {})), _learned_config(full_cfg)
@@ -277,9 +330,9 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
 
         model = DDP(heads, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=cfg.use_aug,
-                         rank=shard.rank, world_size=shard.world_size)
+                         rank=shard.rank, world_size=shard.world_size, grad_dtype=compute_dtype)
     scale = float(shard.world_size)
-    say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} · "
+    say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} {cfg.precision} · "
         f"{shard.world_size} rank(s) · {steps} steps/epoch · epochs {start_epoch}→{cfg.epochs}")
 
     # What this run was: recorded in metrics.json and returned to the stage's manifest.
@@ -287,6 +340,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         "n_triplets": n_rows,
         "n_triplets_store": store.n,
         "device": str(device),
+        "precision": cfg.precision,
         "world_size": shard.world_size,
         "loader": kind,
         "steps_per_epoch": steps,
