@@ -47,7 +47,6 @@ import os
 import pickle
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -60,12 +59,12 @@ import xarray as xr
 
 from . import aef
 from .config import InferSection, RunConfig
+from .raster import open_embedding
 from .workspace import StageResult, Workspace
 
 __all__ = [
     "infer_field",
     "run_infer",
-    "open_ae",
     "model_load_count",
     "project_pixels",
     "INT8_SCALE",
@@ -367,34 +366,6 @@ def _infer_block(
     return out.reshape(by, bx, out.shape[1])
 
 
-def open_ae(ae: xr.DataArray | xr.Dataset | str | os.PathLike) -> xr.DataArray:
-    """``ae.zarr`` (path/URL, Dataset or DataArray) → its ``embedding`` DataArray (y, x, band).
-
-    Raises ValueError naming the input when the variable or dims are not the
-    workspace contract's.
-    """
-    name = str(ae) if isinstance(ae, (str, os.PathLike)) else "<in-memory ae>"
-    if isinstance(ae, (str, os.PathLike)):
-        with warnings.catch_warnings():  # stores without consolidated metadata are fine
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ae = xr.open_zarr(str(ae), mask_and_scale=False)
-    if isinstance(ae, xr.Dataset):
-        if "spatial_ref" in ae.data_vars:  # Zarr round trips store the CRS as a variable
-            ae = ae.set_coords("spatial_ref")
-        if "embedding" not in ae:
-            raise ValueError(
-                f"{name}: no variable 'embedding' (found {list(ae.data_vars)}); "
-                "expected ae.zarr as written by 'aether-scale ingest'"
-            )
-        ae = ae["embedding"]
-    if ae.dims[:2] != ("y", "x") or ae.ndim != 3:
-        raise ValueError(
-            f"{name}: 'embedding' has dims {ae.dims}; expected ('y', 'x', 'band') "
-            "(transpose it, e.g. da.transpose('y', 'x', 'band'))"
-        )
-    return ae
-
-
 def _client() -> Any | None:
     try:
         from distributed import get_client
@@ -434,7 +405,7 @@ def infer_field(
     """
     cfg = cfg or InferSection()
     t0 = time.perf_counter()
-    da = open_ae(ae)
+    da = open_embedding(ae)
     if not isinstance(projector, torch.nn.Module):
         from .model import load_projector
 

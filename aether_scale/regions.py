@@ -69,9 +69,9 @@ FIELD_SOURCES: dict[str, str] = {
 # --------------------------------------------------------------------------- rasters
 def open_raster(path: str) -> xr.DataArray:
     """A workspace raster (``ae.zarr`` / ``field*.zarr``) as its ``embedding`` DataArray."""
-    from .field import open_ae
+    from .raster import open_embedding
 
-    return open_ae(path)
+    return open_embedding(path)
 
 
 def raster_crs(da: xr.DataArray) -> Any:

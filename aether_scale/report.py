@@ -202,9 +202,10 @@ def plot_metrics(metrics: dict[str, Any], path: str) -> list[str]:
 
 def _coarse(path: str, max_px: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """A strided view of a field (≤ ``max_px`` on the long side) as float32 + valid mask."""
-    from .field import _LUT_U8, open_ae
+    from .field import _LUT_U8
+    from .raster import open_embedding
 
-    da = open_ae(path)
+    da = open_embedding(path)
     step = max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / max_px)))
     sub = da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
     if np.issubdtype(sub.dtype, np.integer):

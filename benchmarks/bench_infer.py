@@ -207,11 +207,11 @@ def agreement(ref_tif: str, field_zarr: str) -> dict:
     import rasterio
     from rasterio.windows import Window
 
-    from aether_scale.field import open_ae
+    from aether_scale.raster import open_embedding
 
     with rasterio.open(ref_tif) as src:
         ref = np.moveaxis(src.read(window=Window(0, 0, WIN, WIN)), 0, -1)
-    ours = open_ae(field_zarr)[:WIN, :WIN].values.astype(np.float32)
+    ours = open_embedding(field_zarr)[:WIN, :WIN].values.astype(np.float32)
     both = np.isfinite(ref).all(-1)
     return {"same_nodata_mask": bool(np.array_equal(both, np.isfinite(ours).all(-1))),
             "max_abs_diff": float(np.abs(ref[both] - ours[both]).max()),

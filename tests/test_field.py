@@ -16,11 +16,11 @@ from aether_scale.config import InferSection, load_config
 from aether_scale.field import (
     infer_field,
     model_load_count,
-    open_ae,
     project_pixels,
     run_infer,
 )
 from aether_scale.model import AEProj, TextProj, save_checkpoint
+from aether_scale.raster import open_embedding
 from aether_scale.workspace import Workspace
 
 NY, NX, CHUNK = 70, 90, 32  # 3 × 3 chunks, ragged at the far edges
@@ -75,7 +75,7 @@ def test_field_equals_direct_projection(ae_zarr, tmp_path):
     model = projector()
     out = str(tmp_path / "field.zarr")
     stats = infer_field(path, model, out, InferSection(batch_pixels=1024), log=None)
-    got = open_ae(out).values
+    got = open_embedding(out).values
     want = direct(q, model)
     assert got.dtype == np.float16 and got.shape == (NY, NX, 128)
     mask = np.any(q == aef.NODATA, axis=-1)
@@ -93,7 +93,7 @@ def test_bfloat16_precision_is_close(ae_zarr, tmp_path):
     model = projector()
     out = str(tmp_path / "bf16.zarr")
     stats = infer_field(path, model, out, InferSection(precision="bfloat16"), log=None)
-    got = open_ae(out).values
+    got = open_embedding(out).values
     mask = np.any(q == aef.NODATA, axis=-1)
     assert np.array_equal(np.isnan(got).all(-1), mask) and stats["precision"] == "bfloat16"
     want = direct(q, model)[~mask]
@@ -106,7 +106,7 @@ def test_field_keeps_grid_crs_and_chunks(ae_zarr, tmp_path):
     path, _ = ae_zarr
     out = str(tmp_path / "field.zarr")
     infer_field(path, projector(), out, InferSection(), log=None)
-    ae, f = open_ae(path), open_ae(out)
+    ae, f = open_embedding(path), open_embedding(out)
     assert f.dims == ("y", "x", "dim")
     np.testing.assert_array_equal(ae["x"].values, f["x"].values)
     np.testing.assert_array_equal(ae["y"].values, f["y"].values)
@@ -120,7 +120,7 @@ def test_int8_codec(ae_zarr, tmp_path):
     model = projector()
     out = str(tmp_path / "field8.zarr")
     infer_field(path, model, out, InferSection(dtype="int8"), log=None)
-    f = open_ae(out)
+    f = open_embedding(out)
     assert f.attrs["codec"] == "aef-sqrt" and f.attrs["scale"] == 127.5 and f.attrs["nodata"] == -128
     codes = f.values
     assert codes.dtype == np.int8
@@ -195,7 +195,7 @@ def test_local_cluster_matches_threads_and_ships_model_once(ae_zarr, tmp_path):
         infer_field(path, model, str(tmp_path / "again.zarr"), InferSection(), log=None)
         assert set(client.run(_loads_on_worker, st_b["model_hash"]).values()) == {1}
     assert st_a["model_hash"] == st_b["model_hash"]
-    np.testing.assert_array_equal(open_ae(a).values, open_ae(b).values)
+    np.testing.assert_array_equal(open_embedding(a).values, open_embedding(b).values)
     # the in-process scheduler used the driver's cache: nothing was unpickled here
     assert model_load_count(st_a["model_hash"]) == 0
 
@@ -212,7 +212,8 @@ def test_run_infer_stage_with_noaug_and_resume(ae_zarr, tmp_path):
     res = run_infer(ws, cfg)
     assert not res.skipped
     assert set(res.outputs) == {"field.zarr", "field_noaug.zarr"}
-    f, g = open_ae(ws.path("field.zarr")).values, open_ae(ws.path("field_noaug.zarr")).values
+    f = open_embedding(ws.path("field.zarr")).values
+    g = open_embedding(ws.path("field_noaug.zarr")).values
     mask = np.any(q == aef.NODATA, axis=-1)
     np.testing.assert_allclose(f[~mask].astype(np.float32), direct(q, projector(1))[~mask],
                                atol=1e-3)
@@ -242,6 +243,6 @@ def test_cuda_matches_cpu(ae_zarr, tmp_path):
     cpu, gpu = str(tmp_path / "cpu.zarr"), str(tmp_path / "gpu.zarr")
     infer_field(path, model, cpu, InferSection(device="cpu"), log=None)
     infer_field(path, model, gpu, InferSection(device="auto"), log=None)
-    a, b = open_ae(cpu).values, open_ae(gpu).values
+    a, b = open_embedding(cpu).values, open_embedding(gpu).values
     assert np.array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, equal_nan=True)

@@ -114,10 +114,11 @@ def test_london_config_runs_on_real_labels(shared_data, tmp_path):
     import torch
 
     from aether_scale.evaluate import run_evaluate
-    from aether_scale.field import open_ae, run_infer
+    from aether_scale.field import run_infer
     from aether_scale.ingest import run_ingest
     from aether_scale.model import TextProj, load_projector, save_checkpoint
     from aether_scale.pois import run_pois
+    from aether_scale.raster import open_embedding
     from aether_scale.regions import run_regions
 
     london = shared_data / "london"
@@ -133,7 +134,7 @@ def test_london_config_runs_on_real_labels(shared_data, tmp_path):
     ])
     ws = Workspace(str(tmp_path / "ws"))
     run_ingest(ws, cfg)
-    ae = open_ae(ws.path("ae.zarr"))
+    ae = open_embedding(ws.path("ae.zarr"))
     assert ae.rio.crs.to_epsg() == 27700 and ae.sizes["y"] == info["height"]
     pois = run_pois(ws, cfg)
     assert pois.stats  # both real sources were read and reprojected to EPSG:27700

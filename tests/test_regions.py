@@ -15,7 +15,8 @@ from test_field import NX, NY, projector, write_ae
 
 from aether_scale import aef
 from aether_scale.config import RegionsSection, load_config
-from aether_scale.field import infer_field, open_ae
+from aether_scale.field import infer_field
+from aether_scale.raster import open_embedding
 from aether_scale.regions import (
     build_regions,
     load_luc_units,
@@ -68,7 +69,7 @@ def _points() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("method", ["AE", "AETHER"])
 def test_region_features_match_brute_force(rasters, method):
-    da = open_ae(rasters[method])
+    da = open_embedding(rasters[method])
     x, y = _points()
     got = region_features(da, (x, y), 35.0)
     for i in range(len(x)):
@@ -198,7 +199,7 @@ def test_run_regions_writes_features_bags_and_counts(rasters, tmp_path):
                                         "luc_buffer_m": 30.0, "sdm_buffer_m": 60.0}})
     res = run_regions(ws, cfg)
     st = res.stats
-    da = open_ae(ws.path("ae.zarr"))
+    da = open_embedding(ws.path("ae.zarr"))
     units, _ = load_luc_units(cfg.regions, CRS)
     empty = sum(np.isnan(brute_pool(da, p.x, p.y, 30.0)).all() for p in units.geometry[:-2])
     assert st["luc"]["dropped_outside_raster"] == 1

@@ -9,8 +9,16 @@ as rioxarray writes them (``.rio.write_crs`` / ``.rio.write_transform``).
 
 How to open it::
 
-    ds = xr.open_zarr("ws/ae.zarr", mask_and_scale=False)   # int8 codes, lazily
+    from aether_scale.ingest import open_ae
+    ds = open_ae("ws/ae.zarr")   # int8 codes, lazily; checked; storage_options= for URLs
     ds.embedding.rio.crs, ds.rio.transform(), ds.embedding.rio.nodata  # CRS, grid, -128
+
+:func:`open_ae` is ``xr.open_zarr(path, mask_and_scale=False)`` plus the
+contract checks (a missing store or ``embedding`` variable is an error naming
+the path and the stage to run). It returns the Dataset; for the
+``embedding`` DataArray of ``ae.zarr`` or a ``field*.zarr`` use
+:func:`aether_scale.raster.open_embedding`. Both live in
+:mod:`aether_scale.raster`, which every stage reading these stores uses.
 
 Nodata is recorded as the Zarr array ``fill_value`` (−128; chunks that are
 entirely nodata are not stored at all) and as the attribute ``nodata = -128``
@@ -69,7 +77,8 @@ Layout (the public names below are all importable from ``aether_scale.ingest``):
 - :mod:`.reads` — :func:`read_block`, :data:`OverlapRule` (windowed reads,
   reprojection, code conversion, the overlap rule);
 - :mod:`.stage` — :func:`build_array`, :func:`build_dataset`, :func:`ingest_tiles`,
-  :func:`open_ae`, :func:`run_ingest` (dask graph, ``ae.zarr``, the stage).
+  :func:`run_ingest` (dask graph, ``ae.zarr``, the stage), and :func:`open_ae`
+  (re-exported from :mod:`aether_scale.raster`).
 """
 
 from .grid import TargetGrid, plan_grid

@@ -4,7 +4,8 @@
 :func:`build_dataset` (coordinates, CRS, transform, attributes) describe the
 output; :func:`ingest_tiles` writes it chunk by chunk (each task reads its
 block and writes its Zarr chunk) and returns the manifest statistics;
-:func:`run_ingest` is the ``ingest`` stage; :func:`open_ae` opens the result.
+:func:`run_ingest` is the ``ingest`` stage; :func:`open_ae` (defined in
+:mod:`aether_scale.raster`, re-exported here) opens and checks the result.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .. import aef
+from ..raster import open_ae as open_ae  # re-exported: the validated opener of ae.zarr
 from .grid import TargetGrid, _Placement, plan_grid
 from .inputs import IngestError, inspect_tile, resolve_tiles
 from .reads import OverlapRule, _read_block, read_block
@@ -255,14 +257,6 @@ def _crs_label(wkt: str) -> str:
     c = CRS.from_wkt(wkt)
     epsg = c.to_epsg()
     return f"EPSG:{epsg}" if epsg else wkt
-
-
-def open_ae(uri: str, *, storage_options: dict | None = None):
-    """Open an ``ae.zarr`` lazily with raw int8 codes (the recommended way; ``.rio`` ready)."""
-    import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import xarray as xr
-
-    return xr.open_zarr(uri, mask_and_scale=False, storage_options=storage_options)
 
 
 def run_ingest(ws, cfg, *, force: bool = False):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..raster import Transform, locate_pixels, open_ae
+
 __all__ = ["RasterGrid", "raster_grid"]
 
 
@@ -20,7 +22,7 @@ class RasterGrid:
     """What the POI stage needs of ``ae.zarr``: CRS, affine transform, shape, chunking."""
 
     crs_wkt: str
-    transform: tuple[float, float, float, float, float, float]  # a, b, c, d, e, f (GDAL order a..f)
+    transform: Transform  # a, b, c, d, e, f (GDAL order)
     height: int
     width: int
     chunk_edges_y: tuple[int, ...]  # row offsets where chunks start, plus the height
@@ -32,19 +34,15 @@ class RasterGrid:
 
     def locate(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Pixel (row, col) of each point, whether it lies inside the raster, and its
-        chunk (chunk_y, chunk_x; −1 outside). Vectorised over the arrays."""
-        a, b, c, d, e, f = self.transform
-        det = a * e - b * d
-        dx, dy = x - c, y - f
-        with np.errstate(invalid="ignore"):  # NaN coordinates are flagged as outside below
-            colf = (e * dx - b * dy) / det
-            rowf = (a * dy - d * dx) / det
-            inside = (
-                np.isfinite(colf) & np.isfinite(rowf)
-                & (colf >= 0) & (colf < self.width) & (rowf >= 0) & (rowf < self.height)
-            )
-        row = np.where(inside, np.floor(np.where(inside, rowf, 0)), -1).astype(np.int64)
-        col = np.where(inside, np.floor(np.where(inside, colf, 0)), -1).astype(np.int64)
+        chunk (chunk_y, chunk_x). Row, col and chunk are −1 outside. Vectorised.
+
+        The pixel rule is :func:`aether_scale.raster.locate_pixels` (half-open
+        cells), the same the pooling engine's ``Grid.locate`` uses, so every
+        POI kept here is on the raster when it is pooled.
+        """
+        row, col, inside = locate_pixels(self.transform, self.height, self.width, x, y)
+        row = np.where(inside, row, -1)
+        col = np.where(inside, col, -1)
         cy = np.searchsorted(np.asarray(self.chunk_edges_y[1:]), row, side="right")
         cx = np.searchsorted(np.asarray(self.chunk_edges_x[1:]), col, side="right")
         cy = np.where(inside, cy, -1).astype(np.int32)
@@ -55,24 +53,11 @@ class RasterGrid:
 def raster_grid(ae_path: str) -> RasterGrid:
     """Read the grid of ``ae.zarr`` (lazily; no pixel data is loaded).
 
-    Raises FileNotFoundError when the store is missing (run ``aether-scale ingest``)
-    and ValueError when it has no CRS or no ``embedding`` variable.
+    The store is opened with :func:`aether_scale.raster.open_ae`: FileNotFoundError
+    when it is missing (run ``aether-scale ingest``), ValueError when it has no
+    ``embedding`` variable; ValueError here when it has no CRS.
     """
-    import rioxarray  # noqa: F401  (registers .rio)
-    import xarray as xr
-
-    try:
-        ds = xr.open_zarr(ae_path, mask_and_scale=False)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        raise FileNotFoundError(
-            f"{ae_path}: cannot open the AE store ({e}); run `aether-scale ingest` first"
-        ) from None
-    if "embedding" not in ds:
-        raise ValueError(f"{ae_path}: no variable 'embedding' (found: {list(ds.data_vars)})")
-    gm = ds["embedding"].attrs.get("grid_mapping") or ds["embedding"].encoding.get("grid_mapping")
-    for name in {gm or "spatial_ref", "spatial_ref"}:
-        if name in ds.data_vars:  # stored as a variable (no 'coordinates' attr): make it a coord
-            ds = ds.set_coords(name)
+    ds = open_ae(ae_path)
     emb = ds["embedding"]
     crs = emb.rio.crs or ds.rio.crs
     if crs is None:

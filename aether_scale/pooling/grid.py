@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
+from ..raster import Transform, locate_pixels
+
 CHANNEL_DIMS = ("band", "dim")
 
 
@@ -40,23 +42,30 @@ class Grid:
     def shape(self) -> tuple[int, int]:
         return len(self.ys), len(self.xs)
 
+    @property
+    def transform(self) -> Transform:
+        """The affine transform (GDAL order) implied by the pixel centres.
+
+        Derived the way rioxarray derives a transform from coordinates (outer
+        edge = first centre − half a step), so :meth:`locate` agrees with the
+        POI stage's :class:`~aether_scale.pois.RasterGrid`, which reads the
+        transform stored with the raster.
+        """
+        left = float(self.xs[0]) - self.dx / 2
+        top = float(self.ys[0]) - self.dy / 2
+        return (self.dx, 0.0, left, 0.0, self.dy, top)
+
     def locate(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pixel (row, col) containing each point and a mask of points inside the raster.
 
-        A point belongs to the pixel whose cell (centre ± half a step) contains
-        it; points on no pixel of the raster get ``inside = False`` (their
-        row/col are clipped so they can still be used as indices).
+        A point belongs to the pixel whose half-open cell contains it (the
+        convention of :func:`aether_scale.raster.locate_pixels`, shared with
+        the POI stage's :meth:`~aether_scale.pois.RasterGrid.locate`); points
+        on no pixel of the raster get ``inside = False`` (their row/col are
+        clipped so they can still be used as indices).
         """
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        fcol = np.floor((x - self.xs[0]) / self.dx + 0.5)
-        frow = np.floor((y - self.ys[0]) / self.dy + 0.5)
         h, w = self.shape
-        finite = np.isfinite(fcol) & np.isfinite(frow)
-        inside = finite & (fcol >= 0) & (fcol < w) & (frow >= 0) & (frow < h)
-        col = np.clip(np.where(finite, fcol, 0), 0, w - 1).astype(np.int64)
-        row = np.clip(np.where(finite, frow, 0), 0, h - 1).astype(np.int64)
-        return row, col, inside
+        return locate_pixels(self.transform, h, w, x, y)
 
     def chunk_of(self, row: np.ndarray, col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Chunk index (block row, block col) of each pixel."""

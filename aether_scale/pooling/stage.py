@@ -33,6 +33,7 @@ import numpy as np
 import xarray as xr
 
 from ..config import RunConfig
+from ..raster import open_ae
 from ..workspace import StageResult, Workspace
 from .engine import plan_pool
 
@@ -216,9 +217,7 @@ def write_triplets(
     t0 = time.perf_counter()
     sec = cfg.pool
     so = storage_options or None
-    ds = xr.open_zarr(ae_path, mask_and_scale=False, storage_options=so)
-    if "embedding" not in ds:
-        raise ValueError(f"{ae_path}: no 'embedding' variable (found {list(ds.data_vars)}); rerun ingest")
+    ds = open_ae(ae_path, storage_options=so)  # validated: names the path and `aether-scale ingest`
     ae = ds["embedding"]
     pois = read_poi_points(pois_path, storage_options=so)
     check_same_crs(pois["crs"], _raster_crs(ds), pois_path, ae_path)
