@@ -244,6 +244,26 @@ class InMemoryBatches:
 _EPOCH_END = object()
 
 
+def _gather(parts: list[tuple[np.ndarray | None, ...]], offsets: np.ndarray,
+            idx: np.ndarray) -> tuple[np.ndarray | None, ...]:
+    """Rows ``idx`` (ascending, into the concatenation of ``parts``) of each field, as new arrays."""
+    cut = np.searchsorted(idx, offsets[1:-1])
+    bounds = zip([0, *cut], [*cut, len(idx)], strict=True)
+    pieces = [(j, idx[lo:hi] - offsets[j]) for j, (lo, hi) in enumerate(bounds) if hi > lo]
+    out: list[np.ndarray | None] = []
+    for k in range(len(parts[0])):
+        if parts[0][k] is None:
+            out.append(None)
+        elif not pieces:
+            out.append(parts[0][k][:0].copy())
+        elif len(pieces) == 1:
+            j, rows = pieces[0]
+            out.append(parts[j][k][rows])
+        else:
+            out.append(np.concatenate([parts[j][k][rows] for j, rows in pieces]))
+    return tuple(out)
+
+
 class StreamingBatches:
     """Batches streamed from the store in shuffled chunk groups, prefetched in a thread."""
 
@@ -316,7 +336,7 @@ class StreamingBatches:
         steps = self._steps(epoch)
         rng = np.random.default_rng(epoch_seed(self.seed, epoch, salt=2 + self.shard.rank))
         b = self.local_batch
-        left: list[np.ndarray | None] | None = None
+        left: tuple[np.ndarray | None, ...] | None = None
         done = 0
         for g0 in range(0, len(mine), self.buffer_chunks):
             if done == steps:
@@ -329,21 +349,19 @@ class StreamingBatches:
                     m = self.keep[a:z]
                     arrays = tuple(x[m] if x is not None else None for x in arrays)
                 parts.append(arrays)
-            cols = [
-                np.concatenate([p[k] for p in parts]) if parts[0][k] is not None else None
-                for k in range(3)
-            ]
-            # in-buffer shuffle: gather each batch through the permutation (one copy per row)
-            perm = rng.permutation(cols[0].shape[0])
-            n_full = cols[0].shape[0] // b
+            # in-buffer shuffle without concatenating the buffer: each batch is gathered
+            # straight from the chunks (one copy per row); rows are taken in ascending
+            # buffer order within a batch (the loss does not depend on row order), which
+            # keeps the reads of one batch local
+            offsets = np.cumsum([0] + [p[0].shape[0] for p in parts])
+            perm = rng.permutation(int(offsets[-1]))
+            n_full = perm.shape[0] // b
             for i in range(min(n_full, steps - done)):
-                idx = perm[i * b : (i + 1) * b]
-                yield tuple(c[idx] if c is not None else None for c in cols)
+                yield _gather(parts, offsets, np.sort(perm[i * b : (i + 1) * b]))
                 done += 1
-            rest = perm[n_full * b :]
-            left = [c[rest] if c is not None else None for c in cols]
+            left = _gather(parts, offsets, np.sort(perm[n_full * b :]))
         if done < steps and left is not None and left[0].shape[0] >= 2:
-            yield tuple(left)
+            yield left
             done += 1
         if done != steps:  # cannot happen unless the store changed underneath us
             raise RuntimeError(f"streaming loader produced {done} of {steps} batches in epoch {epoch}")
