@@ -110,17 +110,18 @@ class _InfoNCETerms(torch.autograd.Function):
         w = x.new_tensor(weights)
         # Σ_i logit_ii per term, straight from the pairs
         pos = torch.stack([(x * y).sum() / t for y, t in zip(ys, taus, strict=True)])
-        # |logit| ≤ max‖x‖·max‖y_k‖/τ_k: with one shift per block at that bound every
-        # exp lies in [e^(−2·bound), 1], so one exp serves both softmax directions —
+        # |logit| ≤ bound = max‖x‖·max‖y_k‖/τ_k. Below 40, every exp(logit) lies in
+        # [e^−40, e^40] and sums of a million of them stay far inside float32's range,
+        # so no shift is needed at all and one exp serves both softmax directions —
         # half the exp work of per-row/per-column shifts, which dominate the loss on CPU.
         bound = (x.norm(dim=1).amax() * torch.stack([y.norm(dim=1).amax() for y in ys])
                  / x.new_tensor(taus))
         if x.device.type == "cpu" and float(bound.amax()) < 40.0:
-            p = torch.addmm(bound.neg().repeat_interleave(n), x, yt.t()).exp_()  # (n, k·n)
+            p = torch.mm(x, yt.t()).exp_()        # (n, k·n)
             p3 = p.view(n, k, n)
             s_r = p3.sum(2, keepdim=True)          # (n, k, 1)
             s_c = p3.sum(0, keepdim=True)          # (1, k, n)
-            lse = 0.5 * (s_r.log().sum((0, 2)) + s_c.log().sum((0, 2))) + n * bound
+            lse = 0.5 * (s_r.log().sum((0, 2)) + s_c.log().sum((0, 2)))
             coef = (0.5 / n) * w.view(1, k, 1)
             grad = torch.mul(p3, coef / s_c).addcmul_(p3, coef / s_r)
         else:  # per-row / per-column shifts: safe for any logits (and no host sync on GPU)
@@ -149,7 +150,9 @@ class _InfoNCETerms(torch.autograd.Function):
         gx = torch.mm(grad, yt).to(ctx.dtype).mul_(grad_out) if ctx.needs_input_grad[0] else None
         gys: list[torch.Tensor | None] = [None] * len(ctx.taus)
         if any(ctx.needs_input_grad[4:]):
-            gyt = torch.mm(grad.t(), x).to(ctx.dtype).mul_(grad_out)
+            # (xᵀ·G)ᵀ: the GEMM then copies the small transposed (n, d) operand, not the
+            # (n, k·n) gradient (bf16 GEMMs on CPU take transposed operands by copying)
+            gyt = torch.mm(x.t(), grad).to(ctx.dtype).mul_(grad_out).t()
             gys = [g.div_(t) for g, t in zip(gyt.chunk(len(ctx.taus)), ctx.taus, strict=True)]
         return (gx, None, None, None, *gys)
 

@@ -81,6 +81,9 @@ class _AEProjTrain(torch.autograd.Function):
     def backward(ctx, gout):  # type: ignore[override]
         xb, s, r1, w2b, g, hn, nh, hnb, w3b, a3, ge, w4b, out, no, *drop = ctx.saved_tensors
         acc, dt = out.dtype, xb.dtype
+        # Weight gradients Gᵀ·A need one operand transposed, which bf16 GEMMs on CPU
+        # do by copying it: each is arranged so the copy is of the narrower operand
+        # (and xᵀ is copied once for both first-layer gradients).
         go = _normalize_backward(gout, out, no)
         gob = go.to(dt)
         gw4 = torch.mm(gob.t(), ge).to(acc).mul_(ctx.scale)
@@ -89,7 +92,7 @@ class _AEProjTrain(torch.autograd.Function):
         if drop:
             gge.masked_fill_(drop[0], 0.0)
         ga3 = torch.ops.aten.gelu_backward(gge, a3)
-        gw3 = torch.mm(ga3.t(), hnb).to(acc)
+        gw3 = torch.mm(hnb.t(), ga3).t().to(acc)
         gb3 = ga3.sum(0, dtype=acc)
         gh = _normalize_backward(torch.mm(ga3, w3b).to(acc), hn, nh)
         ghb = gh.to(dt)
@@ -97,9 +100,10 @@ class _AEProjTrain(torch.autograd.Function):
         gb2 = gh.sum(0)
         ggate = (gh * s).sum().reshape(1) * g * (1.0 - g)
         ga1 = torch.ops.aten.threshold_backward(torch.mm(ghb, w2b), r1, 0)
-        gw1 = torch.mm(ga1.t(), xb).to(acc)
+        xt = xb.t().contiguous()
+        gw1 = torch.mm(xt, ga1).t().to(acc)
         gb1 = ga1.sum(0, dtype=acc)
-        gws = torch.mm(ghb.t(), xb).to(acc).mul_(g)  # d/dWs of g·(x·Wsᵀ)
+        gws = torch.mm(xt, ghb).t().to(acc).mul_(g)  # d/dWs of g·(x·Wsᵀ)
         gbs = gb2 * g
         return None, gw1, gb1, gw2, gb2, gws, gbs, ggate, gw3, gb3, gw4, gb4, None, None
 
