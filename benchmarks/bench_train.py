@@ -176,6 +176,54 @@ def run_reference(store: str, *, epochs: int, max_steps: int | None, device: tor
             "num_workers": workers}
 
 
+# ----------------------------------------------------------------------------- GEMM floor
+def gemm_floor(device: torch.device, rounds: int = 7, reps: int = 50) -> dict:
+    """Seconds per epoch spent in the matrix products of one step alone, per precision.
+
+    Times exactly the GEMMs of a training step at batch 512 (both AE views through
+    the projector, the text head, the loss's logits and its two backward products;
+    forward, input- and weight-gradients) back to back on hot caches — a lower
+    bound for any implementation of the same model on this device. ``bfloat16``
+    runs the projector GEMMs and the loss's backward GEMMs in bf16 and the logits
+    in float32, as ``train.precision: bfloat16`` does.
+    """
+    n, b = 1024, 512
+
+    def mats(dt: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        r = lambda *shape: torch.randn(*shape, dtype=dt, device=device)  # noqa: E731
+        return [
+            (r(n, 64), r(64, 384)), (r(n, 256), r(256, 128)), (r(n, 128), r(128, 256)),
+            (r(n, 256), r(256, 128)), (r(b, 384), r(384, 128)),             # forward
+            (r(n, 128), r(128, 256)), (r(n, 256), r(256, 128)), (r(n, 128), r(128, 256)),  # input grads
+            (r(128, n), r(n, 256)), (r(256, n), r(n, 128)), (r(128, n), r(n, 256)),
+            (r(384, n), r(n, 64)), (r(128, b), r(b, 384)),                  # weight grads
+        ]
+
+    def loss_mats(dt: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        r = lambda *shape, d=dt: torch.randn(*shape, dtype=d, device=device)  # noqa: E731
+        return [(r(b, 128, d=torch.float32), r(128, 2 * b, d=torch.float32)),  # logits, float32
+                (r(b, 2 * b), r(2 * b, 128)), (r(128, b), r(b, 2 * b))]         # backward
+
+    out = {}
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        pairs = mats(dt) + loss_mats(dt)
+        best = math.inf
+        for _ in range(rounds):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for a, m in pairs:
+                    torch.mm(a, m)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        flops = sum(2 * a.shape[0] * a.shape[1] * m.shape[1] for a, m in pairs)
+        out[name] = {"ms_per_step": round(best * 1e3, 3), "s_per_epoch": round(best * 665, 3),
+                     "gflop_per_step": round(flops / 1e9, 3), "gflop_per_s": round(flops / best / 1e9, 1)}
+    return out
+
+
 # ----------------------------------------------------------------------------- ours
 def run_ours(store: str, n: int, *, in_memory: str, epochs: int, device: str,
              threads: int | None, precision: str = "float32") -> dict:
@@ -258,6 +306,9 @@ def main() -> None:
         res["reference"] = r
         print(f"reference: {[round(s, 2) for s in r['s_per_epoch']]} s/epoch")
 
+    floor = gemm_floor(dev)
+    print(f"GEMM floor (matrix products of one step alone, s/epoch): {floor}")
+
     def best(name: str) -> float:
         return min(res[name]["s_per_epoch"])
 
@@ -288,6 +339,7 @@ def main() -> None:
                     "paper_gpu_s_per_epoch": PAPER_GPU_S_PER_EPOCH},
         "summary": summary,
         "results": res,
+        "gemm_floor": floor,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_threads": torch.get_num_threads(),
         "cpu_bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
