@@ -27,7 +27,6 @@ in raw units (the table scales them as the paper does).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -220,11 +219,12 @@ def evaluate_task(
 
 
 # --------------------------------------------------------------------------- stage
-def _task_inputs(path: str, task: str, cfg: EvaluateSection
+def _task_inputs(path: str, task: str, cfg: EvaluateSection, *,
+                 storage_options: dict | None = None
                  ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     from .regions import read_regions
 
-    table, feats, meta = read_regions(path, task)
+    table, feats, meta = read_regions(path, task, storage_options=storage_options)
     if task == "luc":
         y = table["label"].to_numpy()
     else:
@@ -254,7 +254,9 @@ def run_evaluate(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> Stage
     """Stage ``evaluate``: ``regions.parquet`` → ``report/`` (metrics.json, report.md, plots).
 
     Prints the Table-1-shaped table. Raises FileNotFoundError when
-    ``regions.parquet`` is missing.
+    ``regions.parquet`` is missing. Works on any workspace filesystem (local
+    or an fsspec URL such as ``s3://bucket/run``): inputs are read and the
+    report written through ``ws.fs`` / ``ws.storage_options``.
     """
     from .report import write_report
 
@@ -275,21 +277,21 @@ def run_evaluate(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> Stage
         metrics: dict[str, Any] = {}
         info: dict[str, Any] = {}
         for task in ec.tasks:
-            if not os.path.exists(os.path.join(rpath, f"{task}.parquet")):
+            if not ws.exists(f"regions.parquet/{task}.parquet"):
                 print(f"[evaluate] {task}: no units in regions.parquet — skipped")
                 continue
-            features, y, info[task] = _task_inputs(rpath, task, ec)
+            features, y, info[task] = _task_inputs(rpath, task, ec,
+                                                   storage_options=ws.storage_options)
             metrics[task] = evaluate_task(task, features, y, ec, log=print)
         if not metrics:
             raise ValueError("no task could be evaluated: regions.parquet has neither luc nor sdm")
         out = tmp["report"]
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        ws.fs.makedirs(out, exist_ok=True)
+        ws.fs.pipe_file(f"{out}/metrics.json", json.dumps(metrics, indent=2).encode("utf-8"))
         run_info = {"config": cfg.section("evaluate"), "tasks": info,
                     "seconds": round(time.perf_counter() - t0, 1)}
-        with open(os.path.join(out, "run.json"), "w") as f:
-            json.dump(run_info, f, indent=2, default=str)
+        ws.fs.pipe_file(f"{out}/run.json",
+                        json.dumps(run_info, indent=2, default=str).encode("utf-8"))
         table_text.append(write_report(out, metrics, run_info, ws=ws, plots=ec.plots))
         return {"tasks": {t: {"units": info[t]["units"], "methods": sorted(metrics[t])}
                           for t in metrics}, "seconds": run_info["seconds"]}
@@ -299,7 +301,7 @@ def run_evaluate(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> Stage
     if table_text:
         print(table_text[0])
     else:  # skipped: show the existing report's table
-        md = os.path.join(ws.path("report"), "report.md")
-        if os.path.exists(md):
-            print(open(md).read())
+        md = ws.path("report/report.md")
+        if ws.fs.exists(md):
+            print(ws.fs.cat_file(md).decode("utf-8"))
     return res

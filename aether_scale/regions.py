@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import geopandas as gpd
 import numpy as np
 import pandas as pd
@@ -42,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 import xarray as xr
+from fsspec.implementations.local import LocalFileSystem
 from scipy.spatial import cKDTree
 
 from .config import BufferSpec, RegionsSection, RunConfig
@@ -380,12 +382,23 @@ def _write_task(path: str, units: gpd.GeoDataFrame, label_cols: list[str],
     pq.write_table(table, path)
 
 
-def read_regions(path: str, task: str) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
-    """One task's units from ``regions.parquet``: (table without features, {method: (n, C)}, meta)."""
-    f = os.path.join(path, f"{task}.parquet")
-    if not os.path.exists(f):
+def read_regions(path: str, task: str, *, storage_options: dict | None = None
+                 ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, Any]]:
+    """One task's units from ``regions.parquet``: (table without features, {method: (n, C)}, meta).
+
+    ``path`` may be an fsspec URL (``storage_options`` go to fsspec), so the
+    evaluate stage can read a remote workspace such as ``s3://bucket/run``.
+    """
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    f = f"{str(path).rstrip('/')}/{task}.parquet"
+    p = f"{root.rstrip('/')}/{task}.parquet"
+    if not fs.exists(p):
         raise FileNotFoundError(f"{f} is missing: run 'aether-scale regions' with regions.{task}_* set")
-    t = pq.read_table(f)
+    if isinstance(fs, LocalFileSystem):
+        t = pq.read_table(p)  # pyarrow's native reader (memory-mapped) for local files
+    else:
+        with fs.open(p, "rb") as fh:
+            t = pq.read_table(fh)
     meta = json.loads((t.schema.metadata or {}).get(b"aether_scale", b"{}"))
     feats = {}
     for name in meta.get("methods", []):

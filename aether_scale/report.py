@@ -8,16 +8,23 @@
 - ``fields.png``: AE and AETHER fields side by side, first three principal
   components as RGB on a coarsened grid (nodata grey).
 - ``loss.png``: the training loss curves from ``model/metrics.json``.
+
+Every file is read and written through fsspec (plots are rendered to PNG bytes
+in memory, then written), so ``out_dir`` and the workspace may be URLs such as
+``s3://bucket/run/report``; local paths behave as plain files.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import fsspec
 import numpy as np
+from fsspec import AbstractFileSystem
 
 __all__ = ["format_table", "write_report", "plot_metrics", "plot_fields", "plot_loss",
            "PAPER_TABLE1", "SCALE", "METHOD_ORDER"]
@@ -100,21 +107,42 @@ def _findings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
+def _fs(path: str, fs: AbstractFileSystem | None) -> AbstractFileSystem:
+    """``fs`` when given, else the filesystem ``path`` (a local path or fsspec URL) lives on."""
+    return fs if fs is not None else fsspec.core.url_to_fs(str(path))[0]
+
+
+def _join(d: str, name: str) -> str:
+    """``d/name`` for local paths and URLs alike (URLs always use ``/``, whatever the OS)."""
+    return f"{str(d).rstrip('/')}/{name}"
+
+
 def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any], *,
                  ws: Any = None, plots: bool = True) -> str:
-    """Write ``report.md`` (+ plots) into ``out_dir``; returns the table as printed text."""
+    """Write ``report.md`` (+ plots) into ``out_dir``; returns the table as printed text.
+
+    ``out_dir`` may be a local path or fsspec URL; inside the workspace ``ws``
+    (the evaluate stage passes a temporary folder there) it is written with
+    ``ws.fs`` and the workspace's ``storage_options``. ``ws`` also supplies
+    the fields and loss-curve plots. The folder is created when missing.
+    """
+    inside = ws is not None and str(out_dir).startswith(ws.root + "/")
+    fs = ws.fs if inside else _fs(out_dir, None)
+    fs.makedirs(out_dir, exist_ok=True)
     table = format_table(metrics)
     figs: list[str] = []
     if plots:
-        figs += plot_metrics(metrics, os.path.join(out_dir, "metrics.png"))
+        figs += plot_metrics(metrics, _join(out_dir, "metrics.png"), fs=fs)
         if ws is not None:
             if ws.exists("ae.zarr") and ws.exists("field.zarr"):
                 figs += plot_fields(ws.path("ae.zarr"), ws.path("field.zarr"),
-                                    os.path.join(out_dir, "fields.png"))
+                                    _join(out_dir, "fields.png"), fs=fs,
+                                    storage_options=ws.storage_options)
             for name in ("model", "model_noaug"):
-                mpath = os.path.join(ws.path(name), "metrics.json") if ws.exists(name) else None
-                if mpath and os.path.exists(mpath):
-                    figs += plot_loss(mpath, os.path.join(out_dir, f"loss_{name}.png"))
+                mpath = ws.path(f"{name}/metrics.json")
+                if ws.exists(name) and ws.fs.exists(mpath):
+                    figs += plot_loss(mpath, _join(out_dir, f"loss_{name}.png"), fs=fs,
+                                      storage_options=ws.storage_options)
     cfg = run_info.get("config", {})
     tasks = run_info.get("tasks", {})
     units = ", ".join(f"{t}: {v['units']:,} units" + (f", {v['classes']} classes"
@@ -151,8 +179,7 @@ def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any]
     ]
     if figs:
         md += ["## Plots", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    fs.pipe_file(_join(out_dir, "report.md"), ("\n".join(md) + "\n").encode("utf-8"))
     return table + "\n" + "\n".join(_findings(metrics))
 
 
@@ -166,8 +193,20 @@ def _plt() -> Any:
     return plt
 
 
-def plot_metrics(metrics: dict[str, Any], path: str) -> list[str]:
-    """Bar chart per metric (methods side by side, std error bars) → ``path``."""
+def _save(fig: Any, path: str, fs: AbstractFileSystem | None) -> None:
+    """Render ``fig`` to PNG bytes in memory and write them to ``path`` through fsspec.
+
+    matplotlib can only save to local files or file objects; rendering to bytes
+    first lets the same code write to ``s3://`` (one PUT, no partial object).
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _fs(path, fs).pipe_file(path, buf.getvalue())
+
+
+def plot_metrics(metrics: dict[str, Any], path: str, *,
+                 fs: AbstractFileSystem | None = None) -> list[str]:
+    """Bar chart per metric (methods side by side, std error bars) → ``path`` (on ``fs``)."""
     plt = _plt()
     cols = [(t, k) for t, k in COLUMNS if t in metrics]
     if not cols:
@@ -195,17 +234,23 @@ def plot_metrics(metrics: dict[str, Any], path: str) -> list[str]:
             lo = min(finite) - 2 * max(stds + [1e-9])
             ax.set_ylim(bottom=max(0.0, lo * 0.9))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        _save(fig, path, fs)
+    finally:
+        plt.close(fig)
     return [path]
 
 
-def _coarse(path: str, max_px: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """A strided view of a field (≤ ``max_px`` on the long side) as float32 + valid mask."""
+def _coarse(path: str, max_px: int = 400, *, storage_options: dict | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A strided view of a field (≤ ``max_px`` on the long side) as float32 + valid mask.
+
+    ``path`` may be an fsspec URL; ``storage_options`` go to the Zarr opener.
+    """
     from .field import _LUT_U8
     from .raster import open_embedding
 
-    da = open_embedding(path)
+    da = open_embedding(path, storage_options=storage_options or None)
     step = max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / max_px)))
     sub = da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
     if np.issubdtype(sub.dtype, np.integer):
@@ -230,26 +275,38 @@ def _pca_rgb(arr: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def plot_fields(ae_path: str, field_path: str, path: str) -> list[str]:
-    """AE and AETHER side by side: first 3 principal components as RGB → ``path``."""
+def plot_fields(ae_path: str, field_path: str, path: str, *,
+                fs: AbstractFileSystem | None = None,
+                storage_options: dict | None = None) -> list[str]:
+    """AE and AETHER side by side: first 3 principal components as RGB → ``path`` (on ``fs``).
+
+    ``storage_options`` are for opening the two Zarr stores when they are URLs.
+    """
+    # read both stores before making a figure, so a bad store leaves no open figure behind
+    rgbs = [_pca_rgb(*_coarse(p, storage_options=storage_options)) for p in (ae_path, field_path)]
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    for ax, (p, title) in zip(axes, [(ae_path, "AlphaEarth (AE), PC1–3"),
-                                     (field_path, "AETHER field, PC1–3")], strict=True):
-        arr, valid = _coarse(p)
-        ax.imshow(_pca_rgb(arr, valid), interpolation="nearest")
+    for ax, rgb, title in zip(axes, rgbs, ["AlphaEarth (AE), PC1–3", "AETHER field, PC1–3"],
+                              strict=True):
+        ax.imshow(rgb, interpolation="nearest")
         ax.set_title(title)
         ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        _save(fig, path, fs)
+    finally:
+        plt.close(fig)
     return [path]
 
 
-def plot_loss(metrics_json: str, path: str) -> list[str]:
-    """Per-epoch training losses from a ``model/metrics.json`` → ``path`` (none: no plot)."""
-    with open(metrics_json) as f:
-        m = json.load(f)
+def plot_loss(metrics_json: str, path: str, *, fs: AbstractFileSystem | None = None,
+              storage_options: dict | None = None) -> list[str]:
+    """Per-epoch training losses from a ``model/metrics.json`` → ``path`` (on ``fs``; none: no plot).
+
+    ``metrics_json`` may be an fsspec URL (``storage_options`` go to fsspec).
+    """
+    with fsspec.open(metrics_json, "rb", **(storage_options or {})) as f:
+        m = json.loads(f.read().decode("utf-8"))
     epochs = m.get("epochs") if isinstance(m, dict) else None
     if not isinstance(epochs, list) or not epochs or not isinstance(epochs[0], dict):
         return []
@@ -267,6 +324,8 @@ def plot_loss(metrics_json: str, path: str) -> list[str]:
     ax.set_title(f"training loss ({os.path.basename(os.path.dirname(metrics_json))})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        _save(fig, path, fs)
+    finally:
+        plt.close(fig)
     return [path]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
 
 import geopandas as gpd
 import numpy as np
@@ -179,3 +181,70 @@ def test_run_evaluate_writes_report_with_schema(tmp_path, capsys):
 def test_run_evaluate_needs_regions(tmp_path):
     with pytest.raises(FileNotFoundError, match="regions"):
         run_evaluate(Workspace(str(tmp_path / "w")), load_config())
+
+
+def _put_tree(local: str, fs, url: str) -> None:
+    """Copy a local folder into an fsspec filesystem file by file, keeping its layout."""
+    for dirpath, _dirs, files in os.walk(local):
+        for name in files:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, local).replace(os.sep, "/")
+            with open(src, "rb") as f:
+                fs.pipe_file(f"{url}/{rel}", f.read())
+
+
+def test_run_evaluate_on_memory_workspace_matches_local(tmp_path, capsys):
+    """evaluate on an fsspec workspace (memory:// stands in for s3://): same report as locally.
+
+    The inputs include ae.zarr, a field.zarr and model/metrics.json so the fields and
+    loss plots (which open Zarr stores and JSON in the workspace) run on the URL too.
+    """
+    from test_field import write_ae
+
+    cfg = load_config(data={"evaluate": FAST.model_dump() | {"seeds": [0]}})  # 3 runs: keep each short
+    local = Workspace(str(tmp_path / "ws"))
+    _regions_folder(local.path("regions.parquet"))
+    write_ae(local.path("ae.zarr"), seed=3)
+    shutil.copytree(local.path("ae.zarr"), local.path("field.zarr"))  # any (y, x, C) store plots
+    os.makedirs(local.path("model"))
+    with open(os.path.join(local.path("model"), "metrics.json"), "w") as f:
+        json.dump({"epochs": [{"epoch": 1, "loss": 1.0, "L_align": 0.6},
+                              {"epoch": 2, "loss": 0.7, "L_align": 0.4}]}, f)
+    assert not run_evaluate(local, cfg).skipped
+
+    mem = Workspace(f"memory://aether-eval-{uuid.uuid4().hex[:8]}/run")
+    assert not mem.is_local
+    try:
+        for name in ("regions.parquet", "ae.zarr", "field.zarr", "model"):
+            _put_tree(local.path(name), mem.fs, mem.path(name))
+        capsys.readouterr()
+        res = run_evaluate(mem, cfg)
+        assert not res.skipped
+        assert "| AETHER |" in capsys.readouterr().out
+        assert res.outputs == {"report": mem.path("report")}
+        rep = mem.path("report")
+        names = sorted(p.rsplit("/", 1)[-1] for p in mem.fs.ls(rep, detail=False))
+        assert names == ["fields.png", "loss_model.png", "metrics.json", "metrics.png",
+                         "report.md", "run.json"]
+        assert names == sorted(os.listdir(local.path("report")))
+        local_rep = local.path("report")
+        for f in ("metrics.json", "report.md"):  # deterministic: byte-identical to the local run
+            with open(os.path.join(local_rep, f), "rb") as fh:
+                assert mem.fs.cat_file(f"{rep}/{f}") == fh.read(), f
+        m = json.loads(mem.fs.cat_file(f"{rep}/metrics.json"))
+        assert set(m) == {"luc", "sdm"} and set(m["luc"]) == {"AE", "AETHER", "TF-IDF", "LDA"}
+        for f in ("metrics.png", "fields.png", "loss_model.png"):
+            assert mem.fs.cat_file(f"{rep}/{f}")[:8] == b"\x89PNG\r\n\x1a\n", f
+        assert json.loads(mem.fs.cat_file(f"{rep}/run.json"))["tasks"]["luc"]["units"] == 240
+        # nothing escaped to the local disk, no temporaries left, the manifest is in place
+        assert not os.path.exists("memory:")  # the old code's os.makedirs("memory://…") left this
+        assert not [p for p in mem.fs.ls(mem.root, detail=False) if ".tmp-" in p]
+        assert mem.manifest("evaluate")["outputs"] == ["report"]
+        # resume: skipped and prints the stored table; --force reruns
+        again = run_evaluate(mem, cfg)
+        assert again.skipped
+        assert "| AETHER |" in capsys.readouterr().out
+        assert not run_evaluate(mem, cfg, force=True).skipped
+        assert mem.fs.cat_file(f"{rep}/metrics.json") == json.dumps(m, indent=2).encode()
+    finally:
+        mem.fs.rm(mem.root.rsplit("/", 1)[0], recursive=True)
