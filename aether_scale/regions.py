@@ -30,7 +30,6 @@ raster or without a valid pixel are dropped and counted in the manifest.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -69,11 +68,11 @@ FIELD_SOURCES: dict[str, str] = {
 
 
 # --------------------------------------------------------------------------- rasters
-def open_raster(path: str) -> xr.DataArray:
-    """A workspace raster (``ae.zarr`` / ``field*.zarr``) as its ``embedding`` DataArray."""
+def open_raster(path: str, *, storage_options: dict | None = None) -> xr.DataArray:
+    """A workspace raster (``ae.zarr`` / ``field*.zarr``, path or fsspec URL) as its ``embedding``."""
     from .raster import open_embedding
 
-    return open_embedding(path)
+    return open_embedding(path, storage_options=storage_options)
 
 
 def raster_crs(da: xr.DataArray) -> Any:
@@ -275,8 +274,11 @@ def load_sdm_units(cfg: RegionsSection, crs: Any) -> tuple[gpd.GeoDataFrame, dic
 
 
 # --------------------------------------------------------------------------- POI bags
-def _read_pois(path: str, token_columns: Sequence[str]) -> tuple[gpd.GeoDataFrame, list[str]]:
-    schema_cols = pq.read_schema(_first_parquet(path)).names
+def _read_pois(path: str, token_columns: Sequence[str], storage_options: dict | None = None
+               ) -> tuple[gpd.GeoDataFrame, list[str]]:
+    fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    with fs.open(_first_parquet(fs, root), "rb") as f:
+        schema_cols = pq.read_schema(f).names
     cols = [c for c in token_columns if c in schema_cols]
     if not cols:
         raise ValueError(
@@ -284,16 +286,18 @@ def _read_pois(path: str, token_columns: Sequence[str]) -> tuple[gpd.GeoDataFram
             f"(columns: {[c for c in schema_cols if c != 'geometry']}); set "
             "regions.poi_token_columns or keep those columns in the pois stage (pois.keep_columns)"
         )
-    return gpd.read_parquet(path, columns=[*cols, "geometry"]), cols
+    if isinstance(fs, LocalFileSystem):
+        return gpd.read_parquet(path, columns=[*cols, "geometry"]), cols
+    return gpd.read_parquet(root, columns=[*cols, "geometry"], filesystem=fs), cols
 
 
-def _first_parquet(path: str) -> str:
-    if os.path.isdir(path):
-        for root, _dirs, files in sorted(os.walk(path)):
-            for f in sorted(files):
-                if f.endswith(".parquet"):
-                    return os.path.join(root, f)
-        raise ValueError(f"{path}: a folder without .parquet files")
+def _first_parquet(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` itself, or the first ``.parquet`` file under it when it is a folder (dataset)."""
+    if fs.isdir(path):
+        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+        if not files:
+            raise ValueError(f"{path}: a folder without .parquet files")
+        return files[0]
     return path
 
 
@@ -365,9 +369,9 @@ def _bag_columns(counts: sp.csr_matrix, vocab: np.ndarray) -> tuple[pa.Array, pa
     return toks, vals
 
 
-def _write_task(path: str, units: gpd.GeoDataFrame, label_cols: list[str],
-                features: dict[str, np.ndarray], counts: sp.csr_matrix, vocab: np.ndarray,
-                n_pois: np.ndarray, meta: dict[str, Any]) -> None:
+def _write_task(fs: fsspec.AbstractFileSystem, path: str, units: gpd.GeoDataFrame,
+                label_cols: list[str], features: dict[str, np.ndarray], counts: sp.csr_matrix,
+                vocab: np.ndarray, n_pois: np.ndarray, meta: dict[str, Any]) -> None:
     x, y = _xy(units) if _is_points(units) else (units.geometry.centroid.x.to_numpy(),
                                                   units.geometry.centroid.y.to_numpy())
     cols: dict[str, Any] = {"unit_id": pa.array(units["unit_id"].astype(str).to_numpy()),
@@ -379,7 +383,8 @@ def _write_task(path: str, units: gpd.GeoDataFrame, label_cols: list[str],
     cols["poi_tokens"], cols["poi_counts"] = _bag_columns(counts, vocab)
     cols["n_pois"] = pa.array(n_pois.astype(np.int64))
     table = pa.table(cols).replace_schema_metadata({"aether_scale": json.dumps(meta)})
-    pq.write_table(table, path)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
 
 
 def read_regions(path: str, task: str, *, storage_options: dict | None = None
@@ -427,24 +432,28 @@ def build_regions(
     out_dir: str,
     *,
     log: Any = print,
+    storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Pool every raster in ``rasters`` ({method: zarr path}) around each task's units.
 
     Writes ``out_dir/<task>.parquet`` for each task whose units are
     configured; returns per-task counts (kept / dropped by reason, POIs per
     unit). The AE raster (method ``AE``) defines the CRS and the valid units.
+    The rasters, ``pois_path`` and ``out_dir`` may be fsspec URLs
+    (``storage_options`` go to fsspec); the label files are read as given.
     """
     rc = cfg.regions
-    das = {m: open_raster(p) for m, p in rasters.items()}
+    das = {m: open_raster(p, storage_options=storage_options) for m, p in rasters.items()}
     crs = raster_crs(das["AE"])
     tasks = [t for t in ("luc", "sdm") if (rc.luc_points if t == "luc" else rc.sdm_units)]
     if not tasks:
         raise ValueError("neither regions.luc_points nor regions.sdm_units is set: nothing to do")
     pois, tok_cols = (None, [])
     if pois_path is not None:
-        pois, tok_cols = _read_pois(pois_path, rc.poi_token_columns)
+        pois, tok_cols = _read_pois(pois_path, rc.poi_token_columns, storage_options)
         pois = pois.to_crs(crs) if pois.crs is not None and pois.crs != crs else pois
-    os.makedirs(out_dir, exist_ok=True)
+    fs, out_root = fsspec.core.url_to_fs(str(out_dir), **(storage_options or {}))
+    fs.makedirs(out_root, exist_ok=True)
     stats: dict[str, Any] = {}
     for task in tasks:
         t0 = time.perf_counter()
@@ -472,7 +481,7 @@ def build_regions(
                   seconds=round(time.perf_counter() - t0, 2))
         meta = {"task": task, "methods": list(feats), "labels": label_cols, "buffer_m": buf,
                 "crs": str(crs), "poi_token_columns": tok_cols, "stats": st}
-        _write_task(os.path.join(out_dir, f"{task}.parquet"), units, label_cols, feats,
+        _write_task(fs, f"{out_root.rstrip('/')}/{task}.parquet", units, label_cols, feats,
                     counts, vocab, n_pois, meta)
         stats[task] = st
         if log:
@@ -507,7 +516,8 @@ def run_regions(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageR
 
     def fn(tmp: dict[str, str]) -> dict[str, Any]:
         return build_regions({m: ws.path(n) for m, n in rasters.items()},
-                             ws.path(pois) if pois else None, cfg, tmp["regions.parquet"])
+                             ws.path(pois) if pois else None, cfg, tmp["regions.parquet"],
+                             storage_options=ws.storage_options)
 
     return ws.run_stage("regions", outputs=["regions.parquet"], inputs=inputs,
                         config={"regions": cfg.section("regions"), "methods": sorted(rasters)},

@@ -228,3 +228,45 @@ def test_run_regions_writes_features_bags_and_counts(rasters, tmp_path):
 def test_build_regions_requires_a_task(rasters, tmp_path):
     with pytest.raises(ValueError, match="nothing to do"):
         build_regions({"AE": rasters["AE"]}, None, load_config(), str(tmp_path / "r"))
+
+
+def test_run_regions_on_a_memory_workspace_matches_local(rasters, tmp_path):
+    """The regions stage on an fsspec workspace (memory:// stands in for s3://)."""
+    import uuid
+
+    import fsspec
+
+    labels = _write_labels(str(tmp_path))
+    rng = np.random.default_rng(5)
+    pois = gpd.GeoDataFrame(
+        {"poi_id": np.arange(100), "category": rng.choice(["food", "shop"], 100),
+         "subcategory": rng.choice(["a", "b"], 100)},
+        geometry=gpd.points_from_xy(X0 + rng.uniform(0, NX * 10, 100), Y0 - rng.uniform(0, NY * 10, 100)),
+        crs=CRS)
+    cfg = load_config(data={"regions": {"luc_points": labels["luc"], "sdm_units": labels["sdm"],
+                                        "luc_buffer_m": 30.0, "sdm_buffer_m": 60.0}})
+    local = Workspace(str(tmp_path / "ws"))
+    mem = Workspace(f"memory://aether-regions-{uuid.uuid4().hex[:8]}/run")
+    fs = fsspec.filesystem("memory")
+    try:
+        for ws in (local, mem):
+            for name, src in (("ae.zarr", rasters["AE"]), ("field.zarr", rasters["AETHER"])):
+                xr.open_zarr(src, mask_and_scale=False, consolidated=False).to_zarr(
+                    ws.path(name), consolidated=False)
+            with fsspec.open(ws.path("pois.parquet"), "wb") as f:
+                pois.to_parquet(f)
+            res = run_regions(ws, cfg)
+            assert not res.skipped and res.stats["luc"]["kept"] > 0
+        assert fs.exists(mem.path("regions.parquet/luc.parquet").removeprefix("memory://"))
+        assert not os.path.exists("memory:")  # nothing went to a local folder named like the URL
+        for task in ("luc", "sdm"):
+            t_loc, f_loc, m_loc = read_regions(local.path("regions.parquet"), task)
+            t_mem, f_mem, m_mem = read_regions(mem.path("regions.parquet"), task)
+            pd.testing.assert_frame_equal(t_loc, t_mem)
+            assert f_loc.keys() == f_mem.keys()
+            for k in f_loc:
+                np.testing.assert_array_equal(f_loc[k], f_mem[k])
+            assert m_loc["stats"]["kept"] == m_mem["stats"]["kept"]
+        assert run_regions(mem, cfg).skipped
+    finally:
+        fs.rm(mem.path("").removeprefix("memory://").rstrip("/"), recursive=True)
