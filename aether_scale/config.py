@@ -170,6 +170,9 @@ class TextSection(Section):
     dask_min_texts: int = Field(
         20000, ge=0, description="mode=auto: fewest new texts worth shipping to dask workers"
     )
+    compact_shards: int = Field(
+        64, ge=0, description="merge the text cache's shards when a run leaves more (0 = never)"
+    )
 
 
 # --------------------------------------------------------------------------- pool

@@ -18,27 +18,39 @@ Output ``text.zarr`` (xarray/Zarr): ``embedding`` (``poi``, ``dim``) float32 and
 ``model`` (as configured), ``model_path`` (what was loaded), ``model_key`` (the
 cache identity), ``dim``, ``normalize``.
 
-Cache layout (append-only, safe for concurrent writers)::
+Cache layout (safe for concurrent readers, writers and compactions)::
 
     <cache_dir>/<model_key>/identity.json            what the key stands for
     <cache_dir>/<model_key>/<shard>.vec.npy          (m, dim) float32
     <cache_dir>/<model_key>/<shard>.key.npy          (m,) S16 text hashes
+    <cache_dir>/<model_key>/<shard>.sources.json     merged shards only: what it replaced
 
-A shard is complete once its ``.key.npy`` exists; both files are written
+A shard is complete once its ``.key.npy`` exists; its files are written
 under temporary names and renamed, keys last, so readers never see half a shard
-and concurrent runs only ever add files (a text encoded twice by two runs is
-harmless: identical vectors, first one wins on lookup).
+(a text encoded twice by two runs is harmless: identical vectors, either copy
+serves a lookup).
+
+Every run that encodes something appends shards (one per ``text.flush_texts``
+texts), so incremental runs would pile up small shards; a run that appended and
+left more than ``TextCache.max_shards`` (default :data:`DEFAULT_MAX_SHARDS`)
+merges the smallest ones into one shard (:meth:`TextCache.compact`, also
+:func:`compact_cache`). The merged shard is complete before any source is
+deleted, so every text stays reachable at every moment, whatever crashes; a
+reader whose shard disappeared finds the rows again in the merged shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +66,7 @@ __all__ = [
     "MODEL_CALLS",
     "TextCache",
     "choose_mode",
+    "compact_cache",
     "embed_texts",
     "encode_unique",
     "load_text_model",
@@ -191,6 +204,28 @@ def _encode_on_worker(texts: list[str], name: str, device: str, batch_size: int,
 
 
 # ----------------------------------------------------------------------------- cache
+#: Default ``max_shards`` of a cache: compaction starts once a model's cache holds more
+#: shards than this. Every shard costs one key-file read per cold ``refresh()`` and one
+#: open file handle + memory map once a ``gather()`` touches it; 64 keeps a cold refresh
+#: at 64 small reads (well under a second even at ~10 ms per request on NFS or
+#: FUSE-mounted object stores) and the handles far below the usual limit of 1024 per
+#: process. A run appends one shard per ``text.flush_texts`` new texts (usually one or
+#: a few per region) and compaction merges down to 32, so a region-by-region rebuild
+#: rewrites shards after about every 33 appended, not on every run.
+DEFAULT_MAX_SHARDS = 64
+
+#: Age (seconds) after which compaction deletes leftovers of crashed writers: temporary
+#: files and vectors / source lists without a key file. A writer in flight renames its
+#: files within seconds to minutes, so a day cannot race one.
+STALE_S = 24 * 3600
+
+#: Age (seconds) after which a compaction lock is taken to be a crashed holder's.
+LOCK_STALE_S = 15 * 60
+
+_GATHER_TRIES = 5
+_REFRESH_PASSES = 5
+
+
 def text_keys(texts: Sequence[str]) -> np.ndarray:
     """BLAKE2b-128 of each text's UTF-8 bytes, as an ``S16`` array (the cache key)."""
     b2 = hashlib.blake2b
@@ -209,74 +244,161 @@ class Lookup:
         return self.shard < 0
 
 
-class TextCache:
-    """Append-only on-disk store of text vectors for one model identity (see module doc)."""
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to stable storage (best effort where
+    the platform cannot): a merged shard must survive a power cut before the shards it
+    replaces are deleted."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    def __init__(self, root: str | os.PathLike | None, key: str, identity: dict[str, Any]):
+
+def _new_shard_name() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+class TextCache:
+    """On-disk store of text vectors for one model identity (see module doc).
+
+    Shard numbers in a :class:`Lookup` stay valid for the life of the instance: a shard
+    removed by a compaction (here or in another process) is *retired*, not renumbered,
+    and :meth:`gather` finds its rows again in the shard that replaced it. Retired
+    shards keep their keys in memory until the instance is dropped.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, key: str, identity: dict[str, Any], *,
+                 max_shards: int = DEFAULT_MAX_SHARDS):
         base = Path(os.path.expanduser(str(root or DEFAULT_CACHE_DIR)))
         self.dir = base / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = key
+        #: compaction threshold used by :func:`encode_unique` after a run that appended
+        #: (0 = never compact automatically)
+        self.max_shards = int(max_shards)
         ident_path = self.dir / "identity.json"
         if not ident_path.exists():
             tmp = self.dir / f".identity-{uuid.uuid4().hex}.json"
             tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
             os.replace(tmp, ident_path)
-        self._shards: list[str] = []
-        self._keys: np.ndarray = np.empty(0, dtype="S16")
-        self._owner: np.ndarray = np.empty(0, dtype=np.int32)
-        self._rows: np.ndarray = np.empty(0, dtype=np.int64)
-        self._order: np.ndarray = np.empty(0, dtype=np.int64)
+        self._shards: list[str] = []  # shard number → name; numbers never change
+        self._index: dict[str, int] = {}
+        self._live: list[bool] = []
+        self._start = np.zeros(1, dtype=np.int64)  # entries of shard s: _start[s]:_start[s+1]
+        self._keys: np.ndarray = np.empty(0, dtype="S16")  # every entry, retired ones too
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)  # live entries, sorted by key
+        self._sorted: np.ndarray = np.empty(0, dtype="S16")  # _keys[_order]
         self._mmaps: dict[int, np.ndarray] = {}
+        self._dim: int | None = None
         self.refresh()
 
+    # -- index
     @property
     def dim(self) -> int | None:
         """Vector length stored here (None while the cache is empty)."""
-        if not self._shards:
-            return None
-        return int(self._vectors(0).shape[1])
+        s = 0
+        while self._dim is None and s < len(self._shards):  # grows if a shard was replaced
+            vec = self._open_vectors(s) if self._live[s] else None
+            if vec is not None:
+                self._dim = int(vec.shape[1])
+            s += 1
+        return self._dim
+
+    @property
+    def n_shards(self) -> int:
+        """Complete shards currently indexed (retired ones not counted)."""
+        return sum(self._live)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        """Indexed entries; a text held by two shards counts twice."""
+        return len(self._order)
+
+    def _live_shards(self) -> list[int]:
+        return [i for i, live in enumerate(self._live) if live]
+
+    def _shard_rows(self, s: int) -> int:
+        return int(self._start[s + 1] - self._start[s])
+
+    def _retire(self, s: int) -> None:
+        self._live[s] = False
+        self._mmaps.pop(s, None)
+
+    def _reindex(self) -> None:
+        live = np.repeat(np.asarray(self._live, dtype=bool), np.diff(self._start))
+        idx = np.flatnonzero(live)
+        self._order = idx[np.argsort(self._keys[idx], kind="stable")]
+        self._sorted = self._keys[self._order]
 
     def refresh(self) -> None:
-        """Pick up shards written since (by this or another process)."""
-        names = sorted(p.name[: -len(".key.npy")] for p in self.dir.glob("*.key.npy")
-                       if not p.name.startswith("."))
-        new = [n for n in names if n not in set(self._shards)]
-        if not new:
-            return
-        keys = [self._keys]
-        owner = [self._owner]
-        rows = [self._rows]
-        for n in new:
-            k = np.load(self.dir / f"{n}.key.npy")
-            idx = len(self._shards)
-            self._shards.append(n)
-            keys.append(k.astype("S16", copy=False))
-            owner.append(np.full(len(k), idx, dtype=np.int32))
-            rows.append(np.arange(len(k), dtype=np.int64))
-        self._keys = np.concatenate(keys)
-        self._owner = np.concatenate(owner)
-        self._rows = np.concatenate(rows)
-        self._order = np.argsort(self._keys, kind="stable")
+        """Pick up shards written since (by this or another process) and retire shards a
+        compaction removed (their texts are in the shard that replaced them).
+
+        A shard is only deleted once the shard replacing it is complete, so a listing
+        made after noticing a deletion holds the replacement; when a shard vanished
+        during the pass (a compaction ran meanwhile), the directory is listed again.
+        """
+        changed = False
+        for _ in range(_REFRESH_PASSES):
+            raced = False
+            on_disk = self._list_shards()
+            for s, name in enumerate(self._shards):
+                # confirm: a listing racing a rename may miss an entry
+                if (self._live[s] and name not in on_disk
+                        and not (self.dir / f"{name}.key.npy").exists()):
+                    self._retire(s)
+                    changed = raced = True
+            keys = [self._keys]
+            ends = [self._start]
+            end = int(self._start[-1])
+            for name in sorted(on_disk.difference(self._index)):
+                try:
+                    k = np.load(self.dir / f"{name}.key.npy")
+                except FileNotFoundError:  # merged and removed since the listing
+                    raced = True
+                    continue
+                self._index[name] = len(self._shards)
+                self._shards.append(name)
+                self._live.append(True)
+                keys.append(k.astype("S16", copy=False))
+                end += len(k)
+                ends.append(np.array([end], dtype=np.int64))
+                changed = True
+            if len(keys) > 1:
+                self._keys = np.concatenate(keys)
+                self._start = np.concatenate(ends)
+            if not raced:
+                break
+        if changed:
+            self._reindex()
+
+    def _list_shards(self) -> set[str]:
+        """Names of the complete shards on disk now."""
+        return {p.name[: -len(".key.npy")] for p in self.dir.glob("*.key.npy")
+                if not p.name.startswith(".")}
 
     def lookup(self, keys: np.ndarray) -> Lookup:
-        """Locate ``keys`` (S16) in the cache; vectorised (sort + searchsorted)."""
+        """Locate ``keys`` (S16) in the cache; vectorised (sort + searchsorted). A text in
+        several shards (two runs encoded it, or a compaction was interrupted) resolves
+        to one of them: their vectors are identical."""
         n = len(keys)
         shard = np.full(n, -1, dtype=np.int32)
         row = np.full(n, -1, dtype=np.int64)
-        if n and len(self._keys):
-            sk = self._keys[self._order]
-            pos = np.searchsorted(sk, keys)
-            pos_c = np.minimum(pos, len(sk) - 1)
-            hit = sk[pos_c] == keys
-            src = self._order[pos_c[hit]]
-            shard[hit] = self._owner[src]
-            row[hit] = self._rows[src]
+        if n and len(self._sorted):
+            pos = np.minimum(np.searchsorted(self._sorted, keys), len(self._sorted) - 1)
+            hit = self._sorted[pos] == keys
+            entry = self._order[pos[hit]]
+            s = np.searchsorted(self._start, entry, side="right") - 1
+            shard[hit] = s
+            row[hit] = entry - self._start[s]
         return Lookup(shard, row)
 
+    # -- vectors
     def _vectors(self, shard: int) -> np.ndarray:
         m = self._mmaps.get(shard)
         if m is None:
@@ -284,15 +406,66 @@ class TextCache:
             self._mmaps[shard] = m
         return m
 
+    def _open_vectors(self, shard: int) -> np.ndarray | None:
+        """The shard's vectors, or None when it is retired or its file was removed (an
+        open memory map keeps working after removal on POSIX; a new one cannot open)."""
+        if not self._live[shard]:
+            return None
+        try:
+            return self._vectors(shard)
+        except FileNotFoundError:
+            self._retire(shard)
+            self._reindex()
+            self.refresh()  # index the shard that replaced it, so lookups keep finding its texts
+            return None
+
     def gather(self, loc: Lookup, dim: int) -> np.ndarray:
-        """Vectors for located keys, (n, dim) float32; raises KeyError on a miss."""
+        """Vectors for located keys, (n, dim) float32; raises KeyError on a miss.
+
+        Rows whose shard was removed by a concurrent compaction since ``loc`` was made
+        are looked up again (by key) in the shards now on disk.
+        """
         if loc.missing.any():
             raise KeyError(f"{int(loc.missing.sum())} texts are not in the cache {self.dir}")
-        out = np.empty((len(loc.shard), dim), dtype=np.float32)
-        for s in np.unique(loc.shard):
-            sel = loc.shard == s
-            out[sel] = self._vectors(int(s))[loc.row[sel]]
-        return out
+        n = len(loc.shard)
+        out = np.empty((n, dim), dtype=np.float32)
+        shard = np.asarray(loc.shard, dtype=np.int64).copy()
+        row = np.asarray(loc.row, dtype=np.int64).copy()
+        todo = np.arange(n)
+        for attempt in range(_GATHER_TRIES):
+            moved = []
+            for s in np.unique(shard[todo]):
+                sel = todo[shard[todo] == s]
+                vec = self._open_vectors(int(s))
+                if vec is None:
+                    moved.append(sel)
+                else:
+                    out[sel] = vec[row[sel]]
+            if not moved:
+                return out
+            todo = np.concatenate(moved)
+            keys = self._keys[self._start[shard[todo]] + row[todo]]
+            if attempt:  # a directory listing can race the rename of the new shard
+                time.sleep(0.05 * attempt)
+            self.refresh()
+            new = self.lookup(keys)
+            found = ~new.missing
+            shard[todo[found]] = new.shard[found]
+            row[todo[found]] = new.row[found]
+        raise KeyError(f"{len(todo)} cached texts vanished from {self.dir}: their shards were "
+                       "removed and no shard on disk holds them (was the folder edited by "
+                       "hand?); rerun to encode them again")
+
+    # -- writing
+    def _save(self, arr: np.ndarray, final: Path, *, durable: bool = False) -> None:
+        """Write ``arr`` as ``final`` via a hidden temporary and an atomic rename."""
+        tmp = self.dir / f".{final.name}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
 
     def append(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add a shard (vectors first, keys last, each by atomic rename)."""
@@ -300,14 +473,266 @@ class TextCache:
             return
         if len(keys) != len(vectors):
             raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        for suffix, arr in ((".vec.npy", np.ascontiguousarray(vectors, dtype=np.float32)),
-                            (".key.npy", np.asarray(keys, dtype="S16"))):
-            tmp = self.dir / f".{name}{suffix}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            os.replace(tmp, self.dir / f"{name}{suffix}")
+        name = _new_shard_name()
+        self._save(np.ascontiguousarray(vectors, dtype=np.float32), self.dir / f"{name}.vec.npy")
+        self._save(np.asarray(keys, dtype="S16"), self.dir / f"{name}.key.npy")
         self.refresh()
+
+    # -- compaction
+    def compact(self, max_shards: int | None = None, *, stale_s: float = STALE_S) -> dict[str, Any]:
+        """Merge the smallest shards into one when more than ``max_shards`` are complete.
+
+        Safe while other processes append, read or compact: the merged shard (each text
+        once) is written like any shard — vectors, then the list of shards it replaces
+        (``<name>.sources.json``), then keys, each by atomic rename after an fsync — and
+        only then are the sources deleted, keys first. A crash before that leaves
+        duplicates (which lookups tolerate); the next compaction deletes the sources a
+        complete merged shard lists, and leftovers of crashed writers older than
+        ``stale_s`` seconds. Merging down to half of ``max_shards`` (not to the limit)
+        lets several later runs append before the next merge, and merging the smallest
+        shards first rewrites the big, already merged ones rarely.
+
+        Returns stats: ``shards_before``, ``shards_after``, ``merged`` (shards merged),
+        ``rows_in``, ``rows_out``, ``finished`` (sources of earlier, interrupted
+        compactions removed), ``kept`` (sources that could not be deleted, e.g. open on
+        Windows: harmless duplicates, retried next time), ``swept``, ``busy`` (True when
+        another compaction held the lock and this one did nothing), ``seconds``.
+        """
+        max_shards = self.max_shards if max_shards is None else int(max_shards)
+        if max_shards < 1:
+            raise ValueError(f"max_shards must be >= 1 (got {max_shards}); "
+                             "use 1 to merge every shard of the cache into one")
+        t0 = time.perf_counter()
+        self.refresh()
+        stats: dict[str, Any] = {"shards_before": self.n_shards, "merged": 0, "rows_in": 0,
+                                 "rows_out": 0, "finished": 0, "kept": 0, "swept": 0,
+                                 "busy": False}
+        with self._compaction_lock() as held:
+            if held:
+                self._compact_locked(max_shards, stale_s, stats)
+            else:
+                stats["busy"] = True
+        self.refresh()
+        stats["shards_after"] = self.n_shards
+        stats["seconds"] = round(time.perf_counter() - t0, 3)
+        return stats
+
+    @contextlib.contextmanager
+    def _compaction_lock(self) -> Iterator[bool]:
+        """Advisory lock (``.compact.lock``, created exclusively): compactions running
+        at once would each write a merged copy of the same shards — correct, but
+        wasted work and duplicated data — so a second one skips (yields False). A lock
+        older than :data:`LOCK_STALE_S` (its holder crashed; a live holder touches it
+        between shards) is taken over."""
+        lock = self.dir / ".compact.lock"
+        fd = None
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                try:
+                    age = time.time() - lock.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
+                if age < LOCK_STALE_S:
+                    break
+                lock.unlink(missing_ok=True)
+        if fd is None:
+            yield False
+            return
+        try:
+            os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+            os.close(fd)
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _touch_lock(self) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.dir / ".compact.lock")
+
+    def _compact_locked(self, max_shards: int, stale_s: float, stats: dict[str, Any]) -> None:
+        removed, kept = self._finish_interrupted()
+        stats["finished"], stats["kept"] = removed, kept
+        self.refresh()
+        sources = self._plan_compaction(max_shards)
+        if sources:
+            merged = self._write_merged(sources)
+            if merged is not None:
+                name, used, rows_in, rows_out = merged
+                stats.update(merged=len(used), rows_in=rows_in, rows_out=rows_out)
+                _, kept = self._remove_shards(used)
+                stats["kept"] += kept
+                if not kept:  # nothing left to finish: the list has done its job
+                    (self.dir / f"{name}.sources.json").unlink(missing_ok=True)
+        stats["swept"] = self._sweep_stale(stale_s)
+
+    def _plan_compaction(self, max_shards: int) -> list[str]:
+        """Names of the shards to merge: none while at most ``max_shards`` are live, else
+        the smallest ones, enough to leave ``max_shards // 2`` (at least one) shards."""
+        live = self._live_shards()
+        if len(live) <= max_shards:
+            return []
+        target = max(1, max_shards // 2)
+        k = min(len(live), len(live) - target + 1)
+        if k < 2:
+            return []
+        live.sort(key=lambda s: (self._shard_rows(s), self._shards[s]))
+        return [self._shards[s] for s in live[:k]]
+
+    def _write_merged(self, sources: list[str]) -> tuple[str, list[str], int, int] | None:
+        """Write one shard holding every distinct key of ``sources``; returns ``(name,
+        sources used, rows read, rows written)`` or None when fewer than two sources are
+        still there. A source already gone was merged by a concurrent compaction (whose
+        shard holds its texts) and is left out. Sources are not deleted here."""
+        parts: list[tuple[str, np.ndarray, np.ndarray]] = []
+        dim: int | None = None
+        for name in sources:
+            try:
+                k = np.load(self.dir / f"{name}.key.npy")
+                v = np.load(self.dir / f"{name}.vec.npy", mmap_mode="r")
+            except FileNotFoundError:
+                continue
+            vec_path = self.dir / f"{name}.vec.npy"
+            if v.ndim != 2 or len(v) != len(k):
+                raise ValueError(f"{vec_path}: shape {v.shape} does not match its {len(k)} "
+                                 f"keys; the shard is damaged: delete {name}.key.npy and "
+                                 f"{name}.vec.npy (its texts are encoded again when needed)")
+            if dim is None:
+                dim = int(v.shape[1])
+            elif v.shape[1] != dim:
+                raise ValueError(f"{vec_path}: {v.shape[1]}-d vectors in a cache of {dim}-d "
+                                 f"ones ({self.dir}); delete that shard (both files)")
+            parts.append((name, k.astype("S16", copy=False), v))
+        if len(parts) < 2 or dim is None:
+            return None
+        sizes = np.array([len(k) for _, k, _ in parts], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        all_keys = np.concatenate([k for _, k, _ in parts])
+        owner = np.repeat(np.arange(len(parts)), sizes)
+        uniq, first = np.unique(all_keys, return_index=True)  # first copy of each text
+        name = _new_shard_name()
+        vec_tmp = self.dir / f".{name}.vec.npy.tmp"
+        out = np.lib.format.open_memmap(vec_tmp, mode="w+", dtype=np.float32,
+                                        shape=(len(uniq), dim))
+        first_owner = owner[first]
+        for i, (_, _, v) in enumerate(parts):
+            dest = np.flatnonzero(first_owner == i)
+            if len(dest):
+                out[dest] = v[first[dest] - starts[i]]
+            self._touch_lock()
+        out.flush()
+        del out
+        _fsync(vec_tmp)
+        os.replace(vec_tmp, self.dir / f"{name}.vec.npy")
+        used = [n for n, _, _ in parts]
+        del parts  # release the source maps (Windows cannot delete a mapped file)
+        src_tmp = self.dir / f".{name}.sources.json.tmp"
+        with open(src_tmp, "w") as f:
+            json.dump({"sources": used}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(src_tmp, self.dir / f"{name}.sources.json")
+        self._save(uniq, self.dir / f"{name}.key.npy", durable=True)
+        _fsync(self.dir)  # the renames themselves
+        return name, used, int(len(all_keys)), int(len(uniq))
+
+    def _remove_shards(self, names: list[str]) -> tuple[int, int]:
+        """Delete shards (keys first, so no reader sees a key file without vectors);
+        ``(removed, kept)``: a file that cannot be deleted leaves the shard in place."""
+        removed = kept = 0
+        for name in names:
+            s = self._index.get(name)
+            if s is not None:
+                self._mmaps.pop(s, None)
+            try:
+                (self.dir / f"{name}.key.npy").unlink(missing_ok=True)
+            except OSError:
+                kept += 1
+                continue
+            for suffix in (".vec.npy", ".sources.json"):
+                try:
+                    (self.dir / f"{name}{suffix}").unlink(missing_ok=True)
+                except OSError:
+                    pass  # without its key file it is a leftover, swept when stale
+            removed += 1
+        return removed, kept
+
+    def _finish_interrupted(self) -> tuple[int, int]:
+        """Delete the sources that complete merged shards list and that are still there
+        (a compaction stopped before deleting them); drop lists with nothing left to do.
+        Sound under concurrency: a merged shard holds every text of its sources and
+        cannot itself be deleted before a newer shard holds them."""
+        removed = kept = 0
+        for src_path in self.dir.glob("*.sources.json"):
+            if src_path.name.startswith("."):
+                continue
+            merged = src_path.name[: -len(".sources.json")]
+            if not (self.dir / f"{merged}.key.npy").exists():
+                continue  # merged shard incomplete: its sources are still needed
+            try:
+                sources = json.loads(src_path.read_text())["sources"]
+            except FileNotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{src_path}: unreadable list of merged shards ({e}); "
+                                 "delete the file (the cache stays correct without it)") from None
+            left = [n for n in sources if (self.dir / f"{n}.key.npy").exists()]
+            r, k = self._remove_shards(left)
+            removed += r
+            kept += k
+            if not k:
+                src_path.unlink(missing_ok=True)
+        return removed, kept
+
+    def _sweep_stale(self, stale_s: float) -> int:
+        """Delete crashed writers' leftovers older than ``stale_s`` seconds: hidden
+        ``*.tmp`` files, and vectors or source lists whose key file never appeared (or
+        was deleted by a compaction that stopped before deleting the rest)."""
+        cutoff = time.time() - stale_s
+        swept = 0
+        for p in self.dir.iterdir():
+            n = p.name
+            if n.startswith("."):
+                stale = n.endswith(".tmp")
+            elif n.endswith((".vec.npy", ".sources.json")):
+                stem = n.removesuffix(".vec.npy").removesuffix(".sources.json")
+                stale = not (self.dir / f"{stem}.key.npy").exists()
+            else:
+                stale = False
+            try:
+                if stale and p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    swept += 1
+            except OSError:
+                pass  # gone already, or in use
+        return swept
+
+
+def compact_cache(cache_dir: str | os.PathLike | None = None, model: str | None = None, *,
+                  normalize: bool = True, max_shards: int = DEFAULT_MAX_SHARDS,
+                  stale_s: float = STALE_S) -> dict[str, dict[str, Any]]:
+    """Compact the text cache under ``cache_dir`` (default ``~/.cache/aether_scale/text``):
+    the one of ``model`` (a ``text.model`` value, with ``normalize``), or every model's
+    when ``model`` is None. ``max_shards=1`` merges each model's shards into one.
+
+    Safe while other processes use the cache (see :meth:`TextCache.compact`). Returns
+    ``{model_key: stats}``. Raises FileNotFoundError when ``cache_dir`` does not exist.
+    """
+    base = Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
+    if not base.is_dir():
+        raise FileNotFoundError(f"text cache folder {base} does not exist; set text.cache_dir "
+                                "or pass the folder the text stage used")
+    if model is not None:
+        key, ident = model_identity(model, normalize)
+        return {key: TextCache(base, key, ident).compact(max_shards, stale_s=stale_s)}
+    out: dict[str, dict[str, Any]] = {}
+    for ident_path in sorted(base.glob("*/identity.json")):
+        key = ident_path.parent.name
+        ident = json.loads(ident_path.read_text())
+        out[key] = TextCache(base, key, ident).compact(max_shards, stale_s=stale_s)
+    return out
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -392,10 +817,13 @@ def encode_unique(
 
     Returns ``(cache, lookup, stats)`` where ``lookup`` locates each input text.
     ``stats``: ``unique``, ``cache_hits``, ``encoded``, ``mode``, ``mode_reason``,
-    ``encode_s``, ``texts_per_s``. Raises OSError when the model cannot be loaded.
+    ``encode_s``, ``texts_per_s``, ``compaction`` (:meth:`TextCache.compact` stats when
+    this run appended and pushed the cache past ``cache.max_shards``, else None).
+    Raises OSError when the model cannot be loaded.
     """
     key, ident = model_identity(cfg.model, cfg.normalize)
-    cache = cache or TextCache(cfg.cache_dir, key, ident)
+    if cache is None:  # (not `cache or`: an empty cache is falsy)
+        cache = TextCache(cfg.cache_dir, key, ident, max_shards=cfg.compact_shards)
     keys = text_keys(texts) if keys is None else keys
     loc = cache.lookup(keys)
     miss = np.flatnonzero(loc.missing)
@@ -406,7 +834,7 @@ def encode_unique(
     n_new = len(miss)
     stats: dict[str, Any] = {"unique": len(texts), "cache_hits": int(len(texts) - loc.missing.sum()),
                              "encoded": n_new, "mode": None, "mode_reason": None,
-                             "encode_s": 0.0, "texts_per_s": None}
+                             "encode_s": 0.0, "texts_per_s": None, "compaction": None}
     if n_new == 0:
         stats["mode"], stats["mode_reason"] = "none", "every text was cached"
         return cache, loc, stats
@@ -445,7 +873,23 @@ def encode_unique(
     dt = time.perf_counter() - t0
     stats["encode_s"] = round(dt, 3)
     stats["texts_per_s"] = round(n_new / dt, 1) if dt > 0 else None
+    stats["compaction"] = _auto_compact(cache)
     return cache, cache.lookup(keys), stats
+
+
+def _auto_compact(cache: TextCache) -> dict[str, Any] | None:
+    """Compact after a run that appended, once the cache has more than
+    ``cache.max_shards`` shards (0 = never). Compaction only saves time later, so a
+    failure (read-only or damaged cache) warns instead of failing the finished run."""
+    if cache.max_shards < 1 or cache.n_shards <= cache.max_shards:
+        return None
+    try:
+        return cache.compact()
+    except (OSError, ValueError) as e:
+        warnings.warn(f"text cache {cache.dir}: compaction failed ({e}); the cache is "
+                      "still correct, only slower to open; fix the cause and run "
+                      "aether_scale.text.compact_cache", stacklevel=2)
+        return None
 
 
 def embed_texts(texts: Sequence[str], cfg: TextSection | None = None) -> np.ndarray:
@@ -533,7 +977,7 @@ def run_text(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResu
     key, ident = model_identity(tcfg.model, tcfg.normalize)
     section = {k: v for k, v in cfg.section("text").items()
                if k not in {"cache_dir", "mode", "batch_size", "flush_texts", "dask_min_texts",
-                            "device"}}
+                            "device", "compact_shards"}}
     section["model_key"] = key
 
     def fn(tmp: dict[str, str]) -> dict[str, Any]:
@@ -559,6 +1003,7 @@ def run_text(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResu
             "mode_reason": st["mode_reason"],
             "encode_s": st["encode_s"],
             "texts_per_s": st["texts_per_s"],
+            "cache_compaction": st["compaction"],
             "read_s": round(t_read, 3),
             "write_s": round(time.perf_counter() - t1, 3),
             "dim": int(dim),

@@ -232,3 +232,166 @@ def test_unknown_model_is_a_clear_error(tmp_path):
                       mode="local", device="cpu")
     with pytest.raises(OSError, match="text.model"):
         T.embed_texts(["a"], cfg)
+
+
+# ----------------------------------------------------------------------------- compaction
+def _vec_of(text: str, dim: int = 8) -> np.ndarray:
+    """A fixed random vector per text (what a model would return, identical every time)."""
+    rng = np.random.default_rng(int.from_bytes(T.text_keys([text])[0][:8], "little"))
+    return rng.standard_normal(dim).astype(np.float32)
+
+
+def _filled_cache(tmp_path, n_appends: int, max_shards: int = 64) -> tuple[T.TextCache, list[str]]:
+    """A cache after ``n_appends`` runs of 3-7 texts each; runs share some texts."""
+    key, ident = T.model_identity("all-MiniLM-L6-v2", True)
+    cache = T.TextCache(tmp_path / "cache", key, ident, max_shards=max_shards)
+    texts: list[str] = []
+    for i in range(n_appends):
+        new = [f"run {i} text {j}" for j in range(3 + i % 5)]
+        batch = new + ([texts[i * 3]] if i % 3 == 2 else [])  # re-encoded duplicate
+        cache.append(T.text_keys(batch), np.stack([_vec_of(t) for t in batch]))
+        texts += new
+    return cache, texts
+
+
+def _assert_exact(cache: T.TextCache, texts: list[str]) -> None:
+    loc = cache.lookup(T.text_keys(texts))
+    assert not loc.missing.any()
+    np.testing.assert_array_equal(cache.gather(loc, 8), np.stack([_vec_of(t) for t in texts]))
+
+
+def _shard_files(cache: T.TextCache, suffix: str = ".key.npy") -> set[str]:
+    return {p.name for p in cache.dir.iterdir() if p.name.endswith(suffix)}
+
+
+def test_compaction_bounds_shards_and_keeps_every_vector(tmp_path):
+    cache, texts = _filled_cache(tmp_path, 30, max_shards=8)
+    assert cache.n_shards == 30 and len(cache) > len(texts)  # duplicates across shards
+    st = cache.compact()
+    assert st["shards_before"] == 30 and st["shards_after"] <= 8 and st["merged"] >= 2
+    assert st["rows_out"] < st["rows_in"]  # the re-encoded texts were merged once
+    assert len(_shard_files(cache)) == len(_shard_files(cache, ".vec.npy")) == cache.n_shards
+    _assert_exact(cache, texts)
+    _assert_exact(T.TextCache(cache.dir.parent, cache.key, {}), texts)  # a fresh reader
+    # below the threshold nothing happens; max_shards=1 merges everything, each text once
+    assert cache.compact()["merged"] == 0
+    st = cache.compact(max_shards=1)
+    assert st["shards_after"] == 1 and len(cache) == len(set(texts))
+    _assert_exact(cache, texts)
+    assert not _shard_files(cache, ".sources.json")
+    with pytest.raises(ValueError, match="max_shards"):
+        cache.compact(max_shards=0)
+
+
+def test_auto_compaction_after_incremental_runs(tcfg, model):
+    key, ident = T.model_identity(tcfg.model, tcfg.normalize)
+    cache = T.TextCache(tcfg.cache_dir, key, ident, max_shards=4)
+    seen: list[str] = []
+    compacted = 0
+    for i in range(11):  # e.g. a national build re-run region by region
+        region = [f"A place of Shop {i}, a type of retail.", TEXTS[i % len(TEXTS)]]
+        _, _, st = T.encode_unique(region, tcfg, cache=cache)
+        assert cache.n_shards <= 4
+        compacted += st["compaction"] is not None
+        seen += region
+    assert compacted >= 2
+    before = calls()
+    got = T.embed_texts(seen, tcfg)  # a new process's view: every text cached
+    assert calls() == before
+    plain = model.encode(seen, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(got, plain, atol=1e-5)
+
+
+def test_interrupted_compaction_answers_correctly_and_is_finished_later(tmp_path):
+    cache, texts = _filled_cache(tmp_path, 12, max_shards=4)
+    sources = cache._plan_compaction(4)
+    assert len(sources) == 12 - 2 + 1  # the smallest, leaving max_shards // 2
+    # a concurrent writer appends while the merge is under way: not a source, kept
+    other = T.TextCache(cache.dir.parent, cache.key, {})
+    other.append(T.text_keys(["late"]), _vec_of("late")[None])
+    merged = cache._write_merged(sources)
+    assert merged is not None
+    name, used, rows_in, rows_out = merged
+    assert used == sources and rows_out < rows_in
+    # "crash" here: sources and merged shard coexist; every reader still answers exactly
+    reader = T.TextCache(cache.dir.parent, cache.key, {})
+    assert reader.n_shards == 12 + 1 + 1 and len(reader) > len(set(texts))
+    _assert_exact(reader, texts + ["late"])
+    # the next compaction deletes the listed sources without rewriting them
+    st = T.TextCache(cache.dir.parent, cache.key, {}).compact(4)
+    assert st["finished"] == len(sources) and st["merged"] == 0 and st["shards_after"] == 3
+    keys_left = _shard_files(cache)
+    assert f"{name}.key.npy" in keys_left
+    assert not any(f"{s}.key.npy" in keys_left or (cache.dir / f"{s}.vec.npy").exists()
+                   for s in sources)
+    assert not _shard_files(cache, ".sources.json")
+    _assert_exact(T.TextCache(cache.dir.parent, cache.key, {}), texts + ["late"])
+    _assert_exact(reader, texts + ["late"])  # the old reader refreshes onto the merged shard
+
+
+def test_reader_opened_before_compaction_keeps_returning_exact_vectors(tmp_path):
+    cache, texts = _filled_cache(tmp_path, 20, max_shards=4)
+    reader = T.TextCache(cache.dir.parent, cache.key, {})
+    keys = T.text_keys(texts)
+    loc = reader.lookup(keys)
+    half = np.arange(len(texts)) < len(texts) // 2
+    # some shards are memory-mapped by the reader before the compaction, the rest not
+    reader.gather(T.Lookup(loc.shard[half], loc.row[half]), 8)
+    st = cache.compact()  # another process
+    assert st["shards_after"] <= 4 and st["merged"] > 0
+    # the stale lookup still gives exact vectors (re-resolved where shards vanished)
+    np.testing.assert_array_equal(reader.gather(loc, 8), np.stack([_vec_of(t) for t in texts]))
+    reader.refresh()
+    assert reader.n_shards == st["shards_after"] and reader.dim == 8
+    _assert_exact(reader, texts)
+
+
+def test_interrupted_merge_before_keys_keeps_sources_and_is_swept(tmp_path):
+    import os
+    import time
+
+    cache, texts = _filled_cache(tmp_path, 6, max_shards=2)
+    sources = cache._plan_compaction(2)
+    name = cache._write_merged(sources)[0]
+    # as if the crash came before the keys rename: vectors and source list, no keys
+    (cache.dir / f"{name}.key.npy").unlink()
+    (cache.dir / ".crashed.key.npy.tmp").write_bytes(b"partial")
+    st = T.TextCache(cache.dir.parent, cache.key, {}).compact(100)
+    assert st["finished"] == 0 and st["swept"] == 0  # recent: maybe a writer in flight
+    assert all((cache.dir / f"{s}.key.npy").exists() for s in sources)
+    _assert_exact(T.TextCache(cache.dir.parent, cache.key, {}), texts)
+    old = time.time() - T.STALE_S - 60
+    for leftover in (f"{name}.vec.npy", f"{name}.sources.json", ".crashed.key.npy.tmp"):
+        os.utime(cache.dir / leftover, (old, old))
+    st = T.TextCache(cache.dir.parent, cache.key, {}).compact(100)
+    assert st["swept"] == 3 and st["finished"] == 0
+    assert {p.name for p in cache.dir.iterdir()} == (
+        {"identity.json"} | {f"{s}{x}" for s in sources for x in (".key.npy", ".vec.npy")})
+    _assert_exact(T.TextCache(cache.dir.parent, cache.key, {}), texts)
+
+
+def test_compact_cache_function(tmp_path):
+    cache, texts = _filled_cache(tmp_path, 5)
+    out = T.compact_cache(tmp_path / "cache", max_shards=1)
+    assert list(out) == [cache.key] and out[cache.key]["shards_after"] == 1
+    assert T.compact_cache(tmp_path / "cache", model="all-MiniLM-L6-v2",
+                           max_shards=1)[cache.key]["merged"] == 0
+    _assert_exact(T.TextCache(cache.dir.parent, cache.key, {}), texts)
+    with pytest.raises(FileNotFoundError, match="cache_dir"):
+        T.compact_cache(tmp_path / "nope")
+
+
+def test_concurrent_compaction_is_skipped_and_a_stale_lock_taken_over(tmp_path):
+    import os
+    import time
+
+    cache, texts = _filled_cache(tmp_path, 6, max_shards=2)
+    lock = cache.dir / ".compact.lock"
+    lock.write_text("another process")
+    st = cache.compact()
+    assert st["busy"] and st["merged"] == 0 and st["shards_after"] == 6 and lock.exists()
+    old = time.time() - T.LOCK_STALE_S - 60
+    os.utime(lock, (old, old))  # its holder crashed long ago
+    st = cache.compact()
+    assert not st["busy"] and st["shards_after"] <= 2 and not lock.exists()
+    _assert_exact(cache, texts)
