@@ -427,3 +427,106 @@ def test_keep_column_missing_in_one_source_becomes_nullable(ws, tmp_path):
     assert out.loc["a", "floors"] == 3 and out.loc["b", "floors"] == 5 and pd.isna(out.loc["c", "floors"])
     with pytest.raises(PoiInputError, match="in none of the sources"):
         run_pois(ws, cfg_for({"path": str(pa), "columns": cols}, keep_columns=["nope"]), force=True)
+
+
+# ----------------------------------------------------------------------------- CSV quoting
+_QUOTED_ROWS = [
+    '{i},"Two\nlines",520000,180000,plain',
+    '{i},"Comma, inside",520100,180100,"say ""hi"""',
+    '{i},"""Quoted"" start",520200,180200,"multi\nline\nnote with ""quotes"", a comma"',
+    '{i},5" screen shop,520300,180300,"crlf\r\ninside"',  # unquoted field with a literal quote
+    '{i},"",520400,180400,',
+    '{i},"ends with a newline\n",520500,180500,"x"',
+    '{i},Plain,520600,180600,"\n\n"',
+]
+
+
+def _quoted_csv(tmp_path: Path, repeat: int = 4) -> tuple[Path, bytes]:
+    """A CSV with quoted newlines (LF and CRLF), quoted separators, doubled quotes, an
+    empty quoted field and a stray literal quote in an unquoted field."""
+    rows = [r.format(i=k * len(_QUOTED_ROWS) + j + 1)
+            for k in range(repeat) for j, r in enumerate(_QUOTED_ROWS)]
+    raw = ("id,name,x,y,note\n" + "\n".join(rows) + "\n").encode()
+    p = tmp_path / "quoted.csv"
+    p.write_bytes(raw)
+    return p, raw
+
+
+def _csv_source(p: Path):
+    return cfg_for({"path": str(p), "x": "x", "y": "y", "crs": "EPSG:27700",
+                    "columns": {"id": "id", "name": "name", "category": "note",
+                                "subcategory": "note"}}).pois.sources[0]
+
+
+def test_csv_quoted_newlines_survive_any_block_boundary(tmp_path):
+    from aether_scale.pois.readers import read_source
+
+    p, raw = _quoted_csv(tmp_path)
+    want = pd.read_csv(p, dtype=str, keep_default_na=True)
+    n_records = len(want)
+    assert n_records == 4 * len(_QUOTED_ROWS) and raw.count(b"\n") > n_records + 10
+    # a nominal block start just before the newline inside "Two\nlines": the block after it
+    # then starts inside that quoted field
+    inside_field = raw.index(b"Two\nlines") + 3
+    for bs in (1, 5, 64, inside_field, 1 << 20):
+        parts, dtypes, crs, kind = read_source(_csv_source(p), 0, partition_rows=1000,
+                                               keep_columns=("note",), blocksize=bs)
+        assert kind == "xy" and crs is None and list(dtypes) == list(want.columns)
+        if bs <= 5:
+            assert len(parts) > n_records  # boundaries inside records, and blocks within one
+        got = pd.concat(dask.compute(*parts), ignore_index=True)
+        pd.testing.assert_frame_equal(got, want[list(got.columns)], obj=f"blocksize={bs}")
+        assert got.id.is_unique
+    assert want.loc[0, "name"] == "Two\nlines" and want.loc[1, "note"] == 'say "hi"'
+    assert want.loc[3, "note"] == "crlf\r\ninside" and want.loc[3, "name"] == '5" screen shop'
+
+
+def test_csv_quoted_newlines_end_to_end_with_tiny_blocks(ws, tmp_path, monkeypatch):
+    """run_pois gives the same table and stats whether the CSV is one block or 30-byte
+    blocks cut through its quoted fields."""
+    from aether_scale.pois import readers
+
+    p, _ = _quoted_csv(tmp_path)
+    cfg = cfg_for({"path": str(p), "x": "x", "y": "y", "crs": "EPSG:27700",
+                   "columns": {"id": "id", "name": "name", "category": "note",
+                               "subcategory": "note"}}, keep_columns=["note"])
+    one = run_pois(ws, cfg).stats
+    want = read_out(ws)
+    monkeypatch.setattr(readers, "CSV_BLOCKSIZE", 30)
+    ws2 = Workspace(tmp_path / "ws2")
+    write_ae_zarr(ws2.path("ae.zarr"))
+    many = run_pois(ws2, cfg).stats
+    got = read_out(ws2)
+    assert one["rows_read"] == many["rows_read"] == 4 * len(_QUOTED_ROWS)
+    assert one["dropped"] == many["dropped"] and one["kept"] == many["kept"] > 0
+    pd.testing.assert_frame_equal(got, want)
+    assert (got.note.dropna().str.contains("\n")).any()  # kept columns keep their newlines
+
+
+def test_csv_unterminated_quote_is_a_clear_error(ws, tmp_path, monkeypatch):
+    from aether_scale.pois import readers
+
+    rows = ["id,name,x,y"] + [f"{i},shop {i},520000,180000" for i in range(60)]
+    rows[31] = '30,"broken shop,520000,180000'
+    raw = ("\n".join(rows) + "\n").encode()
+    p = tmp_path / "bad.csv"
+    p.write_bytes(raw)
+    at = raw.index(b'"broken')
+    line = raw[:at].count(b"\n") + 1
+    assert line == 32
+    for bs in (16, 200, 1 << 20):  # the quote in the first block, a middle one, the last one
+        parts, *_ = readers.read_source(_csv_source(p), 0, partition_rows=1000, blocksize=bs)
+        with pytest.raises(PoiInputError) as e:
+            dask.compute(*parts)
+        msg = str(e.value)
+        assert str(p) in msg and f"byte {at} " in msg and f"line {line}:" in msg
+        assert "never closed" in msg and '"broken shop' in msg and 'doubled ("")' in msg
+    with pytest.raises(PoiInputError, match=f"byte {at} .line {line}"):
+        run_pois(ws, cfg_for({"path": str(p), "x": "x", "y": "y", "crs": "EPSG:27700",
+                              "columns": {"id": "id", "name": "name", "category": "name",
+                                          "subcategory": "name"}}))
+    # a quote that runs on far past its block fails early instead of reading on
+    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 100)
+    parts, *_ = readers.read_source(_csv_source(p), 0, partition_rows=1000, blocksize=16)
+    with pytest.raises(PoiInputError, match=f"byte {at} .*more than 100 B without closing"):
+        dask.compute(*parts)
