@@ -369,9 +369,10 @@ def _bag_columns(counts: sp.csr_matrix, vocab: np.ndarray) -> tuple[pa.Array, pa
     return toks, vals
 
 
-def _write_task(fs: fsspec.AbstractFileSystem, path: str, units: gpd.GeoDataFrame,
-                label_cols: list[str], features: dict[str, np.ndarray], counts: sp.csr_matrix,
-                vocab: np.ndarray, n_pois: np.ndarray, meta: dict[str, Any]) -> None:
+def _write_task(path: str, units: gpd.GeoDataFrame, label_cols: list[str],
+                features: dict[str, np.ndarray], counts: sp.csr_matrix, vocab: np.ndarray,
+                n_pois: np.ndarray, meta: dict[str, Any], *,
+                fs: fsspec.AbstractFileSystem | None = None) -> None:
     x, y = _xy(units) if _is_points(units) else (units.geometry.centroid.x.to_numpy(),
                                                   units.geometry.centroid.y.to_numpy())
     cols: dict[str, Any] = {"unit_id": pa.array(units["unit_id"].astype(str).to_numpy()),
@@ -383,7 +384,7 @@ def _write_task(fs: fsspec.AbstractFileSystem, path: str, units: gpd.GeoDataFram
     cols["poi_tokens"], cols["poi_counts"] = _bag_columns(counts, vocab)
     cols["n_pois"] = pa.array(n_pois.astype(np.int64))
     table = pa.table(cols).replace_schema_metadata({"aether_scale": json.dumps(meta)})
-    with fs.open(path, "wb") as f:
+    with (fs or LocalFileSystem()).open(path, "wb") as f:
         pq.write_table(table, f)
 
 
@@ -481,8 +482,8 @@ def build_regions(
                   seconds=round(time.perf_counter() - t0, 2))
         meta = {"task": task, "methods": list(feats), "labels": label_cols, "buffer_m": buf,
                 "crs": str(crs), "poi_token_columns": tok_cols, "stats": st}
-        _write_task(fs, f"{out_root.rstrip('/')}/{task}.parquet", units, label_cols, feats,
-                    counts, vocab, n_pois, meta)
+        _write_task(f"{out_root.rstrip('/')}/{task}.parquet", units, label_cols, feats,
+                    counts, vocab, n_pois, meta, fs=fs)
         stats[task] = st
         if log:
             log(f"[regions] {task}: kept {st['kept']:,} of {st['rows']:,} units "
