@@ -177,7 +177,7 @@ def run_reference(store: str, *, epochs: int, max_steps: int | None, device: tor
 
 
 # ----------------------------------------------------------------------------- GEMM floor
-def gemm_floor(device: torch.device, rounds: int = 7, reps: int = 50) -> dict:
+def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps: int = 50) -> dict:
     """Seconds per epoch spent in the matrix products of one step alone, per precision.
 
     Times exactly the GEMMs of a training step at batch 512 (both AE views through
@@ -219,7 +219,7 @@ def gemm_floor(device: torch.device, rounds: int = 7, reps: int = 50) -> dict:
                 torch.cuda.synchronize()
             best = min(best, (time.perf_counter() - t0) / reps)
         flops = sum(2 * a.shape[0] * a.shape[1] * m.shape[1] for a, m in pairs)
-        out[name] = {"ms_per_step": round(best * 1e3, 3), "s_per_epoch": round(best * 665, 3),
+        out[name] = {"ms_per_step": round(best * 1e3, 3), "s_per_epoch": round(best * steps_per_epoch, 3),
                      "gflop_per_step": round(flops / 1e9, 3), "gflop_per_s": round(flops / best / 1e9, 1)}
     return out
 
@@ -306,7 +306,7 @@ def main() -> None:
         res["reference"] = r
         print(f"reference: {[round(s, 2) for s in r['s_per_epoch']]} s/epoch")
 
-    floor = gemm_floor(dev)
+    floor = gemm_floor(dev, math.ceil(args.n / 512))
     print(f"GEMM floor (matrix products of one step alone, s/epoch): {floor}")
 
     def best(name: str) -> float:

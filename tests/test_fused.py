@@ -17,7 +17,7 @@ from aether_scale.train.fused import (
     fused_ae_forward,
     fused_text_forward,
 )
-from aether_scale.train.trainer import _retain_freed_memory
+from aether_scale.train.trainer import _retained_heap
 from tests.test_train import make_problem, small_cfg
 
 BF16_NATIVE = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -164,11 +164,76 @@ def test_bf16_training_learns_like_float32_and_is_deterministic(tmp_path) -> Non
     assert [e["loss"] for e in runs["bf16"]] == [e["loss"] for e in runs["bf16b"]]
 
 
-def test_retaining_freed_memory_can_be_switched_off(monkeypatch) -> None:
-    monkeypatch.setenv("AETHER_KEEP_MALLOC", "1")
-    assert _retain_freed_memory() is False
-    monkeypatch.delenv("AETHER_KEEP_MALLOC")
+def test_retained_heap_is_scoped_and_can_be_switched_off(monkeypatch) -> None:
     import platform
 
-    if platform.libc_ver()[0] == "glibc":
-        assert _retain_freed_memory() is True
+    monkeypatch.setenv("AETHER_KEEP_MALLOC", "1")
+    with _retained_heap() as on:
+        assert on is False
+    monkeypatch.delenv("AETHER_KEEP_MALLOC")
+    with _retained_heap(enabled=False) as on:
+        assert on is False
+    with _retained_heap() as on:
+        assert on is (platform.libc_ver()[0] == "glibc")
+
+
+def test_fused_kernels_refuse_inputs_that_need_a_gradient() -> None:
+    ae, txt = _heads()
+    with pytest.raises(ValueError, match="no gradient for its input"):
+        fused_ae_forward(ae, torch.randn(4, 64, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(ValueError, match="no gradient for its input"):
+        fused_text_forward(txt, torch.randn(4, 384, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_to_the_loss_are_computed_in_float32(dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = F.normalize(torch.randn(64, 16, generator=g), dim=1)
+    y = F.normalize(x + 0.1 * torch.randn(64, 16, generator=g), dim=1)
+    ref = float(symmetric_info_nce(x.to(dtype).float(), y.to(dtype).float(), 0.07))
+    xh = x.to(dtype).requires_grad_()
+    val = symmetric_info_nce(xh, y.to(dtype), 0.07)  # logits up to 14.3: exp overflows fp16
+    val.backward()
+    assert float(val.detach()) == pytest.approx(ref, rel=1e-5)
+    assert xh.grad.dtype == dtype and torch.isfinite(xh.grad.float()).all()
+
+
+def test_module_path_and_fused_path_of_the_trainer_agree() -> None:
+    """The trainer runs the fused kernels on CPU and the modules elsewhere (CUDA): same math."""
+    from aether_scale.train.trainer import _Heads
+
+    ae, txt = _heads(dtype=torch.float32)
+    x = F.normalize(torch.randn(64, 64), dim=1)   # base and augmented views, 32 each
+    t = F.normalize(torch.randn(32, 384), dim=1)
+    grads = []
+    for fused in (True, False):
+        heads = _Heads(ae, txt, fused=fused).train()
+        torch.manual_seed(9)
+        z, zt = heads(x, t)
+        AetherLoss()(z[:32], z[32:], zt).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in heads.named_parameters()})
+        heads.zero_grad(set_to_none=True)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    # the module path under bf16 autocast (what CUDA runs with train.precision: bfloat16)
+    heads = _Heads(ae, txt, fused=False, compute_dtype=torch.bfloat16).train()
+    torch.manual_seed(9)
+    z, zt = heads(x, t)
+    assert z.dtype == zt.dtype == torch.float32
+    AetherLoss(grad_dtype=torch.bfloat16)(z[:32], z[32:], zt).loss.backward()
+    for name, p in heads.named_parameters():
+        assert torch.isfinite(p.grad).all() and _cos(p.grad, grads[0][name]) > 0.98, name
+
+
+def test_precision_is_part_of_the_learned_config(tmp_path) -> None:
+    from aether_scale.model import CheckpointError
+    from aether_scale.train.trainer import _learned_config
+
+    # float32 is the behaviour before the key existed: configs without it still match
+    assert _learned_config({"lr": 1e-3}) == _learned_config({"lr": 1e-3, "precision": "float32"})
+    assert _learned_config({"lr": 1e-3}) != _learned_config({"lr": 1e-3, "precision": "bfloat16"})
+    src = write_triplets(str(tmp_path / "t.zarr"), **make_problem(600, seed=4), chunk_rows=256)
+    out = str(tmp_path / "m")
+    train_model(src, small_cfg(epochs=1), out, log=None)
+    with pytest.raises(CheckpointError, match="precision"):
+        train_model(src, small_cfg(epochs=2, precision="bfloat16"), out, log=None, resume=True)

@@ -133,9 +133,14 @@ def fused_ae_forward(ae: AEProj, x: torch.Tensor, compute_dtype: torch.dtype | N
     so the same RNG state drops the same elements as the module). Returns unit
     vectors in the weights' dtype.
     """
+    if x.requires_grad:
+        raise ValueError("fused_ae_forward gives no gradient for its input x; call the module "
+                         "(ae(x)) when you need one")
     dt = compute_dtype or ae.shortcut.weight.dtype
     drop = ae.post_mlp[2]
     p = float(drop.p) if ae.training else 0.0
+    if p >= 1.0:
+        raise ValueError(f"fused_ae_forward: dropout p={p} drops everything; use p < 1")
     return _AEProjTrain.apply(
         x.to(ae.shortcut.weight.dtype),
         ae.proj[0].weight, ae.proj[0].bias, ae.proj[2].weight, ae.proj[2].bias,
@@ -147,5 +152,8 @@ def fused_ae_forward(ae: AEProj, x: torch.Tensor, compute_dtype: torch.dtype | N
 
 def fused_text_forward(txt: TextProj, t: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``txt(t)`` as one autograd node, the GEMM in ``compute_dtype``."""
+    if t.requires_grad:
+        raise ValueError("fused_text_forward gives no gradient for its input; call the module "
+                         "(txt(t)) when you need one")
     w = txt.proj.weight
     return _TextProjTrain.apply(t, w, txt.proj.bias, compute_dtype or w.dtype)

@@ -31,6 +31,7 @@ equal the single-process ones (the loss is scaled by ``world_size`` before
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,10 @@ __all__ = ["train_model", "run_train", "cosine_lr", "write_triplets", "resolve_d
 METRICS_NAME = "metrics.json"
 # Config keys that do not change what is learned (may differ on resume).
 _RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory"})
+# Learned keys added after the first release, with the value that reproduces the older
+# behaviour: left out of comparisons and hashes at that value, so checkpoints and
+# workspaces from before them stay resumable and current.
+_LEGACY_DEFAULTS = {"precision": "float32"}
 
 
 def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
@@ -140,26 +145,36 @@ class _Heads(nn.Module):
         return z.float(), z_t.float()
 
 
-def _retain_freed_memory() -> bool:
-    """glibc: keep freed blocks of up to 32 MiB in the heap instead of returning them to the OS.
+@contextlib.contextmanager
+def _retained_heap(enabled: bool = True) -> Iterator[bool]:
+    """glibc: while active, keep freed blocks of up to 32 MiB in the heap instead of unmapping them.
 
     A CPU training step allocates and frees the same few MiB of temporaries every
     step; with glibc's defaults they are unmapped and page-faulted back each time
     (≈2,000 minor faults per step at batch 512, several ms of kernel time on 2
-    cores). With these settings a step takes ~1 fault. The cost: the process keeps
-    its high-water mark of such blocks. Applies to this process for its lifetime;
-    a no-op (False) off glibc or with ``AETHER_KEEP_MALLOC=1`` in the environment.
+    cores). With these settings a step takes ~1 fault. On exit glibc's default
+    thresholds (128 KiB) are set back and the heap is trimmed, so the rest of the
+    process is unaffected. Yields whether it took effect: False off glibc, when
+    ``enabled`` is false, or with ``AETHER_KEEP_MALLOC=1`` in the environment.
     """
-    if os.environ.get("AETHER_KEEP_MALLOC") == "1":
-        return False
-    try:
-        import ctypes
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc = None
+    if enabled and os.environ.get("AETHER_KEEP_MALLOC") != "1":
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
+            libc = ctypes.CDLL("libc.so.6")
+            if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
+                libc = None
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield libc is not None
+    finally:
+        if libc is not None:
+            libc.mallopt(m_trim_threshold, 128 << 10)
+            libc.mallopt(m_mmap_threshold, 128 << 10)
+            libc.malloc_trim(0)
 
 
 def _compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], None]) -> torch.dtype:
@@ -169,9 +184,9 @@ def _compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str],
     if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         say("[train] warning: this CPU has no native bfloat16 GEMMs (AVX512-BF16/AMX); "
             "train.precision: bfloat16 will be slower than float32 here")
-    elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         raise ValueError(f"train.precision is bfloat16 but {torch.cuda.get_device_name(device)} "
-                         "does not support it; use float32")
+                         "has no native bf16 (compute capability < 8.0); use float32")
     return torch.bfloat16
 
 
@@ -206,7 +221,8 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
 
 
 def _learned_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in _RUNTIME_KEYS}
+    return {k: v for k, v in cfg.items()
+            if k not in _RUNTIME_KEYS and not (k in _LEGACY_DEFAULTS and v == _LEGACY_DEFAULTS[k])}
 
 
 # --------------------------------------------------------------------------- train_model
@@ -239,8 +255,9 @@ def train_model(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(triplets_uri, cfg, out_dir, say=say, resume=resume,
-                      storage_options=storage_options, device=device, shard=shard, t_start=t_start)
+        with _retained_heap(device.type == "cpu"):
+            return _train(triplets_uri, cfg, out_dir, say=say, resume=resume,
+                          storage_options=storage_options, device=device, shard=shard, t_start=t_start)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -300,8 +317,6 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     txt = TextProj(store.text_dim, cfg.out_dim)
     compute_dtype = _compute_dtype(cfg, device, say)
     heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=compute_dtype).to(device)
-    if device.type == "cpu":
-        _retain_freed_memory()
     full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows}
     if state is not None:
         old, new = _learned_config(state.get("config", {})), _learned_config(full_cfg)
