@@ -193,15 +193,21 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str, fs: AbstractFileSystem | None) -> None:
-    """Render ``fig`` to PNG bytes in memory and write them to ``path`` through fsspec.
+def _save(fig: Any, path: str, fs: AbstractFileSystem | None) -> list[str]:
+    """Lay out ``fig``, render it to PNG bytes in memory, write them to ``path`` through
+    fsspec and close the figure (also on failure); returns ``[path]``.
 
     matplotlib can only save to local files or file objects; rendering to bytes
     first lets the same code write to ``s3://`` (one PUT, no partial object).
     """
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    _fs(path, fs).pipe_file(path, buf.getvalue())
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        _fs(path, fs).pipe_file(path, buf.getvalue())
+    finally:
+        _plt().close(fig)
+    return [path]
 
 
 def plot_metrics(metrics: dict[str, Any], path: str, *,
@@ -233,12 +239,7 @@ def plot_metrics(metrics: dict[str, Any], path: str, *,
         if finite:
             lo = min(finite) - 2 * max(stds + [1e-9])
             ax.set_ylim(bottom=max(0.0, lo * 0.9))
-    fig.tight_layout()
-    try:
-        _save(fig, path, fs)
-    finally:
-        plt.close(fig)
-    return [path]
+    return _save(fig, path, fs)
 
 
 def _coarse(path: str, max_px: int = 400, *, storage_options: dict | None = None
@@ -291,12 +292,7 @@ def plot_fields(ae_path: str, field_path: str, path: str, *,
         ax.imshow(rgb, interpolation="nearest")
         ax.set_title(title)
         ax.set_axis_off()
-    fig.tight_layout()
-    try:
-        _save(fig, path, fs)
-    finally:
-        plt.close(fig)
-    return [path]
+    return _save(fig, path, fs)
 
 
 def plot_loss(metrics_json: str, path: str, *, fs: AbstractFileSystem | None = None,
@@ -323,9 +319,4 @@ def plot_loss(metrics_json: str, path: str, *, fs: AbstractFileSystem | None = N
     ax.set_ylabel("loss")
     ax.set_title(f"training loss ({os.path.basename(os.path.dirname(metrics_json))})")
     ax.legend()
-    fig.tight_layout()
-    try:
-        _save(fig, path, fs)
-    finally:
-        plt.close(fig)
-    return [path]
+    return _save(fig, path, fs)
