@@ -177,6 +177,15 @@ def _global_batches(n: int, batch_size: int, world_size: int) -> list[tuple[int,
     return out
 
 
+def _check_global_batch(batch_size: int, shard: Shard) -> None:
+    """``train.batch_size`` is the global batch: every rank must get an equal share."""
+    if batch_size % shard.world_size:
+        raise ValueError(
+            f"train.batch_size {batch_size} must be divisible by the number of ranks "
+            f"{shard.world_size} (it is the global batch)"
+        )
+
+
 class InMemoryBatches:
     """All selected rows in memory (on ``device``); one permutation per epoch."""
 
@@ -192,11 +201,7 @@ class InMemoryBatches:
         device: torch.device,
         shard: Shard = Shard(),
     ) -> None:
-        if batch_size % shard.world_size:
-            raise ValueError(
-                f"train.batch_size {batch_size} must be divisible by the number of ranks "
-                f"{shard.world_size} (it is the global batch)"
-            )
+        _check_global_batch(batch_size, shard)
         if rows is None:
             base, aug, text = store.read(0, store.n)
         else:  # chunk by chunk, so memory holds the subsample plus one chunk, not the store
@@ -281,11 +286,7 @@ class StreamingBatches:
         prefetch: int = 2,
         shard: Shard = Shard(),
     ) -> None:
-        if batch_size % shard.world_size:
-            raise ValueError(
-                f"train.batch_size {batch_size} must be divisible by the number of ranks "
-                f"{shard.world_size} (it is the global batch)"
-            )
+        _check_global_batch(batch_size, shard)
         self.store = store
         self.batch_size, self.seed, self.device, self.shard = batch_size, seed, device, shard
         self.local_batch = batch_size // shard.world_size
