@@ -428,6 +428,51 @@ def test_ddp_two_ranks_on_gloo(store, tmp_path, in_memory) -> None:
         assert m_ddp["epochs"][-1]["L_AP"] < m_ddp["epochs"][0]["L_AP"]
 
 
+class _StopAfter:
+    """A ``log`` that interrupts training once ``epoch k/`` has been reported (after last.pt)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, msg: str) -> None:
+        if f"epoch {self.k}/" in msg:
+            raise _Interrupt(msg)
+
+
+def _ddp_resume_worker(rank: int, world: int, port: int, src: str, out: str, cfg_json: str,
+                       stop_after: int, resume: bool) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    try:
+        train_model(src, TrainSection.model_validate_json(cfg_json), out, resume=resume,
+                    log=_StopAfter(stop_after) if stop_after else None)
+    except _Interrupt:
+        pass
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow  # three rounds of two spawned processes
+def test_ddp_with_dropout_resumes_bitwise_and_ranks_draw_their_own_masks(store, tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    from aether_scale.train.trainer import rank_seed
+
+    assert len({rank_seed(0, r) for r in range(8)}) == 8 and rank_seed(3, 1) == rank_seed(3, 1)
+    cfg = small_cfg(epochs=3, dropout=0.1, in_memory="always").model_dump_json()
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), store, full, cfg, 0, False), nprocs=2, join=True)
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), store, part, cfg, 2, False), nprocs=2, join=True)
+    saved = torch.load(os.path.join(part, "last.pt"), weights_only=True)
+    assert saved["epoch"] == 1 and len(saved["rng_ranks"]) == 2
+    assert not torch.equal(saved["rng_ranks"][0]["torch"], saved["rng_ranks"][1]["torch"])
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), store, part, cfg, 0, True), nprocs=2, join=True)
+    _assert_bitwise_equal(os.path.join(full, "last.pt"), os.path.join(part, "last.pt"))
+
+
 def _stage_worker(rank: int, world: int, port: int, root: str, result_dir: str) -> None:
     import torch.distributed as dist
 

@@ -98,12 +98,19 @@ def _init_distributed(device: torch.device) -> Shard:
         return shard
     import torch.distributed as dist
 
+    if device.type == "cuda":  # NCCL and the object collectives use the current device
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method="env://")
     if dist.get_world_size() != shard.world_size:
         raise RuntimeError("WORLD_SIZE does not match the initialised process group")
     return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for ``rank``'s generator, distinct per rank and a pure function of both."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -317,6 +324,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     txt = TextProj(store.text_dim, cfg.out_dim)
     compute_dtype = _compute_dtype(cfg, device, say)
     heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=compute_dtype).to(device)
+    if shard.world_size > 1:  # same initial weights on every rank, but each its own dropout masks
+        torch.manual_seed(rank_seed(cfg.seed, shard.rank))
     full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows}
     if state is not None:
         old, new = _learned_config(state.get("config", {})), _learned_config(full_cfg)
@@ -337,7 +346,13 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         history = list(state["metrics"].get("epochs", []))
         best = state["metrics"].get("best")
         start_epoch = int(state["epoch"]) + 1
-        _set_rng_state(state["rng"], device)
+        ranks = state.get("rng_ranks")
+        if shard.world_size > 1 and ranks is not None and len(ranks) == shard.world_size:
+            _set_rng_state(ranks[shard.rank], device)
+        else:  # single process, or a different number of ranks than the run that saved it
+            _set_rng_state(state["rng"], device)
+            if shard.world_size > 1:
+                torch.manual_seed(rank_seed(int(torch.randint(2**62, (1,))), shard.rank))
         say(f"[train] resuming from {last_path} after epoch {start_epoch}/{cfg.epochs}")
     model: nn.Module = heads
     if shard.world_size > 1:
@@ -412,15 +427,20 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
             improved = best is None or rec["L_AP"] < best["L_AP"]
             if improved:
                 best = dict(rec)
+            rng = _rng_state(device)
+            extra = {"optimizer": opt.state_dict(), "rng": rng, "loader": kind}
+            if shard.world_size > 1:  # every rank's generator, so a resume redraws the same masks
+                import torch.distributed as dist
+
+                ranks_rng: list[Any] = [None] * shard.world_size
+                dist.all_gather_object(ranks_rng, rng)
+                extra["rng_ranks"] = ranks_rng
             if is_main:
                 if improved:
                     save_checkpoint(best_path, ae, txt, config=full_cfg, epoch=epoch,
                                     metrics={"best": best, "epochs": history})
-                save_checkpoint(
-                    last_path, ae, txt, config=full_cfg, epoch=epoch,
-                    metrics={"best": best, "epochs": history},
-                    extra={"optimizer": opt.state_dict(), "rng": _rng_state(device), "loader": kind},
-                )
+                save_checkpoint(last_path, ae, txt, config=full_cfg, epoch=epoch,
+                                metrics={"best": best, "epochs": history}, extra=extra)
                 _write_json(metrics_path, metrics_doc())
             ae_s = f" L_AE {rec['L_AE']:.4f}" if rec["L_AE"] is not None else ""
             say(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f}{ae_s} "
