@@ -63,6 +63,7 @@ from .loader import (
     Shard,
     StreamingBatches,
     TripletStore,
+    epoch_seed,
     subsample_rows,
     write_triplets,
 )
@@ -76,6 +77,7 @@ _RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory"})
 # behaviour: left out of comparisons and hashes at that value, so checkpoints and
 # workspaces from before them stay resumable and current.
 _LEGACY_DEFAULTS = {"precision": "float32"}
+_RANK_SALT = 0x52414E4B  # keeps rank seeds apart from the loader's per-epoch shuffle seeds
 
 
 def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
@@ -110,7 +112,7 @@ def _init_distributed(device: torch.device) -> Shard:
 
 def rank_seed(seed: int, rank: int) -> int:
     """A seed for ``rank``'s generator, distinct per rank and a pure function of both."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return epoch_seed(seed, rank, salt=_RANK_SALT)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
