@@ -63,9 +63,7 @@ def symmetric_info_nce(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Te
     fused kernel of :func:`info_nce_terms` (one logits matrix, closed-form
     gradient) — about 1.4× faster on CPU than autograd through two cross-entropies.
     """
-    if x.shape != y.shape or x.dim() != 2:
-        raise ValueError(f"symmetric_info_nce: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
-    return info_nce_terms(x, (y,), (tau,), (1.0,))[0]
+    return info_nce_terms(x, (y,), (tau,), (1.0,))[0]  # checks the shapes
 
 
 def symmetric_info_nce_reference(x: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
