@@ -276,9 +276,13 @@ def load_sdm_units(cfg: RegionsSection, crs: Any) -> tuple[gpd.GeoDataFrame, dic
 # --------------------------------------------------------------------------- POI bags
 def _read_pois(path: str, token_columns: Sequence[str], storage_options: dict | None = None
                ) -> tuple[gpd.GeoDataFrame, list[str]]:
+    import pyarrow.dataset as pds
+
     fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    with fs.open(_first_parquet(fs, root), "rb") as f:
-        schema_cols = pq.read_schema(f).names
+    dset = pds.dataset(root, format="parquet", filesystem=fs)  # a file or a partitioned folder
+    if not dset.files:
+        raise ValueError(f"{path}: a folder without .parquet files")
+    schema_cols = dset.schema.names
     cols = [c for c in token_columns if c in schema_cols]
     if not cols:
         raise ValueError(
@@ -286,19 +290,7 @@ def _read_pois(path: str, token_columns: Sequence[str], storage_options: dict | 
             f"(columns: {[c for c in schema_cols if c != 'geometry']}); set "
             "regions.poi_token_columns or keep those columns in the pois stage (pois.keep_columns)"
         )
-    if isinstance(fs, LocalFileSystem):
-        return gpd.read_parquet(path, columns=[*cols, "geometry"]), cols
     return gpd.read_parquet(root, columns=[*cols, "geometry"], filesystem=fs), cols
-
-
-def _first_parquet(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """``path`` itself, or the first ``.parquet`` file under it when it is a folder (dataset)."""
-    if fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
-        if not files:
-            raise ValueError(f"{path}: a folder without .parquet files")
-        return files[0]
-    return path
 
 
 def poi_token_matrix(pois: pd.DataFrame, columns: Sequence[str]) -> tuple[sp.csr_matrix, np.ndarray]:
