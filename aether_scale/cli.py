@@ -1,93 +1,71 @@
-"""``aether-scale``: the command line. Thin: parse, load config, open the cluster, call a stage.
+"""``aether-scale``: the command line. Thin: parse, load the config, call the pipeline.
 
-Every stage reads the workspace and its config section, writes its outputs
-atomically with a manifest, and is skipped on rerun when nothing changed.
+Sub-commands come from the stage registry (:mod:`aether_scale.pipeline`): one per
+stage, ``run`` (every stage in order), ``status`` (what is current, stale and why),
+``stages`` (the stage graph and workspace contract), ``config`` (the resolved config),
+``demo`` and ``synth``. Without ``-c`` a command on an existing workspace uses the
+config its last run saved there (``<workspace>/config.yaml``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import logging
+import os
 import sys
-import time
-from collections.abc import Callable
+import traceback
+from typing import Any
 
-from .config import ConfigError, RunConfig, load_config
+from . import __version__
+from .config import ConfigError, RunConfig, config_yaml, load_config, packaged_configs
+from .logs import get_logger, setup
+from .pipeline import ARTIFACTS, STAGES, producer, stage_names
 
-# stage name → (module:function, one-line help). Order = the data flow.
-STAGES: dict[str, tuple[str, str]] = {
-    "ingest": ("aether_scale.ingest:run_ingest", "AlphaEarth GeoTIFF/COG/VRT tiles → ae.zarr"),
-    "pois": ("aether_scale.pois:run_pois", "POI files → pois.parquet (descriptions, AE CRS)"),
-    "text": ("aether_scale.text:run_text", "POI descriptions → text.zarr (sentence-transformers)"),
-    "pool": ("aether_scale.pooling:run_pool", "AE pooled in buffers around POIs → triplets.zarr"),
-    "train": ("aether_scale.train:run_train", "train the AETHER projector → model/"),
-    "infer": ("aether_scale.field:run_infer", "projector over every AE pixel → field.zarr"),
-    "regions": ("aether_scale.regions:run_regions", "AE and field pooled around label units → regions.parquet"),
-    "evaluate": ("aether_scale.evaluate:run_evaluate", "the paper's Table 1 protocol → report/"),
-}
+log = get_logger("cli")
 
 EPILOG = """\
 examples:
   aether-scale demo                                  # synthetic city, every stage, ~minutes
-  aether-scale synth --out city/                     # just write the synthetic city's files
-  aether-scale ingest --workspace runs/london --config configs/london.yaml
-  aether-scale run --workspace runs/london --config configs/london.yaml --set train.epochs=20
-  aether-scale train -w s3://bucket/run -c configs/national.yaml --set cluster.kind=gateway
+  aether-scale status -w demo-out                    # what is current, stale (and why)
+  aether-scale status -w demo-out --set train.lam=0.5
+  aether-scale run -w runs/london -c london --set ingest.tiles='["/data/aef/*.tiff"]'
+  aether-scale train -w runs/london --set train.epochs=20   # reuses the saved config
+  aether-scale train -w s3://bucket/run -c national --set cluster.kind=gateway
+  aether-scale stages --markdown                     # the stage graph, as in the README
+  aether-scale config -c london                      # the resolved config, every default
 
 A workspace is a folder or fsspec URL; each stage leaves its outputs and a manifest
-there and is skipped on rerun when its inputs and config are unchanged (--force redoes it).
-"""
+there and is skipped on rerun when its inputs and config are unchanged (--force redoes
+it). -c takes a YAML file or a shipped config name: """ + ", ".join(packaged_configs())
 
 
-# What each stage reads from the workspace, and the stage that writes it.
-NEEDS: dict[str, dict[str, str]] = {
-    "pois": {"ae.zarr": "ingest"},
-    "text": {"pois.parquet": "pois"},
-    "pool": {"ae.zarr": "ingest", "pois.parquet": "pois", "text.zarr": "text"},
-    "train": {"triplets.zarr": "pool"},
-    "infer": {"ae.zarr": "ingest", "model": "train"},
-    "regions": {"ae.zarr": "ingest", "field.zarr": "infer"},
-    "evaluate": {"regions.parquet": "regions"},
-}
+def _add_verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v``/``-q`` before or after the command (``aether-scale -q run …`` and
+    ``aether-scale run -q …`` mean the same)."""
+    d = {} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("-v", "--verbose", action="count", **({"default": 0} if top else d),
+                   help="more detail (-v: debug; -vv: also dask/library logs; tracebacks)")
+    p.add_argument("-q", "--quiet", action="store_true", **d,
+                   help="only warnings and errors")
 
 
-def check_ready(names: list[str], workspace: str, cfg: RunConfig) -> None:
-    """Refuse early (before any cluster starts) when the first stage's inputs are missing.
-
-    Later stages get their inputs from the earlier ones in the same run. Raises
-    ``FileNotFoundError`` naming the missing output and the command that makes it.
-    """
-    from .workspace import Workspace
-
-    first = names[0]
-    if first == "ingest" and not cfg.ingest.tiles:
-        raise FileNotFoundError(
-            "no AlphaEarth tiles given: set ingest.tiles in the config or pass "
-            "--set ingest.tiles='[\"/path/to/tiles/*.tif\"]'"
-        )
-    ws = Workspace(workspace)
-    for name, producer in NEEDS.get(first, {}).items():
-        if not ws.exists(name):
-            raise FileNotFoundError(
-                f"{ws.path(name)} does not exist: run `aether-scale {producer} -w {workspace}` "
-                f"first (or `aether-scale run -w {workspace} -c CONFIG` for every stage)"
-            )
-
-
-def stage_function(name: str) -> Callable:
-    """Import the function that implements a stage (``"ingest"`` → ``run_ingest``)."""
-    target, _ = STAGES[name]
-    mod, fn = target.split(":")
-    return getattr(importlib.import_module(mod), fn)
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config",
+                   help="run config: a YAML file or a shipped name (default: the workspace's "
+                        "saved config.yaml, else every default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
 
 
 def _add_common(p: argparse.ArgumentParser, *, workspace_required: bool = True) -> None:
     p.add_argument("-w", "--workspace", required=workspace_required,
                    help="run folder or fsspec URL (s3://…, gs://…) holding stage outputs")
-    p.add_argument("-c", "--config", help="run config YAML (see configs/); defaults apply without")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--force", action="store_true", help="redo the stage even if its manifest matches")
+    _add_config(p)
+    p.add_argument("--force", action="store_true",
+                   help="redo the stage from scratch even if its manifest matches")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="fail instead of waiting when another run holds a stage's lock")
+    _add_verbosity(p, top=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"aether-scale {__version__}")
+    _add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run every stage on the embedded synthetic city",
-                       description="Generate the synthetic city and run every stage on a "
-                       "LocalCluster; prints where the outputs are.")
+                       description="Generate the synthetic city into <workspace>/city and run "
+                       "every stage on it (config: the shipped demo.yaml).")
     _add_common(p, workspace_required=False)
     p.set_defaults(workspace=None)
 
@@ -110,74 +90,192 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the embedded synthetic city in the formats a real "
                        "user has: AE GeoTIFF tiles, GeoParquet POIs, LUC points, LSOA-like units.")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("-c", "--config", help="config YAML whose 'synth' section is used")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="e.g. --set synth.size_px=2048 --set synth.seed=3")
+    _add_config(p)
+    _add_verbosity(p, top=False)
 
-    for name, (_, help_) in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+    for st in STAGES:
+        p = sub.add_parser(st.name, help=st.help, description=st.help)
         _add_common(p)
 
     p = sub.add_parser("run", help="run every stage in order (skipping up-to-date ones)")
     _add_common(p)
-    p.add_argument("--until", choices=list(STAGES), help="stop after this stage")
+    p.add_argument("--until", choices=stage_names(), help="stop after this stage")
+    p.add_argument("--from", dest="start", choices=stage_names(), help="start at this stage")
+
+    p = sub.add_parser("status", help="each stage: current, stale (and why) or missing",
+                       description="Compare the workspace's manifests with the config (default: "
+                       "the one its last run saved) without running anything.")
+    p.add_argument("-w", "--workspace", required=True)
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_verbosity(p, top=False)
+
+    p = sub.add_parser("stages", help="the stage graph: what each stage reads and writes")
+    p.add_argument("--markdown", action="store_true", help="the README's tables")
+    _add_verbosity(p, top=False)
+
+    p = sub.add_parser("config", help="print the resolved config (every default filled in)")
+    p.add_argument("-w", "--workspace", help="use this workspace's saved config as the base")
+    _add_config(p)
+    _add_verbosity(p, top=False)
     return parser
 
 
+# --------------------------------------------------------------------------- config
+def _saved_config(workspace: str | None) -> str | None:
+    """The config a workspace's last run saved (a local file path), if any."""
+    if not workspace:
+        return None
+    from .workspace import CONFIG_FILE
+
+    if "://" in workspace and not workspace.startswith("file://"):
+        import tempfile
+
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(workspace)
+        src = f"{root.rstrip('/')}/{CONFIG_FILE}"
+        if not fs.exists(src):
+            return None
+        d = tempfile.mkdtemp(prefix="aether-config-")
+        dst = os.path.join(d, CONFIG_FILE)
+        fs.get(src, dst)
+        return dst
+    p = os.path.join(workspace.removeprefix("file://"), CONFIG_FILE)
+    return p if os.path.exists(p) else None
+
+
 def _load(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, args.overrides)
+    path = args.config
+    if path is None:
+        path = _saved_config(getattr(args, "workspace", None))
+        if path is not None:
+            log.info(f"config: {path} (saved by the workspace's last run)")
+    return load_config(path, args.overrides)
 
 
-def run_stages(names: list[str], workspace: str, cfg: RunConfig, *, force: bool = False) -> list:
-    """Run the named stages in order on one cluster; returns their StageResults."""
-    from .cluster import connect
+# --------------------------------------------------------------------------- commands
+def _entry(kind: str, *, variants: bool = False) -> str:
+    """How an artifact is written in the docs: ``model/``, ``field.zarr`` (+ variants)."""
+    a = ARTIFACTS[kind]
+    d = "" if "." in a.name else "/"
+    out = f"`{a.name}{d}`"
+    if variants and a.per_variant:
+        out += f", `{a.variant('<variant>')}{d}`"
+    return out
+
+
+def stages_markdown() -> str:
+    """The stage table and the workspace contract table, from the registry (README)."""
+    lines = ["| stage | reads | writes | what |", "|---|---|---|---|"]
+    for st in STAGES:
+        reads = [_entry(r, variants=True) for r in st.reads]
+        reads += [_entry(r, variants=True) + " if there" for r in st.optional_reads]
+        reads += [f"`{st.section}.{k}`" for k in st.input_keys]
+        writes = ", ".join(_entry(w, variants=True) for w in st.writes)
+        lines.append(f"| `{st.name}` | {', '.join(reads) or '—'} | {writes} | {st.help} |")
+    lines += ["", "| workspace entry | holds | written by |", "|---|---|---|"]
+    for a in ARTIFACTS.values():
+        prod = producer(a.name)
+        lines.append(f"| {_entry(a.name, variants=True)} | {a.holds} | "
+                     f"{'`' + prod.name + '`' if prod else '—'} |")
+    return "\n".join(lines)
+
+
+def _print_stages(markdown: bool) -> None:
+    if markdown:
+        print(stages_markdown())
+        return
+    for st in STAGES:
+        reads = ", ".join([*st.reads, *(f"[{r}]" for r in st.optional_reads),
+                           *(f"{st.section}.{k}" for k in st.input_keys)]) or "-"
+        print(f"{st.name:<9} {reads}  →  {', '.join(st.writes)}")
+        print(f"{'':<9} {st.help}; config section '{st.section}'"
+              + (f"; runtime-only: {', '.join(sorted(st.runtime_keys))}" if st.runtime_keys else "")
+              + ("" if st.cluster is False else "; uses the dask cluster"))
+
+
+def _print_status(ws: Any, cfg: RunConfig, as_json: bool) -> None:
+    import json
+
+    from .pipeline import status
+
+    rows = status(ws, cfg)
+    if as_json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    for r in rows:
+        print(f"{r.stage:<9} {r.state:<8} " + (", ".join(r.outputs) if r.state == "current"
+                                               else ""))
+        for w in r.why if r.state != "current" else []:
+            print(f"{'':<18}- {w}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .pipeline import run_stages
     from .workspace import Workspace
 
-    check_ready(names, workspace, cfg)
-    ws = Workspace(workspace)
-    results = []
-    with connect(cfg.cluster):
-        for name in names:
-            t0 = time.perf_counter()
-            res = stage_function(name)(ws, cfg, force=force)
-            if not res.skipped:
-                print(f"[{name}] {time.perf_counter() - t0:.1f} s")
-            results.append(res)
-    return results
+    if args.command == "stages":
+        _print_stages(args.markdown)
+        return 0
+    if args.command == "synth":
+        from .synthetic import write_city
+
+        paths = write_city(args.out, _load(args).synth)
+        print(f"synthetic city written to {args.out}:")
+        for k, v in paths.items():
+            print(f"  {k}: {v}")
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        out = run_demo(args.workspace, config=args.config, overrides=args.overrides,
+                       force=args.force)
+        print(out["summary"])
+        return 0
+    cfg = _load(args)
+    if args.command == "config":
+        print(config_yaml(cfg), end="")
+        return 0
+    ws = Workspace(args.workspace)
+    if args.command == "status":
+        _print_status(ws, cfg, args.json)
+        return 0
+    names = stage_names() if args.command == "run" else [args.command]
+    if args.command == "run":
+        if args.start:
+            names = names[names.index(args.start):]
+        if args.until:
+            names = names[: names.index(args.until) + 1]
+    ws.save_config(config_yaml(cfg, relative_to=ws.root if ws.is_local else None),
+                   sys.argv[1:] or [args.command])
+    run_stages(names, ws, cfg, force=args.force, wait=args.wait)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup(-1 if args.quiet else args.verbose)
     try:
-        if args.command == "synth":
-            from .synthetic import write_city
-
-            cfg = _load(args)
-            paths = write_city(args.out, cfg.synth)
-            print(f"synthetic city written to {args.out}:")
-            for k, v in paths.items():
-                print(f"  {k}: {v}")
-            return 0
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(args.workspace, config=args.config, overrides=args.overrides, force=args.force)
-            return 0
-        cfg = _load(args)
-        if args.command == "run":
-            names = list(STAGES)
-            if args.until:
-                names = names[: names.index(args.until) + 1]
-        else:
-            names = [args.command]
-        run_stages(names, args.workspace, cfg, force=args.force)
-        return 0
+        return _run(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: completed chunks are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends as one clear message
+        if args.verbose:
+            traceback.print_exc()
+        msg = str(e) or type(e).__name__
+        known = isinstance(e, (FileNotFoundError, ValueError, OSError, RuntimeError))
+        prefix = "error" if known else f"error ({type(e).__name__})"
+        print(f"{prefix}: {msg}", file=sys.stderr)
+        if not args.verbose:
+            print("(run with -v for the full traceback)", file=sys.stderr)
+        logging.shutdown()
         return 1
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,6 +217,11 @@ class TrainSection(Section):
     tau_poi: float = Field(0.07, gt=0)
     lam: float = Field(0.2, ge=0, le=1)
     use_aug: bool = Field(True, description="false = 'AETHER w/o aug' (no AE↔AE term)")
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"noaug": {"use_aug": False}},
+        description="extra models trained beside model/: name → train keys that differ "
+        "(written as model_<name>/, evaluated as AETHER_<name>); {} for none",
+    )
     train_fraction: float = Field(1.0, gt=0, le=1)
     hidden_dim: int = Field(256, ge=1)
     out_dim: int = Field(128, ge=1)
@@ -232,6 +238,34 @@ class TrainSection(Section):
         description="GEMM operands: bfloat16 = mixed precision (float32 accumulation, "
         "normalisation, loss, weights and optimizer); ≈1.5× faster per step on AVX512-BF16 CPUs",
     )
+
+    @model_validator(mode="after")
+    def _variants(self) -> TrainSection:
+        for name, over in self.variants.items():
+            if not re.fullmatch(r"[a-z0-9_]+", name):
+                raise ValueError(f"train.variants: name {name!r} must be lower-case letters, "
+                                 "digits and _ (it names the folder model_<name>/)")
+            if not isinstance(over, dict):
+                raise ValueError(f"train.variants.{name} must be a mapping of train keys")
+            bad = sorted(set(over) - (set(TrainSection.model_fields) - {"variants"}))
+            if bad:
+                raise ValueError(f"train.variants.{name}: unknown train key(s) {bad}")
+            try:
+                TrainSection.model_validate({**self.model_dump(exclude={"variants"}), **over,
+                                             "variants": {}})
+            except ValidationError as e:
+                first = e.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                raise ValueError(f"train.variants.{name}.{loc}: {first['msg']} "
+                                 f"(got {first.get('input')!r})") from None
+        return self
+
+    def variant(self, name: str) -> TrainSection:
+        """The train section of variant ``name`` ('' = the main model)."""
+        if not name:
+            return self.model_copy(update={"variants": {}})
+        return TrainSection.model_validate({**self.model_dump(exclude={"variants"}),
+                                            **self.variants[name], "variants": {}})
 
 
 # --------------------------------------------------------------------------- infer
@@ -250,6 +284,10 @@ class InferSection(Section):
     )
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="projector GEMMs; bfloat16 ≈2× faster on AVX512-BF16 CPUs"
+    )
+    chunk_px: int | None = Field(
+        None, ge=16, description="field chunk edge (must divide the ae.zarr chunk edge); "
+        "default: the largest divisor of it up to 512 (a 64 MiB float16 chunk)",
     )
 
 
@@ -286,7 +324,6 @@ class EvaluateSection(Section):
     patience: int = Field(20, ge=1)
     lr: float = Field(1e-3, gt=0)
     baselines: list[Literal["tfidf", "lda"]] = Field(default_factory=lambda: ["tfidf", "lda"])
-    noaug: bool = Field(True, description="also train and evaluate AETHER w/o aug")
     batch_size: int | None = Field(
         None, ge=8, description="head minibatch size; null = full batch"
     )
@@ -322,12 +359,22 @@ _INPUT_PATHS: tuple[tuple[str, ...], ...] = (
     ("regions", "sdm_table"),
 )
 
+# Keys that older versions accepted, with where their meaning went.
+_MOVED = {
+    "evaluate.noaug": "the variants a run trains are train.variants (default "
+                      "{noaug: {use_aug: false}}; {} trains AETHER only); infer, regions and "
+                      "evaluate follow the models that exist",
+}
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         kind = e["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and loc in _MOVED:
+            lines.append(f"  {loc}: this key moved — {_MOVED[loc]}")
+        elif kind == "extra_forbidden":
             parent = e["loc"][:-1]
             allowed = _allowed_keys(parent)
             hint = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
@@ -418,6 +465,46 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+#: the run configs shipped in the package (``aether_scale/configs/<name>.yaml``)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the shipped configs (``demo``, ``london``, ``national``, ``reference``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config file path; a bare shipped name (``london``) means the shipped file."""
+    p = Path(path)
+    if not p.exists() and p.suffix == "" and (CONFIG_DIR / f"{p.name}.yaml").exists():
+        return CONFIG_DIR / f"{p.name}.yaml"
+    return p
+
+
+def config_yaml(cfg: RunConfig, *, relative_to: str | None = None) -> str:
+    """The resolved config as YAML; input paths inside ``relative_to`` (a workspace
+    folder) are written relative to it, so a config saved there moves with it. Secrets
+    (``cluster.gateway.password``) are left out: give them again with ``--set`` or the
+    standard ``DASK_GATEWAY__AUTH__*`` environment."""
+    data = cfg.model_dump(mode="json")
+    data["cluster"]["gateway"]["password"] = None
+    if relative_to:
+        base = os.path.abspath(relative_to).rstrip("/") + "/"
+
+        def rel(p: Any) -> Any:
+            if isinstance(p, str) and not _is_url(p) and os.path.abspath(p).startswith(base):
+                return os.path.relpath(os.path.abspath(p), base)
+            return p
+
+        data["ingest"]["tiles"] = [rel(t) for t in data["ingest"]["tiles"]]
+        for src in data["pois"]["sources"]:
+            src["path"] = rel(src["path"])
+        for sec, key in _INPUT_PATHS:
+            data[sec][key] = rel(data[sec][key])
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
@@ -435,9 +522,10 @@ def load_config(
     source = str(path) if path is not None else "<defaults>"
     merged: dict[str, Any] = copy.deepcopy(data) if data else {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         if not p.exists():
-            raise ConfigError(f"config file {p} does not exist (pass --config with a YAML file)")
+            raise ConfigError(f"config file {p} does not exist (pass --config with a YAML file "
+                              f"or one of the shipped configs: {', '.join(packaged_configs())})")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -1,45 +1,63 @@
-"""``aether-scale demo``: the synthetic city through every stage on a LocalCluster."""
+"""``aether-scale demo``: the synthetic city through every stage.
+
+The config is the shipped ``configs/demo.yaml`` (or the file given with ``-c``, over
+the demo's inputs), with ``--set`` overrides. The city is written into
+``<workspace>/city`` — once: a rerun with the same ``synth`` section finds it there —
+and the stage inputs (tiles, POIs, label files) point at it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
-from .config import deep_merge, load_config
+import yaml
 
-# The demo's own defaults: small enough for a few minutes on 2 cores, with
-# memory-limited worker processes so the out-of-core paths really run.
-DEMO_DEFAULTS: dict[str, Any] = {
-    "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "memory_limit": "2GiB"},
-    "train": {"epochs": 30},
-    "evaluate": {"seeds": [0, 1, 2, 3, 4]},
-}
+from .config import CONFIG_DIR, config_yaml, deep_merge, load_config
+from .logs import get_logger
+
+__all__ = ["city_inputs", "run_demo"]
+
+log = get_logger("demo")
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
 
 
-def demo_config_data(city: dict[str, str]) -> dict[str, Any]:
+def city_inputs(city: dict[str, str]) -> dict[str, Any]:
     """Config sections that point the stages at the synthetic city's files."""
     return {
         "ingest": {"tiles": [city["ae_tiles"]]},
-        "pois": {
-            "sources": [
-                {
-                    "path": city["pois"],
-                    "columns": {
-                        "id": "poi_id",
-                        "name": "name",
-                        "category": "category",
-                        "subcategory": "subcategory",
-                    },
-                }
-            ]
-        },
-        "regions": {
-            "luc_points": city["luc_points"],
-            "sdm_units": city["sdm_units"],
-            "sdm_id": "unit_id",
-        },
+        "pois": {"sources": [{
+            "path": city["pois"],
+            "columns": {"id": "poi_id", "name": "name", "category": "category",
+                        "subcategory": "subcategory"},
+        }]},
+        "regions": {"luc_points": city["luc_points"], "sdm_units": city["sdm_units"],
+                    "sdm_id": "unit_id"},
     }
+
+
+def _city(city_dir: str, synth: Any) -> dict[str, str]:
+    """The city's files: the ones already in ``city_dir`` when they were written for the
+    same ``synth`` section, else freshly written."""
+    from .synthetic import write_city
+    from .synthetic.io import city_paths
+
+    paths = city_paths(city_dir)
+    try:
+        meta = json.loads(Path(paths["meta"]).read_text())
+        same = meta.get("config") == synth.model_dump(mode="json")
+    except (OSError, ValueError):
+        same = False
+    if same and all(os.path.exists(p) for k, p in paths.items() if k != "ae_tiles"):
+        log.info(f"[demo] synthetic city: {city_dir} (already written for this config)")
+        return paths
+    t0 = time.perf_counter()
+    out = write_city(city_dir, synth)
+    log.info(f"[demo] synthetic city written to {city_dir} in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def run_demo(
@@ -52,31 +70,34 @@ def run_demo(
 ) -> dict[str, Any]:
     """Write the synthetic city into ``workspace/city`` and run the stages on it.
 
-    Returns ``{"workspace": ..., "results": [StageResult, ...]}``.
+    Returns ``{"workspace", "results" (StageResult per stage), "city" (its paths),
+    "summary" (the closing text: Table 1, where the report is)}``.
     """
-    from .cli import STAGES, run_stages
-    from .synthetic import write_city
+    from .pipeline import run_stages, stage_names
+    from .workspace import Workspace
 
-    workspace = workspace or os.path.abspath("demo-out")
+    workspace = os.path.abspath(workspace or "demo-out")
     t0 = time.perf_counter()
-    base = load_config(config, overrides, data=DEMO_DEFAULTS)
-    city_dir = os.path.join(workspace, "city")
-    city = write_city(city_dir, base.synth)
-    data = demo_config_data(city)
-    cfg = load_config(config, overrides, data=deep_merge(DEMO_DEFAULTS, data))
-    names = stages or available_stages(STAGES)
-    results = run_stages(names, workspace, cfg, force=force)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; stages run: {', '.join(names)}")
-    print(f"workspace: {workspace}")
+    demo = yaml.safe_load(DEMO_CONFIG.read_text()) or {}
+    base = load_config(config, overrides, data=demo)
+    city = _city(os.path.join(workspace, "city"), base.synth)
+    cfg = load_config(config, overrides, data=deep_merge(demo, city_inputs(city)))
+    ws = Workspace(workspace)
+    ws.save_config(config_yaml(cfg, relative_to=workspace),
+                   ["demo", *(["-c", config] if config else []),
+                    *(f"--set {o}" for o in overrides or [])])
+    names = stages or stage_names()
+    results = run_stages(names, ws, cfg, force=force)
+    ran = ", ".join(r.stage for r in results if not r.skipped) or "none (all current)"
+    lines = [f"demo finished in {time.perf_counter() - t0:.0f} s; stages run: {ran}"]
     report = os.path.join(workspace, "report", "report.md")
     if os.path.exists(report):
-        print(f"report (table, protocol, plots): {report}")
-    return {"workspace": workspace, "results": results, "city": city}
-
-
-def available_stages(stages: dict[str, tuple[str, str]]) -> list[str]:
-    """Stages whose implementing module exists in this installation, in data-flow order."""
-    import importlib.util
-
-    return [n for n, (t, _) in stages.items() if importlib.util.find_spec(t.split(":")[0])]
-
+        md = Path(report).read_text()
+        table = [ln for ln in md.splitlines() if ln.startswith("|")]
+        cut = next((i for i, ln in enumerate(table[1:], 1) if ln.startswith("| Model (paper")),
+                   len(table))
+        lines += ["", *table[:cut], ""]
+        lines.append(f"report (table, protocol, plots): {report}")
+    lines.append(f"workspace: {workspace}")
+    return {"workspace": workspace, "results": results, "city": city,
+            "summary": "\n".join(lines)}

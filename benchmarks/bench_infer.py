@@ -178,10 +178,10 @@ def reference_infer(tif: str, out_tif: str, model, *, max_seconds: float | None)
 def ours_infer(zpath: str, outs: dict[str, str], model, *, n_workers: int,
                memory_limit: str) -> dict[str, dict]:
     """infer_field once per precision ({precision: out path}) on one LocalCluster, with peak RSS."""
+    from aether_scale.field import infer_field
     from distributed import Client, LocalCluster
 
     from aether_scale.config import InferSection
-    from aether_scale.field import infer_field
 
     t0 = time.perf_counter()
     res = {}
@@ -205,9 +205,8 @@ def ours_infer(zpath: str, outs: dict[str, str], model, *, n_workers: int,
 def agreement(ref_tif: str, field_zarr: str) -> dict:
     """Max |ours − reference| over the first window (ours is float16)."""
     import rasterio
-    from rasterio.windows import Window
-
     from aether_scale.raster import open_embedding
+    from rasterio.windows import Window
 
     with rasterio.open(ref_tif) as src:
         ref = np.moveaxis(src.read(window=Window(0, 0, WIN, WIN)), 0, -1)

@@ -100,10 +100,10 @@ except ImportError:  # pragma: no cover - minimal stand-ins
 import dask  # noqa: E402
 import dask.array as dsa  # noqa: E402
 import xarray as xr  # noqa: E402
+from aether_scale.pooling import plan_pool, pool_buffers  # noqa: E402
 
 from aether_scale.aef import decode  # noqa: E402
 from aether_scale.config import BufferSpec  # noqa: E402
-from aether_scale.pooling import plan_pool, pool_buffers  # noqa: E402
 
 SCRATCH = HERE / "scratch"
 PIX = 10.0

@@ -20,3 +20,38 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real reference data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+#: the demo city at test size (seconds, not minutes): every stage, one worker process
+TINY_DEMO = [
+    "cluster.n_workers=1",
+    "cluster.memory_limit=2GiB",
+    "synth.size_px=256",
+    "synth.n_pois=3000",
+    "synth.n_luc_points=400",
+    "synth.n_regions=120",
+    "train.epochs=3",
+    "evaluate.seeds=[0, 1]",
+    "evaluate.max_epochs=60",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> dict:
+    """``aether-scale demo`` run once as a real subprocess on the tiny city, its stdout and
+    stderr in one log file: ``{"workspace", "log", "home"}``. Tests must not modify it
+    (copy it first)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_demo")
+    ws, log, home = root / "ws", root / "demo.log", root / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "AETHER_SCALE_NO_BAR": "1"}
+    cmd = [sys.executable, "-m", "aether_scale", "demo", "-w", str(ws)]
+    for o in TINY_DEMO:
+        cmd += ["--set", o]
+    with open(log, "wb") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=True,
+                       timeout=600)
+    return {"workspace": ws, "log": log, "home": home}

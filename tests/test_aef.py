@@ -95,3 +95,23 @@ def test_valid_mask_masks_whole_pixels() -> None:
 def test_band_names() -> None:
     assert aef.BAND_NAMES[0] == "A00" and aef.BAND_NAMES[-1] == "A63"
     assert len(aef.BAND_NAMES) == aef.N_BANDS == 64 and len(set(aef.BAND_NAMES)) == 64
+
+
+def test_decode_fast_matches_decode_with_nodata_as_zero() -> None:
+    q = np.arange(-128, 128, dtype=np.int16).astype(np.int8)
+    np.testing.assert_array_equal(aef.decode_fast(q), aef.decode(q, nodata_value=0.0))
+    # the table is indexed by the code's byte; read-only so no caller can corrupt it
+    assert aef.DECODE_LUT_U8.dtype == np.float32 and aef.DECODE_LUT_U8.shape == (256,)
+    assert aef.DECODE_LUT_U8[np.uint8(128)] == 0.0 and not aef.DECODE_LUT_U8.flags.writeable
+    np.testing.assert_array_equal(aef.DECODE_LUT_U8[q.view(np.uint8)][1:], aef.decode(q)[1:])
+    # any shape, into a caller's buffer
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-128, 128, size=(3, 5, aef.N_BANDS), dtype=np.int16).astype(np.int8)
+    out = np.full(codes.shape, np.nan, np.float32)
+    got = aef.decode_fast(codes, out=out)
+    assert got is out and out.dtype == np.float32
+    np.testing.assert_array_equal(out, aef.decode(codes, nodata_value=0.0))
+    np.testing.assert_array_equal(aef.encode(out)[aef.valid_mask(codes)],
+                                  codes[aef.valid_mask(codes)])
+    with pytest.raises(TypeError, match="int8"):
+        aef.decode_fast(codes.astype(np.int16))

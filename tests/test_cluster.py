@@ -19,20 +19,26 @@ import pytest
 from aether_scale.cluster import connect, import_optional
 from aether_scale.config import load_config
 
+LOGGER = "aether_scale.cluster"
+
 
 def _total(cfg_overrides: list[str]) -> float:
     cfg = load_config(overrides=cfg_overrides)
     x = da.arange(10_000, chunks=1000, dtype="f8")
-    with connect(cfg.cluster, quiet=True):
+    with connect(cfg.cluster):
         return float(x.sum().compute())
 
 
-def test_threads_and_synchronous_schedulers():
+def test_threads_and_synchronous_schedulers(caplog):
+    caplog.set_level("INFO", logger=LOGGER)
     assert _total(["cluster.kind=threads"]) == 49995000.0
     assert _total(["cluster.kind=synchronous"]) == 49995000.0
+    assert "dask: in-process 'threads' scheduler" in caplog.text
+    assert "dask: in-process 'synchronous' scheduler" in caplog.text
 
 
-def test_local_cluster_has_configured_workers_and_memory_limit(capsys):
+def test_local_cluster_has_configured_workers_and_memory_limit(caplog):
+    caplog.set_level("INFO", logger=LOGGER)
     cfg = load_config(overrides=["cluster.kind=local", "cluster.n_workers=2",
                                  "cluster.memory_limit=512MiB"])
     with connect(cfg.cluster) as client:
@@ -40,7 +46,8 @@ def test_local_cluster_has_configured_workers_and_memory_limit(capsys):
         assert len(info) == 2
         assert all(w["memory_limit"] == 512 * 2**20 for w in info.values())
         assert float(da.ones(1000, chunks=100).sum().compute()) == 1000.0
-    assert "dashboard" in capsys.readouterr().err
+    msgs = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert any(m.startswith("dask: local cluster, 2 workers") and "dashboard" in m for m in msgs), msgs
 
 
 def test_existing_scheduler_address():
@@ -49,18 +56,22 @@ def test_existing_scheduler_address():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as lc:
         cfg = load_config(overrides=["cluster.kind=address", f"cluster.address={lc.scheduler_address}"])
-        with connect(cfg.cluster, quiet=True) as client:
+        with connect(cfg.cluster) as client:
             assert client.scheduler.address == lc.scheduler_address
             assert float(da.ones(100, chunks=10).sum().compute()) == 100.0
 
 
-def test_cuda_kind_falls_back_without_gpu():
+def test_cuda_kind_falls_back_without_gpu(caplog):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the fallback path does not apply")
+    caplog.set_level("INFO", logger=LOGGER)
     cfg = load_config(overrides=["cluster.kind=cuda", "cluster.n_workers=1"])
-    with pytest.warns(UserWarning, match="no CUDA device"), connect(cfg.cluster, quiet=True) as c:
+    with connect(cfg.cluster) as c:
         assert c is not None and float(da.ones(10, chunks=5).sum().compute()) == 10.0
+    warned = [r for r in caplog.records if r.name == LOGGER and r.levelname == "WARNING"]
+    assert any("no CUDA device" in r.getMessage() for r in warned), caplog.text
+    assert "dask: local cluster, 1 workers" in caplog.text  # fell back to a LocalCluster
 
 
 def test_import_optional_names_the_extra():
@@ -127,7 +138,7 @@ c.LocalBackend.clusters_directory = "{tmp_path / 'clusters'}"
 def test_gateway_from_config_section(gateway_server):
     cfg = load_config(data={"cluster": {"kind": "gateway", "gateway": {
         **gateway_server, "auth": "basic", "username": "alice", "password": "s3cret", "workers": 1}}})
-    with connect(cfg.cluster, quiet=True) as client:
+    with connect(cfg.cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
         assert float(da.arange(100, chunks=10).sum().compute()) == 4950.0
 
@@ -147,7 +158,7 @@ def test_gateway_from_standard_dask_gateway_env(gateway_server, monkeypatch):
     dask.config.refresh()
     try:
         cfg = load_config(data={"cluster": {"kind": "gateway", "gateway": {"workers": 1}}})
-        with connect(cfg.cluster, quiet=True) as client:
+        with connect(cfg.cluster) as client:
             x = np.asarray(da.ones((20, 20), chunks=10).sum(axis=0).compute())
             assert x.tolist() == [20.0] * 20
             assert client.scheduler_info()["workers"]

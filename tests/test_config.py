@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from aether_scale.config import ConfigError, RunConfig, load_config, parse_override
+from aether_scale.config import (
+    CONFIG_DIR,
+    ConfigError,
+    RunConfig,
+    config_yaml,
+    load_config,
+    packaged_configs,
+    parse_override,
+)
 
 
 def test_defaults_are_the_paper_hyperparameters():
@@ -109,8 +117,76 @@ def test_parse_override():
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    files = sorted(root.glob("*.yaml"))
-    assert files, "configs/ should ship run configs"
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert files, "aether_scale/configs/ should ship run configs"
+    assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "aether_scale" / "configs"
+    assert packaged_configs() == [f.stem for f in files]
+    assert {"demo", "london", "national", "reference"} <= set(packaged_configs())
+    # the top-level configs/ of a checkout is the same folder
+    top = Path(__file__).resolve().parents[1] / "configs"
+    assert top.resolve() == CONFIG_DIR.resolve()
     for f in files:
-        load_config(f, check_paths=False)
+        cfg = load_config(f, check_paths=False)
+        # a bare shipped name resolves to the shipped file
+        assert load_config(f.stem, check_paths=False) == cfg
+
+
+def test_missing_config_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*shipped configs: .*london"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_evaluate_noaug_moved_to_train_variants():
+    with pytest.raises(ConfigError, match=r"evaluate\.noaug: this key moved .*train\.variants"):
+        load_config(data={"evaluate": {"noaug": True}})
+
+
+def test_train_variants_default_override_and_validation():
+    t = load_config().train
+    assert t.variants == {"noaug": {"use_aug": False}}  # the paper's "AETHER w/o aug"
+    v = t.variant("noaug")
+    assert v.use_aug is False and v.variants == {}
+    assert v.model_dump(exclude={"use_aug", "variants"}) == \
+        t.model_dump(exclude={"use_aug", "variants"})
+    main = t.variant("")
+    assert main.use_aug is True and main.variants == {}
+    assert load_config(data={"train": {"variants": {}}}).train.variants == {}
+    two = load_config(data={"train": {"epochs": 5, "variants": {"lam0": {"lam": 0.0},
+                                                                "noaug": {"use_aug": False}}}})
+    assert two.train.variant("lam0").lam == 0.0 and two.train.variant("lam0").epochs == 5
+    with pytest.raises(ConfigError, match="unknown train key"):
+        load_config(data={"train": {"variants": {"x": {"epoch": 3}}}})
+    with pytest.raises(ConfigError, match="lower-case"):
+        load_config(data={"train": {"variants": {"No-Aug": {"use_aug": False}}}})
+
+
+
+def test_invalid_variant_value_names_the_variant():
+    # a variant's values are validated like train's own, and the error says where the bad
+    # value is: train.variants.<name>.<key>, not the (valid, unset) train.<key>
+    with pytest.raises(ConfigError, match=r"train\.variants\.bad\b.*lam.*1\.5"):
+        load_config(data={"train": {"variants": {"bad": {"lam": 1.5}}}})
+
+
+def test_infer_chunk_px():
+    assert load_config().infer.chunk_px is None  # default: derived from the ae.zarr chunks
+    assert load_config(overrides=["infer.chunk_px=256"]).infer.chunk_px == 256
+    with pytest.raises(ConfigError, match=r"infer\.chunk_px"):
+        load_config(overrides=["infer.chunk_px=8"])
+
+
+def test_config_yaml_round_trips_relative_to_a_workspace(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    (ws / "data" / "pts.geojson").write_text("{}")
+    cfg = load_config(data={"ingest": {"tiles": [str(ws / "tiles" / "*.tif"), "s3://b/t.tif"]},
+                            "regions": {"luc_points": str(ws / "data" / "pts.geojson")},
+                            "train": {"epochs": 3}})
+    text = config_yaml(cfg, relative_to=str(ws))
+    assert str(ws) not in text  # paths inside the workspace are written relative to it
+    assert "tiles/*.tif" in text and "s3://b/t.tif" in text
+    (ws / "config.yaml").write_text(text)
+    assert load_config(ws / "config.yaml") == cfg
+    # secrets are never written out
+    secret = load_config(overrides=["cluster.gateway.password=hunter2"])
+    assert "hunter2" not in config_yaml(secret)

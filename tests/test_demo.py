@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from aether_scale.cli import STAGES, main
+from aether_scale.cli import main
 from aether_scale.demo import run_demo
+from aether_scale.pipeline import stage_names
 
 TINY = [
     "cluster.n_workers=1",
@@ -21,12 +22,18 @@ TINY = [
 ]
 
 
-def test_demo_runs_every_stage_then_resumes(tmp_path, capsys, monkeypatch):
+def test_demo_runs_every_stage_then_resumes(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # fresh text cache: the model really runs
+    caplog.set_level("INFO")
     ws = tmp_path / "demo"
     out = run_demo(str(ws), overrides=TINY)
-    assert [r.stage for r in out["results"]] == list(STAGES)
+    assert set(out) == {"workspace", "results", "city", "summary"}
+    assert out["workspace"] == str(ws)
+    assert [r.stage for r in out["results"]] == stage_names()
     assert not any(r.skipped for r in out["results"])
+    assert str(ws / "city") in out["city"]["pois"]  # the synthetic city lives in the workspace
+    assert "| AETHER |" in out["summary"] and str(ws / "report" / "report.md") in out["summary"]
+    assert "stages run: " + ", ".join(stage_names()) in out["summary"]
 
     metrics = json.loads((ws / "report" / "metrics.json").read_text())
     for task, names in (("luc", ("f1", "precision", "recall")), ("sdm", ("kl", "l1", "chebyshev"))):
@@ -40,9 +47,13 @@ def test_demo_runs_every_stage_then_resumes(tmp_path, capsys, monkeypatch):
     assert pool["n_triplets"] > 2500
 
     # every stage's manifest matches: a rerun does no work
+    caplog.clear()
     again = run_demo(str(ws), overrides=TINY)
+    assert [r.stage for r in again["results"]] == stage_names()
     assert all(r.skipped for r in again["results"])
-    assert "up to date" in capsys.readouterr().out
+    assert caplog.text.count("up to date (manifest matches) — skipped") == len(stage_names())
+    assert "stages run: none (all current)" in again["summary"]
+    assert "already written for this config" in caplog.text  # the city is not rewritten
 
 
 def test_demo_command_line_reports_config_errors(tmp_path, capsys):

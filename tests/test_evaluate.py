@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 
 import geopandas as gpd
@@ -12,18 +11,19 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from aether_scale.baselines import bags_to_matrix, lda_features, tfidf_features
 from aether_scale.config import EvaluateSection, load_config
 from aether_scale.evaluate import (
     evaluate_task,
     luc_metrics,
     make_split,
-    run_evaluate,
     sdm_metrics,
     standardize,
 )
-from aether_scale.regions import _write_task
-from aether_scale.report import format_table
+from aether_scale.evaluate.baselines import bags_to_matrix, lda_features, tfidf_features
+from aether_scale.evaluate.report import format_table
+from aether_scale.pipeline import run_stage
+from aether_scale.regions.bags import bag_columns
+from aether_scale.stores.regions import RegionTable, write_region_table
 from aether_scale.workspace import Workspace
 
 FAST = EvaluateSection(seeds=[0, 1], max_epochs=60, patience=10, lr=1e-2, lda_topics=4)
@@ -126,7 +126,7 @@ def test_baselines():
 
 
 def _regions_folder(path: str, n: int = 240) -> None:
-    """A regions.parquet folder as the regions stage writes it (AE/AETHER features + bags)."""
+    """A regions/ folder as the regions stage writes it (AE/AETHER features + bags)."""
     os.makedirs(path, exist_ok=True)
     good, noise, y = _luc_data(n, seed=2)
     rng = np.random.default_rng(5)
@@ -138,8 +138,9 @@ def _regions_folder(path: str, n: int = 240) -> None:
     feats = {"AE": np.c_[good, noise].astype(np.float32), "AETHER": np.c_[good, good].astype(np.float32)}
     meta = {"task": "luc", "methods": list(feats), "labels": ["label", "label_name"],
             "buffer_m": 50.0, "stats": {"kept": n}}
-    _write_task(os.path.join(path, "luc.parquet"), units, ["label", "label_name"], feats, tok, vocab,
-                np.asarray(tok.sum(1)).ravel(), meta)
+    toks, vals = bag_columns(tok, vocab)
+    write_region_table(os.path.join(path, "luc.parquet"), units, ["label", "label_name"], feats,
+                       toks, vals, np.asarray(tok.sum(1)).ravel(), meta)
     z = good[:, :3]
     logits = z @ rng.normal(size=(3, 9))
     q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -147,16 +148,31 @@ def _regions_folder(path: str, n: int = 240) -> None:
     for k, c in enumerate(sdm_cols):
         units[c] = q[:, k]
     meta = dict(meta, task="sdm", labels=sdm_cols)
-    _write_task(os.path.join(path, "sdm.parquet"), units, sdm_cols, feats, tok, vocab,
-                np.asarray(tok.sum(1)).ravel(), meta)
+    write_region_table(os.path.join(path, "sdm.parquet"), units, sdm_cols, feats, toks, vals,
+                       np.asarray(tok.sum(1)).ravel(), meta)
 
 
-def test_run_evaluate_writes_report_with_schema(tmp_path, capsys):
+def test_region_table_fixture_reads_back(tmp_path):
+    """The regions/ tables written here are what RegionTable reads (features, bags, meta)."""
+    path = str(tmp_path / "regions")
+    _regions_folder(path)
+    regions = RegionTable(path)
+    assert regions.tasks() == ["luc", "sdm"]
+    table, feats, meta = regions.read("luc")
+    assert set(feats) == {"AE", "AETHER"} and feats["AE"].shape == (240, 16)
+    assert meta["labels"] == ["label", "label_name"] and len(table) == 240
+    m, _ = bags_to_matrix(list(table["poi_tokens"]), list(table["poi_counts"]))
+    np.testing.assert_array_equal(m.sum(1).A.ravel(), table["n_pois"].to_numpy())
+
+
+def test_run_evaluate_writes_report_with_schema(tmp_path, caplog):
     ws = Workspace(str(tmp_path / "ws"))
-    _regions_folder(ws.path("regions.parquet"))
+    _regions_folder(ws.path("regions"))
     cfg = load_config(data={"evaluate": FAST.model_dump()})
-    res = run_evaluate(ws, cfg)
-    out = capsys.readouterr().out
+    caplog.set_level("INFO")
+    res = run_stage("evaluate", ws, cfg)
+    assert not res.skipped
+    out = caplog.text
     assert "| AETHER |" in out and "LUC F1" in out
     rep = ws.path("report")
     for f in ("metrics.json", "report.md", "metrics.png", "run.json"):
@@ -175,12 +191,15 @@ def test_run_evaluate_writes_report_with_schema(tmp_path, capsys):
     assert f"{f1.mean():.1f} ± {f1.std():.1f}" in format_table(m)
     assert res.stats["tasks"]["luc"]["units"] == 240
     # rerun: skipped, same numbers
-    assert run_evaluate(ws, cfg).skipped
+    caplog.clear()
+    assert run_stage("evaluate", ws, cfg).skipped
+    assert "up to date (manifest matches) — skipped" in caplog.text
+    assert json.load(open(os.path.join(rep, "metrics.json"))) == m
 
 
 def test_run_evaluate_needs_regions(tmp_path):
     with pytest.raises(FileNotFoundError, match="regions"):
-        run_evaluate(Workspace(str(tmp_path / "w")), load_config())
+        run_stage("evaluate", Workspace(str(tmp_path / "w")), load_config())
 
 
 def _put_tree(local: str, fs, url: str) -> None:
@@ -193,34 +212,41 @@ def _put_tree(local: str, fs, url: str) -> None:
                 fs.pipe_file(f"{url}/{rel}", f.read())
 
 
-def test_run_evaluate_on_memory_workspace_matches_local(tmp_path, capsys):
+def test_run_evaluate_on_memory_workspace_matches_local(tmp_path, caplog):
     """evaluate on an fsspec workspace (memory:// stands in for s3://): same report as locally.
 
-    The inputs include ae.zarr, a field.zarr and model/metrics.json so the fields and
-    loss plots (which open Zarr stores and JSON in the workspace) run on the URL too.
+    The inputs include ae.zarr, a field.zarr and a model/ (checkpoint + metrics.json) so
+    the fields and loss plots (which open Zarr stores and JSON in the workspace) run on
+    the URL too.
     """
-    from test_field import write_ae
+    from fixtures import projector, write_tiny_ae
+
+    from aether_scale.infer import infer_field
+    from aether_scale.model import TextProj, save_checkpoint
 
     cfg = load_config(data={"evaluate": FAST.model_dump() | {"seeds": [0]}})  # 3 runs: keep each short
     local = Workspace(str(tmp_path / "ws"))
-    _regions_folder(local.path("regions.parquet"))
-    write_ae(local.path("ae.zarr"), seed=3)
-    shutil.copytree(local.path("ae.zarr"), local.path("field.zarr"))  # any (y, x, C) store plots
+    _regions_folder(local.path("regions"))
+    write_tiny_ae(local.path("ae.zarr"), seed=3)
+    infer_field(local.path("ae.zarr"), projector(), local.path("field.zarr"))
     os.makedirs(local.path("model"))
+    save_checkpoint(os.path.join(local.path("model"), "checkpoint.pt"), projector(), TextProj(),
+                    config={"in_dim": 64, "text_dim": 384}, epoch=2)
     with open(os.path.join(local.path("model"), "metrics.json"), "w") as f:
         json.dump({"epochs": [{"epoch": 1, "loss": 1.0, "L_align": 0.6},
                               {"epoch": 2, "loss": 0.7, "L_align": 0.4}]}, f)
-    assert not run_evaluate(local, cfg).skipped
+    assert not run_stage("evaluate", local, cfg).skipped
 
     mem = Workspace(f"memory://aether-eval-{uuid.uuid4().hex[:8]}/run")
     assert not mem.is_local
+    caplog.set_level("INFO")
     try:
-        for name in ("regions.parquet", "ae.zarr", "field.zarr", "model"):
+        for name in ("regions", "ae.zarr", "field.zarr", "model"):
             _put_tree(local.path(name), mem.fs, mem.path(name))
-        capsys.readouterr()
-        res = run_evaluate(mem, cfg)
+        caplog.clear()
+        res = run_stage("evaluate", mem, cfg)
         assert not res.skipped
-        assert "| AETHER |" in capsys.readouterr().out
+        assert "| AETHER |" in caplog.text
         assert res.outputs == {"report": mem.path("report")}
         rep = mem.path("report")
         names = sorted(p.rsplit("/", 1)[-1] for p in mem.fs.ls(rep, detail=False))
@@ -239,12 +265,16 @@ def test_run_evaluate_on_memory_workspace_matches_local(tmp_path, capsys):
         # nothing escaped to the local disk, no temporaries left, the manifest is in place
         assert not os.path.exists("memory:")  # the old code's os.makedirs("memory://…") left this
         assert not [p for p in mem.fs.ls(mem.root, detail=False) if ".tmp-" in p]
+        assert not mem.fs.exists(mem.path(".work")) or not mem.fs.ls(mem.path(".work"))
         assert mem.manifest("evaluate")["outputs"] == ["report"]
-        # resume: skipped and prints the stored table; --force reruns
-        again = run_evaluate(mem, cfg)
+        # resume: skipped (logged) and shows the stored table; --force reruns
+        caplog.clear()
+        again = run_stage("evaluate", mem, cfg)
         assert again.skipped
-        assert "| AETHER |" in capsys.readouterr().out
-        assert not run_evaluate(mem, cfg, force=True).skipped
+        skipped_log = caplog.text
+        assert "up to date (manifest matches) — skipped" in skipped_log
+        assert not run_stage("evaluate", mem, cfg, force=True).skipped
         assert mem.fs.cat_file(f"{rep}/metrics.json") == json.dumps(m, indent=2).encode()
+        assert "| AETHER |" in skipped_log  # the stored report's table, shown on a skipped rerun
     finally:
         mem.fs.rm(mem.root.rsplit("/", 1)[0], recursive=True)

@@ -7,18 +7,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import make_problem, small_cfg
 
 from aether_scale.loss import AetherLoss, info_nce_terms, symmetric_info_nce
 from aether_scale.model import AEProj, TextProj
-from aether_scale.train import train_model, write_triplets
+from aether_scale.stores.triplets import write_triplets
+from aether_scale.train import train_model
 from aether_scale.train.fused import (
     _AEProjTrain,
     _TextProjTrain,
     fused_ae_forward,
     fused_text_forward,
 )
-from aether_scale.train.trainer import _retained_heap
-from tests.test_train import make_problem, small_cfg
+from aether_scale.train.loop import _retained_heap
 
 BF16_NATIVE = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -200,7 +201,7 @@ def test_half_precision_inputs_to_the_loss_are_computed_in_float32(dtype) -> Non
 
 def test_module_path_and_fused_path_of_the_trainer_agree() -> None:
     """The trainer runs the fused kernels on CPU and the modules elsewhere (CUDA): same math."""
-    from aether_scale.train.trainer import _Heads
+    from aether_scale.train.loop import _Heads
 
     ae, txt = _heads(dtype=torch.float32)
     x = F.normalize(torch.randn(64, 64), dim=1)   # base and augmented views, 32 each
@@ -227,7 +228,7 @@ def test_module_path_and_fused_path_of_the_trainer_agree() -> None:
 
 def test_precision_is_part_of_the_learned_config(tmp_path) -> None:
     from aether_scale.model import CheckpointError
-    from aether_scale.train.trainer import _learned_config
+    from aether_scale.train.loop import _learned_config
 
     # float32 is the behaviour before the key existed: configs without it still match
     assert _learned_config({"lr": 1e-3}) == _learned_config({"lr": 1e-3, "precision": "float32"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from rasterio.windows import Window
 
 from aether_scale import aef
 from aether_scale.config import load_config
-from aether_scale.ingest import IngestError, ingest_tiles, open_ae, resolve_tiles, run_ingest
+from aether_scale.ingest import IngestError, ingest_tiles, resolve_tiles
+from aether_scale.pipeline import run_stage
+from aether_scale.stores.ae import open_ae
 from aether_scale.workspace import Workspace
 
 H, W = 150, 200  # rows, cols of a test tile
@@ -188,14 +191,15 @@ def test_bottom_up_tile_is_flipped_to_north_up(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- gaps
-def test_gaps_between_tiles_are_nodata(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [64, 32])
+def test_gaps_between_tiles_are_nodata(tmp_path: Path, chunk: int) -> None:
     a, b = codes(7), codes(8)
     p1 = write_tile(tmp_path / "a.tif", a, from_origin(500000, 5700000, RES, RES))
     # 30 px east of a and 40 px further south: gap column band + empty corners
     p2 = write_tile(tmp_path / "b.tif", b, from_origin(500000 + (W + 30) * RES,
                                                        5700000 - 40 * RES, RES, RES))
     out = str(tmp_path / "ae.zarr")
-    stats = ingest_tiles([str(p1), str(p2)], out, chunk_px=64)
+    stats = ingest_tiles([str(p1), str(p2)], out, chunk_px=chunk)
     e = read_zarr(out)["embedding"].values
     assert e.shape == (H + 40, 2 * W + 30, 64)
     np.testing.assert_array_equal(e[:H, :W], a)
@@ -203,8 +207,19 @@ def test_gaps_between_tiles_are_nodata(tmp_path: Path) -> None:
     assert (e[:, W:W + 30] == aef.NODATA).all()
     assert (e[H:, :W] == aef.NODATA).all() and (e[:40, W + 30:] == aef.NODATA).all()
     assert stats["valid_pixels"] == 2 * H * W
-    # chunks entirely inside the gap hold nothing on disk (fill value −128)
-    assert not any("c/3/3" in str(p) for p in Path(out, "embedding").rglob("*"))
+    # chunks entirely inside the gap hold nothing on disk (fill value −128): the chunk
+    # files are exactly the chunks holding a valid pixel, the others are counted as empty
+    ny, nx = -(-e.shape[0] // chunk), -(-e.shape[1] // chunk)
+    valid = (e != aef.NODATA).all(-1)
+    want = {(i, j) for i in range(ny) for j in range(nx)
+            if valid[i * chunk:(i + 1) * chunk, j * chunk:(j + 1) * chunk].any()}
+    stored = {tuple(int(v) for v in m.groups()) for p in Path(out, "embedding").rglob("*")
+              if p.is_file() and (m := re.search(r"/c/(\d+)/(\d+)/0$", p.as_posix()))}
+    assert stored == want
+    assert stats["chunks"] == ny * nx and stats["chunks_computed"] == ny * nx
+    assert stats["chunks_empty"] == ny * nx - len(want) and stats["chunks_resumed"] == 0
+    if chunk == 32:  # the south-west corner holds whole empty chunks at this size
+        assert stats["chunks_empty"] > 0
 
 
 # ----------------------------------------------------------------------- reprojection
@@ -477,32 +492,98 @@ def test_bands_named_out_of_order_are_reordered(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ stage + resume
-def test_run_ingest_resume_skip_and_redo(tmp_path: Path, mosaic) -> None:
+def _work_dirs(ws: Workspace) -> list[str]:
+    """The stage's work folders left under ``<ws>/.work`` (temporaries of a run)."""
+    wdir = Path(ws.root, ".work")
+    return sorted(p.name for p in wdir.iterdir() if p.name.startswith("ingest-")) \
+        if wdir.is_dir() else []
+
+
+def test_run_ingest_resume_skip_and_redo(tmp_path: Path, mosaic, caplog) -> None:
+    caplog.set_level("INFO", logger="aether_scale")
     paths, expected = mosaic
     ws = Workspace(tmp_path / "ws")
     cfg = load_config(data={"ingest": {"tiles": [str(tmp_path / "*.tif")], "chunk_px": 64},
                             "cluster": {"kind": "threads"}})
-    r1 = run_ingest(ws, cfg)
+    r1 = run_stage("ingest", ws, cfg)
     assert not r1.skipped and r1.stats["valid_pixels"] > 0
+    assert r1.stats["chunks_computed"] == r1.stats["chunks"] == 3 * 7
+    assert r1.stats["chunks_resumed"] == 0 and r1.stats["chunks_empty"] == 0
     np.testing.assert_array_equal(read_zarr(ws.path("ae.zarr"))["embedding"].values, expected)
     manifest = json.loads(Path(ws.manifest_path("ingest")).read_text())
-    assert set(manifest["inputs"]) == {f"tile:{p}" for p in paths}
-    r2 = run_ingest(ws, cfg)
+    assert {"stage", "key", "outputs", "inputs", "config", "runtime", "stats", "seconds",
+            "completed_at", "key_format", "stage_version"} <= set(manifest)
+    assert manifest["stage"] == "ingest" and manifest["outputs"] == ["ae.zarr"]
+    # one input, the ordered tile list (the glob expanded, sorted), with one fingerprint
+    assert set(manifest["inputs"]) == {"tiles"}
+    assert manifest["inputs"]["tiles"]["ref"] == sorted(paths)
+    fp1 = manifest["inputs"]["tiles"]["fingerprint"]
+    # the learned config holds the settings, not the tile paths (those are the input)
+    assert manifest["config"]["chunk_px"] == 64 and "tiles" not in manifest["config"]
+    assert manifest["stats"] == r1.stats
+    caplog.clear()
+    r2 = run_stage("ingest", ws, cfg)
     assert r2.skipped
+    assert "up to date (manifest matches) — skipped" in caplog.text
     # a changed tile → redone, and the output reflects the change
     changed = codes(20)
     time.sleep(0.01)
     write_tile(Path(paths[1]), changed, from_origin(500000 + W * RES, 5700000, RES, RES))
-    r3 = run_ingest(ws, cfg)
+    r3 = run_stage("ingest", ws, cfg)
     assert not r3.skipped
+    assert ws.manifest("ingest")["inputs"]["tiles"]["fingerprint"] != fp1
     np.testing.assert_array_equal(read_zarr(ws.path("ae.zarr"))["embedding"].values[:, W:],
                                   changed)
     # a changed config → redone
     cfg2 = load_config(data={"ingest": {"tiles": [str(tmp_path / "*.tif")], "chunk_px": 100}})
-    r4 = run_ingest(ws, cfg2)
+    r4 = run_stage("ingest", ws, cfg2)
     assert not r4.skipped
     assert read_zarr(ws.path("ae.zarr"))["embedding"].data.chunksize == (100, 100, 64)
+    # temporaries (the work folders under .work/) are removed on success
+    assert not _work_dirs(ws)
     assert not [p for p in os.listdir(ws.root) if p.startswith(".tmp")]
+
+
+def test_killed_ingest_resumes_with_the_missing_chunks(tmp_path: Path, mosaic, monkeypatch,
+                                                       caplog) -> None:
+    """A run that dies part-way keeps its finished chunks in the work folder; the rerun
+    computes only the missing ones and the store is the same as an uninterrupted run's."""
+    import dask
+
+    from aether_scale.ingest import stage as ingest_stage
+
+    caplog.set_level("INFO", logger="aether_scale")
+    paths, expected = mosaic
+    ws = Workspace(tmp_path / "ws")
+    cfg = load_config(data={"ingest": {"tiles": paths, "chunk_px": 64}})
+    real = ingest_stage._chunk
+    calls: list[tuple[int, int]] = []
+    die_at = [3 * 7]  # the call that fails (the run's last chunk), none once reset
+
+    def counted(placements, grid, r0, r1, c0, c1, overlap):
+        calls.append((r0, c0))
+        if len(calls) == die_at[0]:
+            raise RuntimeError("worker killed")
+        return real(placements, grid, r0, r1, c0, c1, overlap)
+
+    monkeypatch.setattr(ingest_stage, "_chunk", counted)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="killed"):
+        run_stage("ingest", ws, cfg)
+    assert not ws.exists("ae.zarr") and ws.manifest("ingest") is None
+    assert len(_work_dirs(ws)) == 1  # the killed run's work (ledger included) is kept
+    assert len(calls) == 3 * 7
+    died = calls[-1]
+    calls.clear()
+    die_at[0] = -1
+    caplog.clear()
+    r = run_stage("ingest", ws, cfg)
+    assert not r.skipped
+    assert calls == [died]  # only the chunk the killed run never wrote
+    assert r.stats["chunks_resumed"] == 3 * 7 - 1 and r.stats["chunks_computed"] == 1
+    assert f"resuming: {3 * 7 - 1} of {3 * 7} chunks already written" in caplog.text
+    np.testing.assert_array_equal(read_zarr(ws.path("ae.zarr"))["embedding"].values, expected)
+    assert r.stats["valid_pixels"] == int((expected != aef.NODATA).all(-1).sum())
+    assert not _work_dirs(ws)
 
 
 def test_failed_ingest_leaves_no_output(tmp_path: Path) -> None:
@@ -510,9 +591,11 @@ def test_failed_ingest_leaves_no_output(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
     cfg = load_config(data={"ingest": {"tiles": paths, "chunk_px": 64}})
     with pytest.raises(IngestError):
-        run_ingest(ws, cfg)
+        run_stage("ingest", ws, cfg)
     assert not ws.exists("ae.zarr") and ws.manifest("ingest") is None
+    # nothing half-written is published: partial work stays inside the run's work folder
     assert not [p for p in os.listdir(ws.root) if p.startswith(".tmp")]
+    assert not [p for p in os.listdir(ws.root) if p.endswith(".zarr")]
 
 
 # ------------------------------------------------------------------ real LocalCluster
@@ -532,8 +615,9 @@ def test_local_cluster_output_identical_to_threads(tmp_path: Path) -> None:
         with get_task_stream(client) as ts:
             s2 = ingest_tiles(paths, dist, crs="EPSG:27700", chunk_px=64)
         # the blocks really were read in the worker processes
-        block_tasks = [t for t in ts.data if "ingest-block" in str(t["key"])]
-        assert len(block_tasks) == s2["chunks"]
+        block_tasks = [t for t in ts.data
+                       if re.fullmatch(r"ingest-[0-9a-f]+-\d+-\d+", str(t["key"]))]
+        assert len(block_tasks) == s2["chunks"] == s2["chunks_computed"]
         assert {t["worker"] for t in block_tasks} <= set(client.scheduler_info()["workers"])
         # an overlap conflict raised on a worker reaches the caller as IngestError
         with pytest.raises(IngestError, match="first.tif"):

@@ -29,12 +29,12 @@ from rasterio.features import geometry_mask
 from rasterio.transform import from_origin
 
 from aether_scale import aef
-from aether_scale.config import load_config
-from aether_scale.regions import read_regions
+from aether_scale.config import CONFIG_DIR, load_config
+from aether_scale.pipeline import run_stage
+from aether_scale.stores.regions import RegionTable
 from aether_scale.workspace import Workspace
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "london.yaml")
+CONFIG = str(CONFIG_DIR / "london.yaml")  # the shipped config (also configs/london.yaml)
 RES = 50.0
 
 
@@ -72,31 +72,34 @@ def write_london_tile(path: str, boundary: gpd.GeoDataFrame, res: float = RES, s
 @pytest.mark.shared_data
 def test_london_labels_crs_and_buffers_fast(shared_data, tmp_path):
     """Real label files + real POIs through the loaders and buffers on a coarse London raster."""
-    import xarray as xr
-
     from aether_scale.regions import build_regions
+    from aether_scale.stores.ae import TargetGrid, write_ae
 
     london = shared_data / "london"
     boundary = gpd.read_file(london / "london_boundary.shp")
     tile = str(tmp_path / "london_ae_200m.tif")
     info = write_london_tile(tile, boundary, res=200.0)
-    da = xr.open_dataarray(tile, engine="rasterio").transpose("y", "x", "band")
-    ds = xr.Dataset({"embedding": da.assign_coords(band=list(aef.BAND_NAMES))})
-    ds.chunk({"y": 128, "x": 128, "band": -1}).to_zarr(str(tmp_path / "ae.zarr"))
+    # the tile as ae.zarr, written by the package's own writer (the ingest stage's layout)
+    with rasterio.open(tile) as src:
+        codes = np.moveaxis(src.read(), 0, -1)
+        t = src.transform
+        grid = TargetGrid(src.crs.to_wkt(), t.a, t.c, t.f, src.width, src.height)
+    write_ae(str(tmp_path / "ae.zarr"), codes, grid, chunk_px=128)
     # the real OSM POIs (EPSG:4326) in the AE CRS, as the pois stage leaves them
     osm = gpd.read_file(shared_data / "london_osm_pois" / "london_pois.geojson").to_crs(27700)
-    osm[["category", "subcategory", "geometry"]].to_parquet(tmp_path / "pois.parquet")
-    cfg = load_config(CONFIG, ["regions.luc_buffer_m=150", "evaluate.noaug=false",
+    osm["poi_id"] = np.arange(len(osm), dtype=np.int64)  # the pois table's key column
+    osm[["poi_id", "category", "subcategory", "geometry"]].to_parquet(tmp_path / "pois.parquet")
+    cfg = load_config(CONFIG, ["regions.luc_buffer_m=150",
                                f"regions.sdm_table={london / 'lon_lsoa_ns-sec.csv'}"])
     st = build_regions({"AE": str(tmp_path / "ae.zarr")}, str(tmp_path / "pois.parquet"), cfg,
-                       str(tmp_path / "regions"), log=None)
+                       str(tmp_path / "regions"))
     assert st["luc"]["rows"] == 6697 and st["sdm"]["rows"] == 4994
     assert st["luc"]["dropped_outside_raster"] == 0 and st["sdm"]["dropped_outside_raster"] == 0
     assert st["luc"]["kept"] + st["luc"]["dropped_no_valid_pixel"] == 6697
     assert st["luc"]["kept"] > 6500 and st["sdm"]["kept"] > 4900
     assert st["sdm"]["table_rows_does_not_apply"] == 4994
     assert st["sdm"]["mean_pois_per_unit"] > 1 and st["sdm"]["poi_vocab"] >= 10
-    t, feats, meta = read_regions(str(tmp_path / "regions"), "sdm")
+    t, feats, meta = RegionTable(str(tmp_path / "regions")).read("sdm")
     assert meta["crs"] == "EPSG:27700" and feats["AE"].shape == (st["sdm"]["kept"], 64)
     np.testing.assert_allclose(np.linalg.norm(feats["AE"], axis=1), 1, atol=1e-5)
     # LSOA centroids stay where the file puts them (EPSG:27700 in and out)
@@ -113,13 +116,8 @@ def test_london_labels_crs_and_buffers_fast(shared_data, tmp_path):
 def test_london_config_runs_on_real_labels(shared_data, tmp_path):
     import torch
 
-    from aether_scale.evaluate import run_evaluate
-    from aether_scale.field import run_infer
-    from aether_scale.ingest import run_ingest
     from aether_scale.model import TextProj, load_projector, save_checkpoint
-    from aether_scale.pois import run_pois
-    from aether_scale.raster import open_embedding
-    from aether_scale.regions import run_regions
+    from aether_scale.stores.raster import open_embedding
 
     london = shared_data / "london"
     boundary = gpd.read_file(london / "london_boundary.shp")
@@ -129,14 +127,14 @@ def test_london_config_runs_on_real_labels(shared_data, tmp_path):
     cfg = load_config(CONFIG, [
         f"ingest.tiles=[{tile}]", f"ingest.resolution={RES}", "ingest.chunk_px=512",
         "cluster.kind=threads", "evaluate.seeds=[0]", "evaluate.max_epochs=40",
-        "evaluate.patience=5", "evaluate.lr=0.01", "evaluate.noaug=false", "evaluate.lda_topics=5",
+        "evaluate.patience=5", "evaluate.lr=0.01", "evaluate.lda_topics=5",
         "evaluate.plots=false",
     ])
     ws = Workspace(str(tmp_path / "ws"))
-    run_ingest(ws, cfg)
+    run_stage("ingest", ws, cfg)
     ae = open_embedding(ws.path("ae.zarr"))
     assert ae.rio.crs.to_epsg() == 27700 and ae.sizes["y"] == info["height"]
-    pois = run_pois(ws, cfg)
+    pois = run_stage("pois", ws, cfg)
     assert pois.stats  # both real sources were read and reprojected to EPSG:27700
 
     # the model: the published AETHER London projector, saved as a workspace model/
@@ -144,10 +142,12 @@ def test_london_config_runs_on_real_labels(shared_data, tmp_path):
     os.makedirs(ws.path("model"))
     save_checkpoint(os.path.join(ws.path("model"), "checkpoint.pt"), ae_proj, TextProj(),
                     config={"in_dim": 64, "text_dim": 384}, epoch=9)
-    inf = run_infer(ws, cfg).stats["field.zarr"]
+    inf_res = run_stage("infer", ws, cfg)
+    assert list(inf_res.outputs) == ["field.zarr"]  # one field per model: only model/ is there
+    inf = inf_res.stats["field.zarr"]
     assert inf["nodata_pixels"] == info["outside"] and inf["crs"] == "EPSG:27700"
 
-    reg = run_regions(ws, cfg).stats
+    reg = run_stage("regions", ws, cfg).stats
     luc, sdm = reg["luc"], reg["sdm"]
     # every real LUC point and LSOA centroid lies in London; nothing is dropped for CRS reasons
     assert luc["rows"] == 6697 and sdm["rows"] == 4994
@@ -155,7 +155,7 @@ def test_london_config_runs_on_real_labels(shared_data, tmp_path):
     assert luc["kept"] + luc["dropped_no_valid_pixel"] + luc["dropped_bad_label"] == 6697
     assert luc["kept"] > 6600 and sdm["kept"] > 4950
     assert sdm["mean_pois_per_unit"] > 1  # 300 m buffers over the real POIs
-    table, feats, meta = read_regions(ws.path("regions.parquet"), "luc")
+    table, feats, meta = RegionTable(ws.path("regions")).read("luc")
     assert meta["crs"] == "EPSG:27700" and set(feats) == {"AE", "AETHER"}
     assert sorted(table["label"].unique()) == list(range(10))
     # the units are where the label file puts them (EPSG:27700 in, EPSG:27700 out)
@@ -166,21 +166,21 @@ def test_london_config_runs_on_real_labels(shared_data, tmp_path):
 
     # SDM from the raw ONS table gives the file's (rounded) distributions
     cfg_t = load_config(CONFIG, [f"ingest.tiles=[{tile}]", f"ingest.resolution={RES}",
-                                 "cluster.kind=threads", "evaluate.noaug=false",
+                                 "cluster.kind=threads",
                                  f"regions.sdm_table={london / 'lon_lsoa_ns-sec.csv'}"])
     ws_t = Workspace(str(tmp_path / "ws_table"))
     for name in ("ae.zarr", "field.zarr"):
         os.symlink(ws.path(name), ws_t.path(name))
-    st_t = run_regions(ws_t, cfg_t).stats["sdm"]
+    st_t = run_stage("regions", ws_t, cfg_t).stats["sdm"]
     assert st_t["table_rows_does_not_apply"] == 4994 and st_t["kept"] == sdm["kept"]
-    a, _, _ = read_regions(ws.path("regions.parquet"), "sdm")
-    b, _, meta_b = read_regions(ws_t.path("regions.parquet"), "sdm")
+    a, _, _ = RegionTable(ws.path("regions")).read("sdm")
+    b, _, meta_b = RegionTable(ws_t.path("regions")).read("sdm")
     cols = meta_b["labels"]
     np.testing.assert_allclose(a.set_index("unit_id")[cols].sort_index(),
                                b.set_index("unit_id")[cols].sort_index(), atol=2e-3)
 
     torch.manual_seed(0)
-    res = run_evaluate(ws, cfg)
+    res = run_stage("evaluate", ws, cfg)
     m = json.load(open(os.path.join(res.outputs["report"], "metrics.json")))
     assert set(m["luc"]) == {"AE", "AETHER", "TF-IDF", "LDA"}
     assert all(np.isfinite(v[0]) for t in m.values() for mm in t.values() for v in mm.values())

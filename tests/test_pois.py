@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from pathlib import Path
 
 import dask
-import dask.array as da
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
-import rioxarray  # noqa: F401  (registers .rio)
 import shapely
-import xarray as xr
+from fixtures import grid
 from shapely.geometry import Point, Polygon
 
 from aether_scale.config import load_config
-from aether_scale.pois import PoiInputError, build_descriptions, clean_text, raster_grid, run_pois
+from aether_scale.pipeline import run_stage
+from aether_scale.pois import PoiInputError, build_descriptions, clean_text, raster_grid
+from aether_scale.stores.ae import write_ae
 from aether_scale.workspace import Workspace
 
 # Synthetic AE grid used throughout: EPSG:27700, 100 m pixels, 400 × 400 px, chunks of 64 px,
@@ -30,15 +31,9 @@ OUT_COLS = ["poi_id", "description", "name", "category", "subcategory", "source"
 
 
 def write_ae_zarr(path: str, *, x0=X0, y1=Y1, res=RES, w=W, h=H, chunk=CHUNK, crs="EPSG:27700"):
-    """A lazily-defined (dask zeros) AE store with the ingest contract's layout; tiny on disk."""
-    x = x0 + res * (np.arange(w) + 0.5)
-    y = y1 - res * (np.arange(h) + 0.5)
-    emb = da.zeros((h, w, 64), dtype="int8", chunks=(chunk, chunk, 64))
-    ds = xr.Dataset({"embedding": (("y", "x", "band"), emb)},
-                    coords={"x": x, "y": y, "band": [f"A{i:02d}" for i in range(64)]})
-    ds = ds.rio.write_crs(crs)
-    ds["embedding"].attrs["_FillValue"] = -128
-    ds.to_zarr(path, mode="w")
+    """A finished AE store (all-zero codes) written by the real writer; tiny on disk."""
+    write_ae(path, np.zeros((h, w, 64), dtype=np.int8),
+             grid(h, w, crs=crs, left=x0, top=y1, res=res), chunk_px=chunk)
 
 
 def inside_expected(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -69,7 +64,8 @@ def read_out(ws: Workspace) -> gpd.GeoDataFrame:
 
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.shared_data
-def test_os_csv_end_to_end(ws, shared_data):
+def test_os_csv_end_to_end(ws, shared_data, caplog):
+    caplog.set_level("INFO", logger="aether_scale")
     path = shared_data / "london" / "poi_desc_sampled.csv"
     src = pd.read_csv(path)
     ins = inside_expected(src.feature_easting.to_numpy(), src.feature_northing.to_numpy())
@@ -79,10 +75,11 @@ def test_os_csv_end_to_end(ws, shared_data):
                    "crs": "EPSG:27700",
                    "columns": {"id": "ref_no", "name": "name", "description": "description"}},
                   keep_columns=["pointx_class"], partition_rows=1000)
-    res = run_pois(ws, cfg)
+    res = run_stage("pois", ws, cfg)
     st = res.stats
     assert st["rows_read"] == 1000
     assert st["kept"] == int(ins.sum())
+    assert f"[pois] kept {int(ins.sum()):,} of 1,000 POIs" in caplog.text
     assert st["dropped"] == {"no_geometry": 0, "nan_coords": 0, "bad_id": 0, "empty_text": 0,
                              "outside_coverage": int((~ins).sum()), "duplicate_id": 0}
 
@@ -102,7 +99,9 @@ def test_os_csv_end_to_end(ws, shared_data):
     cx = np.floor((got.x - X0) / RES) // CHUNK
     assert (got.chunk_y == cy).all() and (got.chunk_x == cx).all()
     # rerun: manifest matches → skipped
-    assert run_pois(ws, cfg).skipped
+    caplog.clear()
+    assert run_stage("pois", ws, cfg).skipped
+    assert "[pois] up to date (manifest matches) — skipped" in caplog.text
 
 
 @pytest.mark.shared_data
@@ -116,7 +115,7 @@ def test_osm_geojson_end_to_end(ws, shared_data):
                    "columns": {"name": "name", "category": "category",
                                "subcategory": "subcategory"}},
                   partition_rows=2000)
-    st = run_pois(ws, cfg).stats
+    st = run_stage("pois", ws, cfg).stats
     assert st["rows_read"] == 10352
     assert st["kept"] == int(ins.sum())
     assert st["dropped"]["outside_coverage"] == int((~ins).sum())
@@ -155,7 +154,7 @@ def test_both_real_sources_together(ws, shared_data):
         {"path": str(osm_path),
          "columns": {"name": "name", "category": "category", "subcategory": "subcategory"}},
     )
-    st = run_pois(ws, cfg).stats
+    st = run_stage("pois", ws, cfg).stats
     assert [s["rows_read"] for s in st["sources"]] == [1000, 10352]
     out = read_out(ws)
     assert len(out) == st["kept"] == sum(s["kept"] for s in st["sources"])
@@ -221,7 +220,7 @@ def test_bad_row_rules_in_every_format(ws, tmp_path, fmt):
     path = _write(gdf, fmt, tmp_path)
     cfg = cfg_for({"path": path, "columns": {"id": "pid", "name": "name", "category": "cat",
                                              "subcategory": "sub"}})
-    st = run_pois(ws, cfg).stats
+    st = run_stage("pois", ws, cfg).stats
     fates = gdf.fate.value_counts().to_dict()
     expect_dropped = {k: fates.get(k, 0) for k in
                       ("no_geometry", "nan_coords", "bad_id", "empty_text", "outside_coverage",
@@ -256,7 +255,7 @@ def test_missing_id_is_bad_id_and_string_ids_hash_stably(ws, tmp_path):
     cfg = cfg_for({"path": str(p), "x": "E", "y": "N", "crs": "EPSG:27700",
                    "columns": {"id": "ident", "name": "nm", "category": "nm", "subcategory": "nm"}},
                   keep_columns=["ident"])
-    st = run_pois(ws, cfg).stats
+    st = run_stage("pois", ws, cfg).stats
     assert st["dropped"]["bad_id"] == 1 and st["dropped"]["duplicate_id"] == 1 and st["kept"] == 3
     out = read_out(ws).set_index("ident")
     assert out.loc["7", "poi_id"] == 7 and out.loc["12.0", "poi_id"] == 12
@@ -281,7 +280,7 @@ def test_csv_encoding_nan_coords_lonlat_and_bom(ws, tmp_path):
     cfg = cfg_for({"path": str(p), "lon": "lon", "lat": "lat",
                    "columns": {"id": "id", "name": "name", "category": "kind",
                                "subcategory": "kind"}})
-    st = run_pois(ws, cfg).stats
+    st = run_stage("pois", ws, cfg).stats
     assert st["dropped"]["nan_coords"] == 3 and st["kept"] == 2
     assert st["repaired"]["encoding"] == 1
     out = read_out(ws).set_index("poi_id")
@@ -304,8 +303,14 @@ def test_duplicates_across_sources_keep_the_first_source(ws, tmp_path):
     cols = {"id": "id", "name": "n", "category": "n", "subcategory": "n"}
     cfg = cfg_for(*[{"path": str(p), "x": "E", "y": "N", "crs": "EPSG:27700", "columns": cols}
                     for p in (pa, pb)])
-    st = run_pois(ws, cfg).stats
+    res = run_stage("pois", ws, cfg)
+    st = res.stats
     assert [s["dropped"]["duplicate_id"] for s in st["sources"]] == [0, 1]
+    # the manifest's inputs: the hand-placed AE store and one entry per source file
+    inputs = res.manifest["inputs"]
+    assert set(inputs) == {"ae.zarr", "source_0", "source_1"}
+    assert inputs["source_0"]["ref"] == str(pa) and inputs["source_1"]["ref"] == str(pb)
+    assert inputs["source_0"]["fingerprint"] != inputs["source_1"]["fingerprint"]
     out = read_out(ws).set_index("poi_id")
     assert out.loc[2, "name"] == "b" and out.loc[2, "source"] == 0
 
@@ -317,7 +322,7 @@ def test_missing_column_error_lists_columns_and_key(ws, tmp_path):
     cfg = cfg_for({"path": str(p), "x": "E", "y": "N", "crs": "EPSG:27700",
                    "columns": {"name": "title", "description": "label"}})
     with pytest.raises(PoiInputError) as e:
-        run_pois(ws, cfg)
+        run_stage("pois", ws, cfg)
     msg = str(e.value)
     assert "'title'" in msg and "pois.sources[0].columns.name" in msg and "E, N, label" in msg
     assert str(p) in msg
@@ -328,16 +333,17 @@ def test_template_field_without_column_is_an_error(ws, tmp_path):
     gpd.GeoDataFrame({"nm": ["x"]}, geometry=[Point(520_000, 180_000)], crs=27700).to_file(p)
     cfg = cfg_for({"path": str(p), "columns": {"name": "nm"}})
     with pytest.raises(PoiInputError, match=r"needs \{subcategory\}|needs \{category\}"):
-        run_pois(ws, cfg)
+        run_stage("pois", ws, cfg)
 
 
 def test_csv_without_coordinates_or_crs_is_an_error(ws, tmp_path):
     p = tmp_path / "p.csv"
     pd.DataFrame({"E": [1.0], "N": [2.0], "d": ["x"]}).to_csv(p, index=False)
     with pytest.raises(PoiInputError, match=r"pois.sources\[0\].x"):
-        run_pois(ws, cfg_for({"path": str(p), "columns": {"description": "d"}}))
+        run_stage("pois", ws, cfg_for({"path": str(p), "columns": {"description": "d"}}))
     with pytest.raises(PoiInputError, match=r"set pois.sources\[0\].crs"):
-        run_pois(ws, cfg_for({"path": str(p), "x": "E", "y": "N", "columns": {"description": "d"}}))
+        run_stage("pois", ws, cfg_for({"path": str(p), "x": "E", "y": "N",
+                                       "columns": {"description": "d"}}))
 
 
 def test_missing_ae_store_is_an_error(tmp_path):
@@ -346,8 +352,11 @@ def test_missing_ae_store_is_an_error(tmp_path):
     pd.DataFrame({"E": [1.0], "N": [2.0], "d": ["x"]}).to_csv(p, index=False)
     cfg = cfg_for({"path": str(p), "x": "E", "y": "N", "crs": "EPSG:27700",
                    "columns": {"description": "d"}})
-    with pytest.raises(FileNotFoundError, match="aether-scale ingest"):
-        run_pois(w, cfg)
+    with pytest.raises(FileNotFoundError,
+                       match=rf"{re.escape(w.path('ae.zarr'))} does not exist .*"
+                             rf"aether-scale ingest -w {re.escape(w.root)}"):
+        run_stage("pois", w, cfg)
+    assert w.manifest("pois") is None and not w.exists("pois.parquet")
 
 
 # ----------------------------------------------------------------------------- units
@@ -404,7 +413,7 @@ def test_runs_on_a_local_cluster(ws, tmp_path):
                    "columns": {"id": "id", "name": "n", "category": "n", "subcategory": "n"}})
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as lc, Client(lc):
-        st = run_pois(ws, cfg).stats
+        st = run_stage("pois", ws, cfg).stats
     exp = inside_expected(df.E.to_numpy(), df.N.to_numpy())
     assert st["kept"] == int(exp.sum()) and st["dropped"]["outside_coverage"] == int((~exp).sum())
     assert sorted(read_out(ws).poi_id) == df.id[exp].tolist()
@@ -421,12 +430,13 @@ def test_keep_column_missing_in_one_source_becomes_nullable(ws, tmp_path):
     cfg = cfg_for({"path": str(pa), "columns": cols},
                   {"path": str(pb), "x": "E", "y": "N", "crs": "EPSG:27700", "columns": cols},
                   keep_columns=["floors"])
-    assert run_pois(ws, cfg).stats["kept"] == 3
+    assert run_stage("pois", ws, cfg).stats["kept"] == 3
     out = read_out(ws).set_index("name")
     assert str(out.floors.dtype) == "Int64"
     assert out.loc["a", "floors"] == 3 and out.loc["b", "floors"] == 5 and pd.isna(out.loc["c", "floors"])
     with pytest.raises(PoiInputError, match="in none of the sources"):
-        run_pois(ws, cfg_for({"path": str(pa), "columns": cols}, keep_columns=["nope"]), force=True)
+        run_stage("pois", ws, cfg_for({"path": str(pa), "columns": cols}, keep_columns=["nope"]),
+                  force=True)
 
 
 # ----------------------------------------------------------------------------- CSV quoting
@@ -482,7 +492,7 @@ def test_csv_quoted_newlines_survive_any_block_boundary(tmp_path):
 
 
 def test_csv_quoted_newlines_end_to_end_with_tiny_blocks(ws, tmp_path, monkeypatch):
-    """run_pois gives the same table and stats whether the CSV is one block or 30-byte
+    """The pois stage gives the same table and stats whether the CSV is one block or 30-byte
     blocks cut through its quoted fields."""
     from aether_scale.pois import readers
 
@@ -490,12 +500,12 @@ def test_csv_quoted_newlines_end_to_end_with_tiny_blocks(ws, tmp_path, monkeypat
     cfg = cfg_for({"path": str(p), "x": "x", "y": "y", "crs": "EPSG:27700",
                    "columns": {"id": "id", "name": "name", "category": "note",
                                "subcategory": "note"}}, keep_columns=["note"])
-    one = run_pois(ws, cfg).stats
+    one = run_stage("pois", ws, cfg).stats
     want = read_out(ws)
     monkeypatch.setattr(readers, "CSV_BLOCKSIZE", 30)
     ws2 = Workspace(tmp_path / "ws2")
     write_ae_zarr(ws2.path("ae.zarr"))
-    many = run_pois(ws2, cfg).stats
+    many = run_stage("pois", ws2, cfg).stats
     got = read_out(ws2)
     assert one["rows_read"] == many["rows_read"] == 4 * len(_QUOTED_ROWS)
     assert one["dropped"] == many["dropped"] and one["kept"] == many["kept"] > 0
@@ -522,9 +532,9 @@ def test_csv_unterminated_quote_is_a_clear_error(ws, tmp_path, monkeypatch):
         assert str(p) in msg and f"byte {at} " in msg and f"line {line}:" in msg
         assert "never closed" in msg and '"broken shop' in msg and 'doubled ("")' in msg
     with pytest.raises(PoiInputError, match=f"byte {at} .line {line}"):
-        run_pois(ws, cfg_for({"path": str(p), "x": "x", "y": "y", "crs": "EPSG:27700",
-                              "columns": {"id": "id", "name": "name", "category": "name",
-                                          "subcategory": "name"}}))
+        run_stage("pois", ws, cfg_for({"path": str(p), "x": "x", "y": "y", "crs": "EPSG:27700",
+                                       "columns": {"id": "id", "name": "name",
+                                                   "category": "name", "subcategory": "name"}}))
     # a quote that runs on far past its block fails early instead of reading on
     monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 100)
     parts, *_ = readers.read_source(_csv_source(p), 0, partition_rows=1000, blocksize=16)

@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from aether_scale.config import BufferSpec
-from aether_scale.pooling import pool_buffers
+from aether_scale.pool import pool_buffers
 
 PIX = 10.0
 
@@ -201,7 +201,7 @@ def test_bad_inputs_are_refused() -> None:
 def test_polygons_match_brute_force() -> None:
     import shapely
 
-    from aether_scale.pooling import pool_polygons
+    from aether_scale.pool import pool_polygons
 
     for y_decreasing in (True, False):
         da, dec = make_raster(y_decreasing=y_decreasing, seed=7)
@@ -236,26 +236,38 @@ def test_polygons_match_brute_force() -> None:
 
 # --------------------------------------------------------------------------- distributed
 def write_ae_zarr(path, da: xr.DataArray, crs: str = "EPSG:32630") -> None:
-    """ae.zarr in the workspace-contract layout (int8 codes, band A00…, spatial_ref)."""
-    import rioxarray  # noqa: F401  (registers .rio)
+    """A finished ae.zarr of ``da``'s codes (a y-decreasing ``make_raster(c=64)``), written
+    by the real writer (``stores.ae.write_ae``: chunk checksums and index, spatial_ref)."""
+    from fixtures import grid
 
-    from aether_scale.aef import BAND_NAMES
+    from aether_scale.stores.ae import write_ae
 
-    da = da.assign_coords(band=list(BAND_NAMES[: da.sizes["band"]]))
-    ds = xr.Dataset({"embedding": da})
-    ds = ds.rio.write_crs(crs)
-    ds["embedding"].attrs["nodata"] = -128
-    ds.to_zarr(path, mode="w")
+    xs, ys = da.x.values, da.y.values
+    assert da.sizes["band"] == 64 and ys[0] > ys[-1]
+    h, w = da.sizes["y"], da.sizes["x"]
+    g = grid(h, w, crs=crs, left=float(xs[0] - PIX / 2), top=float(ys[0] + PIX / 2), res=PIX)
+    write_ae(path, da.values, g, chunk_px=int(da.chunks[0][0]))
+
+
+def write_text_zarr(path, poi_id: np.ndarray, emb: np.ndarray, chunk_rows: int = 64) -> None:
+    """text.zarr through the real writer (``stores.text.write_text_store``)."""
+    from aether_scale.stores.text import write_text_store
+
+    blocks = (emb[a : a + chunk_rows] for a in range(0, len(emb), chunk_rows))
+    write_text_store(str(path), poi_id, blocks, dim=emb.shape[1], chunk_rows=chunk_rows,
+                     attrs={"model": "test", "dim": int(emb.shape[1])})
 
 
 def test_threads_and_local_cluster_identical(tmp_path) -> None:
     import dask
     from distributed import Client, LocalCluster
 
-    da, dec = make_raster(h=64, w=80, chunk=24, seed=11)
+    from aether_scale.stores.ae import open_ae
+
+    da, dec = make_raster(h=64, w=80, c=64, chunk=24, seed=11)
     write_ae_zarr(tmp_path / "ae.zarr", da)
-    ae = xr.open_zarr(tmp_path / "ae.zarr", mask_and_scale=False)["embedding"]
-    assert ae.dtype == np.int8 and ae.chunks is not None
+    ae = open_ae(tmp_path / "ae.zarr")["embedding"]
+    assert ae.dtype == np.int8 and ae.chunks is not None and ae.chunks[0][0] == 24
     px, py = points_for(ae, n=80, seed=12)
     specs = [BufferSpec(**b) for b in (BUFFERS[0], BUFFERS[2], BUFFERS[3])]
     with dask.config.set(scheduler="threads"):
@@ -270,14 +282,16 @@ def test_threads_and_local_cluster_identical(tmp_path) -> None:
 
 
 # --------------------------------------------------------------------------- stage
-@pytest.mark.parametrize("pois_layout", ["file", "folder"])
+@pytest.mark.parametrize("pois_layout", ["parts", "file", "folder"])
 def test_run_pool_writes_triplets(tmp_path, pois_layout: str) -> None:
+    import os
+
     import geopandas as gpd
     import shapely
     import zarr
 
     from aether_scale.config import load_config
-    from aether_scale.pooling import run_pool
+    from aether_scale.pipeline import run_stage
     from aether_scale.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
@@ -299,23 +313,23 @@ def test_run_pool_writes_triplets(tmp_path, pois_layout: str) -> None:
                            crs="EPSG:32630")
     if pois_layout == "file":
         gdf.to_parquet(ws.path("pois.parquet"))
+    elif pois_layout == "parts":  # the part files the pois stage writes
+        os.makedirs(ws.path("pois.parquet"))
+        gdf.iloc[:120].to_parquet(ws.path("pois.parquet") + "/part.00000.parquet")
+        gdf.iloc[120:].to_parquet(ws.path("pois.parquet") + "/part.00001.parquet")
     else:  # a partitioned folder, as dask-geopandas writes it
-        import os
-
         os.makedirs(ws.path("pois.parquet"))
         gdf.iloc[:120].to_parquet(ws.path("pois.parquet") + "/part.0.parquet")
         gdf.iloc[120:].to_parquet(ws.path("pois.parquet") + "/part.1.parquet")
     # text for every POI except poi #3; rows in a different order than pois.parquet
     tid = np.delete(poi_id, 3)[::-1].copy()
     temb = rng.standard_normal((tid.size, 16)).astype(np.float32)
-    g = zarr.open_group(ws.path("text.zarr"), mode="w")
-    g.create_array("embedding", data=temb, chunks=(64, 16))
-    g.create_array("poi_id", data=tid, chunks=(64,))
+    write_text_zarr(ws.path("text.zarr"), tid, temb)
 
     cfg = load_config(data={"pool": {"chunk_rows": 256,
                                      "base": {"shape": "circle", "radius_m": 40.0},
                                      "aug": {"shape": "square", "radius_px": 9}}})
-    res = run_pool(ws, cfg)
+    res = run_stage("pool", ws, cfg)
     assert not res.skipped
     st = res.stats
     out = zarr.open_group(ws.path("triplets.zarr"), mode="r")
@@ -343,20 +357,20 @@ def test_run_pool_writes_triplets(tmp_path, pois_layout: str) -> None:
     # xarray reads it too, and a rerun is skipped
     ds = xr.open_zarr(ws.path("triplets.zarr"), consolidated=False)
     assert ds["base"].dims == ("poi", "band")
-    assert run_pool(ws, cfg).skipped
+    assert run_stage("pool", ws, cfg).skipped
 
 
 def test_run_pool_missing_input_names_stage(tmp_path) -> None:
     from aether_scale.config import load_config
-    from aether_scale.pooling import run_pool
+    from aether_scale.pipeline import run_stage
     from aether_scale.workspace import Workspace
 
     with pytest.raises(FileNotFoundError, match="aether-scale ingest"):
-        run_pool(Workspace(tmp_path / "empty"), load_config())
+        run_stage("pool", Workspace(tmp_path / "empty"), load_config())
 
 
 def test_plan_blocks_stream_every_point_once() -> None:
-    from aether_scale.pooling import plan_pool
+    from aether_scale.pool import plan_pool
 
     da, _ = make_raster(seed=13)
     px, py = points_for(da, n=120, seed=14)
@@ -375,21 +389,22 @@ def test_plan_blocks_stream_every_point_once() -> None:
 
 
 def test_run_pool_refuses_crs_mismatch(tmp_path) -> None:
+    import os
+
     import geopandas as gpd
     import shapely
-    import zarr
 
     from aether_scale.config import load_config
-    from aether_scale.pooling import run_pool
+    from aether_scale.pipeline import run_stage
     from aether_scale.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     da, _ = make_raster(h=20, w=20, c=64, chunk=10)
     write_ae_zarr(ws.path("ae.zarr"), da)
+    os.makedirs(ws.path("pois.parquet"))
     gpd.GeoDataFrame({"poi_id": [1, 2]}, geometry=list(shapely.points([0.1, 0.2], [51.0, 51.1])),
-                     crs="EPSG:4326").to_parquet(ws.path("pois.parquet"))
-    g = zarr.open_group(ws.path("text.zarr"), mode="w")
-    g.create_array("embedding", data=np.zeros((2, 4), np.float32))
-    g.create_array("poi_id", data=np.array([1, 2]))
+                     crs="EPSG:4326").to_parquet(ws.path("pois.parquet") + "/part.00000.parquet")
+    write_text_zarr(ws.path("text.zarr"), np.array([1, 2]), np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="pois.parquet.*EPSG:4326.*differs"):
-        run_pool(ws, load_config())
+        run_stage("pool", ws, load_config())
+    assert ws.manifest("pool") is None and not ws.exists("triplets.zarr")

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import dask.array as dsa
 import numpy as np
 import pytest
 import xarray as xr
-from rasterio.crs import CRS
+from fixtures import grid
 
 from aether_scale import aef
-from aether_scale.ingest import open_ae as ingest_open_ae
-from aether_scale.ingest.grid import TargetGrid
-from aether_scale.ingest.stage import build_dataset
 from aether_scale.pois import raster_grid
-from aether_scale.pooling.grid import grid_of
-from aether_scale.raster import locate_pixels, open_ae, open_embedding
+from aether_scale.pool.grid import grid_of
+from aether_scale.stores.ae import open_ae, write_ae
+from aether_scale.stores.raster import locate_pixels, open_embedding
 
-# An ingest-written grid (GeoTransform + pixel-centre coords, as run_ingest writes them):
+# An ingest-written grid (GeoTransform + pixel-centre coords, as the ingest stage writes them):
 # EPSG:27700, 10 m pixels, 130 × 70 px in 64-px chunks (ragged last chunk on both axes).
 LEFT, TOP, RES, W, H, CHUNK = 530_000.0, 181_000.0, 10.0, 130, 70, 64
 
 
 def write_store(path: str) -> None:
-    grid = TargetGrid(CRS.from_epsg(27700).to_wkt(), RES, LEFT, TOP, W, H)
-    codes = dsa.zeros((H, W, aef.N_BANDS), dtype=np.int8, chunks=(CHUNK, CHUNK, aef.N_BANDS))
-    build_dataset(codes, grid).to_zarr(path, mode="w")
+    codes = np.zeros((H, W, aef.N_BANDS), dtype=np.int8)
+    write_ae(path, codes, grid(H, W, crs="EPSG:27700", left=LEFT, top=TOP, res=RES),
+             chunk_px=CHUNK)
 
 
 @pytest.fixture
@@ -105,7 +102,9 @@ def test_locate_pixels_rotated_transform_matches_axis_aligned():
 
 # ----------------------------------------------------------------------------- opener
 def test_open_ae_contract(store):
-    assert ingest_open_ae is open_ae  # the documented public name is the checked opener
+    from aether_scale.pois import grid as poi_grid
+
+    assert poi_grid.open_ae is open_ae  # the POI stage reads through the one checked opener
     ds = open_ae(store)
     assert isinstance(ds, xr.Dataset) and "spatial_ref" in ds.coords
     assert ds["embedding"].dtype == np.int8 and ds["embedding"].rio.crs.to_epsg() == 27700
@@ -134,17 +133,55 @@ def test_missing_store_names_path_and_stage(tmp_path):
 
 
 def test_store_without_embedding_names_variable_and_fix(store, tmp_path):
+    # a foreign store (no aether_scale writer can leave one without 'embedding'): plain
+    # xarray, so it also has no chunk index, which every opener warns about
     bad = str(tmp_path / "bad" / "ae.zarr")
-    xr.open_zarr(store, mask_and_scale=False).rename({"embedding": "codes"}).to_zarr(bad)
+    open_ae(store).rename({"embedding": "codes"}).to_zarr(bad)
     for opener in (open_ae, open_embedding, raster_grid):
         with pytest.raises(ValueError, match=r"bad/ae\.zarr: no variable 'embedding'.*"
-                                             r"codes.*aether-scale ingest"):
+                                             r"codes.*aether-scale ingest"), \
+                pytest.warns(UserWarning, match="has no chunk index"):
             opener(bad)
 
 
 def test_in_memory_inputs_are_checked_too(store):
-    ds = xr.open_zarr(store, mask_and_scale=False)
+    ds = open_ae(store)
     with pytest.raises(ValueError, match="no variable 'embedding'"):
         open_embedding(ds.rename({"embedding": "codes"}))
     with pytest.raises(ValueError, match=r"dims \('band', 'y', 'x'\)"):
         open_embedding(ds["embedding"].transpose("band", "y", "x"))
+
+
+def test_damaged_chunks_fail_naming_store_and_chunk(store, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from aether_scale.stores.chunks import CorruptStoreError
+
+    assert issubclass(CorruptStoreError, ValueError)
+    # a chunk whose bytes changed (same size): its checksum fails when it is read
+    flipped = str(tmp_path / "flipped" / "ae.zarr")
+    shutil.copytree(store, flipped)
+    chunk = Path(flipped, "embedding", "c", "1", "1", "0")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    ds = open_ae(flipped)  # opening reads no chunk data
+    np.testing.assert_array_equal(ds["embedding"][:CHUNK, :CHUNK].values, 0)  # others still read
+    with pytest.raises(CorruptStoreError,
+                       match=r"flipped/ae\.zarr: chunk embedding/c/1/1/0 .*damaged"):
+        ds["embedding"].load()
+    # a truncated chunk: found when the store is opened, before any read
+    cut = str(tmp_path / "cut" / "ae.zarr")
+    shutil.copytree(store, cut)
+    chunk = Path(cut, "embedding", "c", "0", "1", "0")
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    with pytest.raises(CorruptStoreError, match=r"cut/ae\.zarr.*embedding/c/0/1/0.*aether-scale "
+                                                r"ingest"):
+        open_ae(cut)
+    # a deleted chunk cannot pass for fill values
+    gone = str(tmp_path / "gone" / "ae.zarr")
+    shutil.copytree(store, gone)
+    Path(gone, "embedding", "c", "0", "0", "0").unlink()
+    with pytest.raises(CorruptStoreError, match=r"0/0/0 is missing"):
+        open_ae(gone)

@@ -1,4 +1,4 @@
-"""Region features, label loaders and POI bags (regions.parquet)."""
+"""Region features, label loaders and POI bags (the regions stage's ``regions/`` tables)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,22 @@ import pandas as pd
 import pytest
 import shapely
 import xarray as xr
-from test_field import NX, NY, projector, write_ae
+from fixtures import NX, NY, projector, write_tiny_ae
 
 from aether_scale import aef
 from aether_scale.config import RegionsSection, load_config
-from aether_scale.field import infer_field
-from aether_scale.raster import open_embedding
+from aether_scale.infer import infer_field
+from aether_scale.pipeline import run_stage
 from aether_scale.regions import (
     build_regions,
     load_luc_units,
     load_sdm_units,
     poi_bags,
-    read_regions,
     read_sdm_table,
     region_features,
-    run_regions,
 )
+from aether_scale.stores.raster import open_embedding
+from aether_scale.stores.regions import RegionTable
 from aether_scale.workspace import Workspace
 
 CRS = "EPSG:32630"
@@ -54,10 +54,35 @@ def brute_pool(da: xr.DataArray, x: float, y: float, r: float) -> np.ndarray:
 def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("regions")
     ae = str(d / "ae.zarr")
-    write_ae(ae, seed=4)
+    write_tiny_ae(ae, seed=4)
     field = str(d / "field.zarr")
-    infer_field(ae, projector(), field, log=None)
+    infer_field(ae, projector(), field)
     return {"AE": ae, "AETHER": field, "dir": str(d)}
+
+
+def _put_tree(local: str, fs, url: str) -> None:
+    """Copy a finished local store (folder) into an fsspec filesystem file by file, keeping
+    its layout (checksums and chunk index included), as a stage would have left it there."""
+    for dirpath, _dirs, files in os.walk(local):
+        for name in files:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, local).replace(os.sep, "/")
+            fs.makedirs(f"{url}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+            with open(src, "rb") as f:
+                fs.pipe_file(f"{url}/{rel}", f.read())
+
+
+def _put_rasters(ws: Workspace, rasters: dict[str, str]) -> None:
+    """ae.zarr and field.zarr placed in ``ws`` (a local path or a URL)."""
+    for name, src in (("ae.zarr", rasters["AE"]), ("field.zarr", rasters["AETHER"])):
+        _put_tree(src, ws.fs, ws.path(name))
+
+
+def _put_pois(ws: Workspace, pois: gpd.GeoDataFrame) -> None:
+    """pois.parquet as the pois stage leaves it: a folder of GeoParquet parts."""
+    ws.fs.makedirs(ws.path("pois.parquet"), exist_ok=True)
+    with ws.fs.open(ws.path("pois.parquet/part.00000.parquet"), "wb") as f:
+        pois.to_parquet(f)
 
 
 def _points() -> tuple[np.ndarray, np.ndarray]:
@@ -182,22 +207,21 @@ def test_bad_label_files_are_refused(tmp_path):
         load_sdm_units(RegionsSection(sdm_units=p["sdm"], sdm_columns=["a", "b"]), CRS)
 
 
-def test_run_regions_writes_features_bags_and_counts(rasters, tmp_path):
+def test_run_regions_writes_features_bags_and_counts(rasters, tmp_path, caplog):
     labels = _write_labels(str(tmp_path))
     ws = Workspace(str(tmp_path / "ws"))
-    for name, src in (("ae.zarr", rasters["AE"]), ("field.zarr", rasters["AETHER"])):
-        xr.open_zarr(src, mask_and_scale=False, consolidated=False).to_zarr(
-            ws.path(name), consolidated=False)
+    _put_rasters(ws, rasters)
     rng = np.random.default_rng(3)
     pois = gpd.GeoDataFrame(
         {"poi_id": np.arange(200), "description": "d",
          "category": rng.choice(["food", "shop"], 200), "subcategory": rng.choice(["a", "b", "c"], 200)},
         geometry=gpd.points_from_xy(X0 + rng.uniform(0, NX * 10, 200), Y0 - rng.uniform(0, NY * 10, 200)),
         crs=CRS)
-    pois.to_parquet(ws.path("pois.parquet"))
+    _put_pois(ws, pois)
     cfg = load_config(data={"regions": {"luc_points": labels["luc"], "sdm_units": labels["sdm"],
                                         "luc_buffer_m": 30.0, "sdm_buffer_m": 60.0}})
-    res = run_regions(ws, cfg)
+    res = run_stage("regions", ws, cfg)
+    assert not res.skipped and res.outputs == {"regions": ws.path("regions")}
     st = res.stats
     da = open_embedding(ws.path("ae.zarr"))
     units, _ = load_luc_units(cfg.regions, CRS)
@@ -206,9 +230,12 @@ def test_run_regions_writes_features_bags_and_counts(rasters, tmp_path):
     assert st["luc"]["dropped_no_valid_pixel"] == empty + 1 >= 1  # + the nodata-corner point
     kept = 41 - 2 - empty
     assert st["luc"]["kept"] == kept
-    table, feats, meta = read_regions(ws.path("regions.parquet"), "luc")
+    regions = RegionTable(ws.path("regions"))
+    assert regions.tasks() == ["luc", "sdm"]
+    table, feats, meta = regions.read("luc")
     assert set(feats) == {"AE", "AETHER"} and feats["AE"].shape == (kept, 64)
     assert feats["AETHER"].shape == (kept, 128) and np.isfinite(feats["AETHER"]).all()
+    assert table.crs.to_epsg() == 32630 and len(table) == kept
     i = 7
     np.testing.assert_allclose(feats["AE"][i], brute_pool(da, table.x[i], table.y[i], 30.0),
                                atol=2e-4)
@@ -217,17 +244,71 @@ def test_run_regions_writes_features_bags_and_counts(rasters, tmp_path):
     np.testing.assert_array_equal(table["n_pois"].to_numpy(), (d <= 30.0).sum(1))
     assert [sum(c) for c in table["poi_counts"]] == list(2 * table["n_pois"])
     assert meta["labels"] == ["label", "label_name"]
-    sdm, sfeats, smeta = read_regions(ws.path("regions.parquet"), "sdm")
+    sdm, sfeats, smeta = regions.read("sdm")
     assert smeta["labels"] == [f"ns-sec_{k}" for k in range(1, 10)]
     np.testing.assert_allclose(sdm[smeta["labels"]].sum(axis=1), 1.0)
     manifest = json.load(open(ws.manifest_path("regions")))
     assert manifest["stats"]["sdm"]["dropped_bad_distribution"] == 2
-    assert run_regions(ws, cfg).skipped
+    caplog.set_level("INFO")
+    assert run_stage("regions", ws, cfg).skipped
+    assert "up to date (manifest matches) — skipped" in caplog.text
+
+
+def test_regions_follows_the_fields_that_exist(rasters, tmp_path):
+    """One feature column per field in the workspace: AE alone without a field,
+    AETHER_<v> for field_<v>.zarr."""
+    import shutil
+
+    labels = _write_labels(str(tmp_path))
+    cfg = load_config(data={"regions": {"luc_points": labels["luc"], "luc_buffer_m": 30.0}})
+    ws = Workspace(str(tmp_path / "ws"))
+    _put_tree(rasters["AE"], ws.fs, ws.path("ae.zarr"))
+    run_stage("regions", ws, cfg)
+    regions = RegionTable(ws.path("regions"))
+    assert regions.tasks() == ["luc"]
+    t_ae, f_ae, m_ae = regions.read("luc")
+    assert set(f_ae) == {"AE"} and m_ae["methods"] == ["AE"]
+    assert (t_ae["n_pois"] == 0).all()  # no pois.parquet: empty bags
+    for name in ("field.zarr", "field_noaug.zarr"):
+        shutil.copytree(rasters["AETHER"], ws.path(name))
+    res = run_stage("regions", ws, cfg)
+    assert not res.skipped
+    t, feats, meta = RegionTable(ws.path("regions")).read("luc")
+    assert set(feats) == {"AE", "AETHER", "AETHER_noaug"}
+    np.testing.assert_array_equal(feats["AETHER"], feats["AETHER_noaug"])
+    assert feats["AETHER"].shape == (len(t), 128)
+    # the AE features of the units kept by both runs are the same
+    both = t["unit_id"].isin(t_ae["unit_id"]).to_numpy()
+    keep = t_ae["unit_id"].isin(t["unit_id"]).to_numpy()
+    np.testing.assert_array_equal(feats["AE"][both], f_ae["AE"][keep])
+
+
+def test_region_tables_are_geoparquet(rasters, tmp_path):
+    """regions/<task>.parquet is real GeoParquet: geopandas reads the geometry and its CRS."""
+    labels = _write_labels(str(tmp_path))
+    cfg = load_config(data={"regions": {"luc_points": labels["luc"], "sdm_units": labels["sdm"],
+                                        "luc_buffer_m": 30.0, "sdm_buffer_m": 60.0}})
+    out = str(tmp_path / "regions")
+    st = build_regions({"AE": rasters["AE"], "AETHER": rasters["AETHER"]}, None, cfg, out)
+    for task in ("luc", "sdm"):
+        table, _, _ = RegionTable(out).read(task)
+        g = gpd.read_parquet(os.path.join(out, f"{task}.parquet"))
+        assert g.crs is not None and g.crs.to_epsg() == 32630
+        assert len(g) == st[task]["kept"] == len(table)
+        np.testing.assert_allclose(g.geometry.x.to_numpy(), table.geometry.x.to_numpy())
+        np.testing.assert_allclose(g["x"].to_numpy(), table["x"].to_numpy())
 
 
 def test_build_regions_requires_a_task(rasters, tmp_path):
     with pytest.raises(ValueError, match="nothing to do"):
         build_regions({"AE": rasters["AE"]}, None, load_config(), str(tmp_path / "r"))
+
+
+def test_run_regions_needs_ae(tmp_path):
+    labels = _write_labels(str(tmp_path))
+    cfg = load_config(data={"regions": {"luc_points": labels["luc"]}})
+    with pytest.raises(FileNotFoundError, match="aether-scale ingest"):
+        run_stage("regions", Workspace(str(tmp_path / "empty")), cfg)
 
 
 def test_run_regions_on_a_memory_workspace_matches_local(rasters, tmp_path):
@@ -250,23 +331,21 @@ def test_run_regions_on_a_memory_workspace_matches_local(rasters, tmp_path):
     fs = fsspec.filesystem("memory")
     try:
         for ws in (local, mem):
-            for name, src in (("ae.zarr", rasters["AE"]), ("field.zarr", rasters["AETHER"])):
-                xr.open_zarr(src, mask_and_scale=False, consolidated=False).to_zarr(
-                    ws.path(name), consolidated=False)
-            with fsspec.open(ws.path("pois.parquet"), "wb") as f:
-                pois.to_parquet(f)
-            res = run_regions(ws, cfg)
+            _put_rasters(ws, rasters)
+            _put_pois(ws, pois)
+            res = run_stage("regions", ws, cfg)
             assert not res.skipped and res.stats["luc"]["kept"] > 0
-        assert fs.exists(mem.path("regions.parquet/luc.parquet").removeprefix("memory://"))
+            assert res.stats["luc"]["mean_pois_per_unit"] > 0  # the POIs were read
+        assert fs.exists(mem.path("regions/luc.parquet").removeprefix("memory://"))
         assert not os.path.exists("memory:")  # nothing went to a local folder named like the URL
         for task in ("luc", "sdm"):
-            t_loc, f_loc, m_loc = read_regions(local.path("regions.parquet"), task)
-            t_mem, f_mem, m_mem = read_regions(mem.path("regions.parquet"), task)
+            t_loc, f_loc, m_loc = RegionTable(local.path("regions")).read(task)
+            t_mem, f_mem, m_mem = RegionTable(mem.path("regions")).read(task)
             pd.testing.assert_frame_equal(t_loc, t_mem)
-            assert f_loc.keys() == f_mem.keys()
+            assert f_loc.keys() == f_mem.keys() == {"AE", "AETHER"}
             for k in f_loc:
                 np.testing.assert_array_equal(f_loc[k], f_mem[k])
             assert m_loc["stats"]["kept"] == m_mem["stats"]["kept"]
-        assert run_regions(mem, cfg).skipped
+        assert run_stage("regions", mem, cfg).skipped
     finally:
         fs.rm(mem.path("").removeprefix("memory://").rstrip("/"), recursive=True)

@@ -6,24 +6,24 @@ import dask
 import numpy as np
 import pandas as pd
 import pytest
-import xarray as xr
+from fixtures import grid
 
 from aether_scale import text as T
 from aether_scale.config import TextSection, load_config
+from aether_scale.pipeline import run_stage
+from aether_scale.stores.ae import write_ae
+from aether_scale.stores.text import TextStore
+from aether_scale.text.compaction import LOCK_STALE_S, STALE_S
+from aether_scale.text.encode import _is_this_machine
 from aether_scale.workspace import Workspace
 
 
 def write_ae_zarr(path: str) -> None:
-    """A tiny lazily-defined AE store (EPSG:27700, 100 m px over central London)."""
-    import dask.array as da
-    import rioxarray  # noqa: F401
-
-    x = 510_000 + 100.0 * (np.arange(400) + 0.5)
-    y = 200_000 - 100.0 * (np.arange(400) + 0.5)
-    emb = da.zeros((400, 400, 64), dtype="int8", chunks=(64, 64, 64))
-    ds = xr.Dataset({"embedding": (("y", "x", "band"), emb)},
-                    coords={"x": x, "y": y, "band": [f"A{i:02d}" for i in range(64)]})
-    ds.rio.write_crs("EPSG:27700").to_zarr(path, mode="w")
+    """A tiny AE store (EPSG:27700, 100 m px over central London), written by the real
+    writer (chunk index and checksums as the ingest stage leaves them)."""
+    codes = np.zeros((400, 400, 64), dtype=np.int8)
+    write_ae(path, codes, grid(400, 400, crs="EPSG:27700", left=510_000.0, top=200_000.0,
+                               res=100.0), chunk_px=64)
 
 
 TEXTS = [
@@ -129,8 +129,8 @@ def test_choose_mode_rules(tcfg):
         forced = auto.model_copy(update={"mode": "dask"})
         assert T.choose_mode(forced, 1, client) == ("dask", "text.mode=dask")
     # worker addresses: loopback / in-process / this host's interfaces are "here"
-    assert T._is_this_machine("tcp://127.0.0.1:8786") and T._is_this_machine("inproc://x/1/2")
-    assert not T._is_this_machine("tcp://203.0.113.7:8786")  # TEST-NET-3, never local
+    assert _is_this_machine("tcp://127.0.0.1:8786") and _is_this_machine("inproc://x/1/2")
+    assert not _is_this_machine("tcp://203.0.113.7:8786")  # TEST-NET-3, never local
 
 
 def test_dask_mode_matches_local(tcfg, tmp_path):
@@ -167,8 +167,6 @@ def test_dask_mode_worker_processes(tcfg, tmp_path):
 
 # ----------------------------------------------------------------------------- stage
 def _pois_workspace(tmp_path) -> tuple[Workspace, object]:
-    from aether_scale.pois import run_pois
-
     ws = Workspace(tmp_path / "ws")
     write_ae_zarr(ws.path("ae.zarr"))
     df = pd.DataFrame({
@@ -188,7 +186,7 @@ def _pois_workspace(tmp_path) -> tuple[Workspace, object]:
                  "chunk_rows": 256},
     })
     with dask.config.set(scheduler="threads"):
-        run_pois(ws, cfg)
+        run_stage("pois", ws, cfg)
     return ws, cfg
 
 
@@ -196,35 +194,39 @@ def test_run_text_end_to_end_and_rerun_without_model_calls(tmp_path, model):
     import geopandas as gpd
 
     ws, cfg = _pois_workspace(tmp_path)
-    res = T.run_text(ws, cfg)
+    res = run_stage("text", ws, cfg)
+    assert not res.skipped
     st = res.stats
     pois = gpd.read_parquet(ws.path("pois.parquet"))
     n_distinct = pois.description.nunique()
     assert st["rows"] == len(pois) == 40 and st["distinct_texts"] == n_distinct
     assert st["encoded"] == n_distinct and st["cache_hits"] == 0 and st["mode"] == "local"
 
-    ds = xr.open_zarr(ws.path("text.zarr"))
-    assert ds.embedding.shape == (40, 384) and ds.embedding.dtype == np.float32
-    assert ds.attrs["dim"] == 384 and ds.attrs["model"] == "all-MiniLM-L6-v2"
-    np.testing.assert_array_equal(ds.poi_id.values, pois.poi_id.to_numpy())
+    store = TextStore(ws.path("text.zarr"))
+    emb = store.read(0, store.n)
+    assert (store.n, store.dim) == (40, 384) and emb.shape == (40, 384)
+    assert emb.dtype == np.float32
+    assert store.attrs["dim"] == 384 and store.attrs["model"] == "all-MiniLM-L6-v2"
+    np.testing.assert_array_equal(store.poi_id, pois.poi_id.to_numpy())
     plain = model.encode(pois.description.tolist(), normalize_embeddings=True)
-    np.testing.assert_allclose(ds.embedding.values, plain, atol=1e-5)
+    np.testing.assert_allclose(emb, plain, atol=1e-5)
 
     # unchanged inputs → skipped; forced rerun → recomputed from the cache, zero model calls
-    assert T.run_text(ws, cfg).skipped
+    assert run_stage("text", ws, cfg).skipped
     before = calls()
-    again = T.run_text(ws, cfg, force=True)
+    again = run_stage("text", ws, cfg, force=True)
+    assert not again.skipped
     assert calls() == before
     assert again.stats["encoded"] == 0 and again.stats["cache_hits"] == n_distinct
     assert again.stats["model_calls_here"] == 0
-    np.testing.assert_array_equal(xr.open_zarr(ws.path("text.zarr")).embedding.values,
-                                  ds.embedding.values)
+    store = TextStore(ws.path("text.zarr"))
+    np.testing.assert_array_equal(store.read(0, store.n), emb)
 
 
 def test_run_text_needs_pois(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with pytest.raises(FileNotFoundError, match="aether-scale pois"):
-        T.run_text(ws, load_config())
+        run_stage("text", ws, load_config())
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
@@ -360,7 +362,7 @@ def test_interrupted_merge_before_keys_keeps_sources_and_is_swept(tmp_path):
     assert st["finished"] == 0 and st["swept"] == 0  # recent: maybe a writer in flight
     assert all((cache.dir / f"{s}.key.npy").exists() for s in sources)
     _assert_exact(T.TextCache(cache.dir.parent, cache.key, {}), texts)
-    old = time.time() - T.STALE_S - 60
+    old = time.time() - STALE_S - 60
     for leftover in (f"{name}.vec.npy", f"{name}.sources.json", ".crashed.key.npy.tmp"):
         os.utime(cache.dir / leftover, (old, old))
     st = T.TextCache(cache.dir.parent, cache.key, {}).compact(100)
@@ -390,7 +392,7 @@ def test_concurrent_compaction_is_skipped_and_a_stale_lock_taken_over(tmp_path):
     lock.write_text("another process")
     st = cache.compact()
     assert st["busy"] and st["merged"] == 0 and st["shards_after"] == 6 and lock.exists()
-    old = time.time() - T.LOCK_STALE_S - 60
+    old = time.time() - LOCK_STALE_S - 60
     os.utime(lock, (old, old))  # its holder crashed long ago
     st = cache.compact()
     assert not st["busy"] and st["shards_after"] <= 2 and not lock.exists()

@@ -9,44 +9,23 @@ import socket
 import numpy as np
 import pytest
 import torch
+from fixtures import make_problem, small_cfg, unit
 
 from aether_scale.config import TrainSection, load_config
 from aether_scale.model import CheckpointError, load_checkpoint, load_projector, load_text_projector
+from aether_scale.pipeline import check_ready, run_stage
+from aether_scale.stores.triplets import TripletStore, TripletStoreError, write_triplets
 from aether_scale.train import (
     InMemoryBatches,
     StreamingBatches,
-    TripletStore,
-    TripletStoreError,
     cosine_lr,
-    run_train,
     train_model,
-    write_triplets,
 )
 from aether_scale.train.loader import Shard, subsample_rows
-from aether_scale.train.trainer import train_jobs
+from aether_scale.train.stage import train_jobs
 from aether_scale.workspace import Workspace
 
 CPU = torch.device("cpu")
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
-
-
-def make_problem(n: int, seed: int = 0, text_dim: int = 384) -> dict[str, np.ndarray]:
-    """Triplets where the text is a noisy nonlinear function of the base AE vector."""
-    rng = np.random.default_rng(seed)
-    proj = np.random.default_rng(1234).standard_normal((64, text_dim)).astype(np.float32)
-    base = _unit(rng.standard_normal((n, 64)))
-    aug = _unit(base + 0.4 * rng.standard_normal((n, 64)))
-    text = _unit(np.tanh(2.0 * base @ proj) + 0.6 * rng.standard_normal((n, text_dim)))
-    return {"base": base, "aug": aug, "text": text, "poi_id": np.arange(n, dtype=np.int64) + 10 * n}
-
-
-def small_cfg(**kw) -> TrainSection:
-    d = dict(epochs=3, batch_size=128, threads=1, prefetch=2)
-    d.update(kw)
-    return TrainSection(**d)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +90,7 @@ def _city_triplets(tmp_path, n_pois: int, text: str) -> str:
         sub = city.pois["subcategory"].to_numpy(dtype=str)[ok]
         cat = city.pois["category"].to_numpy(dtype=str)[ok]
         vocab = {s: rng.standard_normal(384) for s in sorted(set(sub) | set(cat))}
-        emb = _unit(np.stack([vocab[s] + 0.7 * vocab[c] for s, c in zip(sub, cat, strict=True)])
+        emb = unit(np.stack([vocab[s] + 0.7 * vocab[c] for s, c in zip(sub, cat, strict=True)])
                     + 0.3 * rng.standard_normal((ok.sum(), 384)))
     return write_triplets(str(tmp_path / "city.zarr"), base=base[ok], aug=aug[ok], text=emb,
                           poi_id=city.pois["poi_id"].to_numpy()[ok], chunk_rows=1024)
@@ -330,12 +309,17 @@ def _workspace(tmp_path, n: int = 600) -> Workspace:
     return ws
 
 
+def _work_folders(ws: Workspace) -> list[str]:
+    wdir = os.path.join(ws.root, ".work")
+    return sorted(os.listdir(wdir)) if os.path.isdir(wdir) else []
+
+
 def test_run_train_writes_model_and_noaug_and_skips_when_current(tmp_path) -> None:
     ws = _workspace(tmp_path)
-    cfg = load_config(data={"train": {"epochs": 2, "batch_size": 128, "threads": 1},
-                            "evaluate": {"noaug": True}})
-    res = run_train(ws, cfg)
-    assert not res.skipped
+    cfg = load_config(data={"train": {"epochs": 2, "batch_size": 128, "threads": 1}})
+    assert cfg.train.variants == {"noaug": {"use_aug": False}}  # the default variant
+    res = run_stage("train", ws, cfg)
+    assert not res.skipped and res.outputs.keys() == {"model", "model_noaug"}
     for name in ("model", "model_noaug"):
         for f in ("checkpoint.pt", "last.pt", "metrics.json"):
             assert os.path.exists(os.path.join(ws.path(name), f)), (name, f)
@@ -343,32 +327,37 @@ def test_run_train_writes_model_and_noaug_and_skips_when_current(tmp_path) -> No
     assert m["config"]["use_aug"] is False and m["epochs"][0]["L_AE"] is None
     assert res.stats["model"]["n_triplets"] == 600
     load_projector(ws.path("model"))
-    assert not os.listdir(os.path.join(ws.root, ".resume"))  # resume folders cleaned up
-    assert run_train(ws, cfg).skipped
+    assert not [d for d in _work_folders(ws) if d.startswith("train-")]  # work folder cleaned up
+    assert run_stage("train", ws, cfg).skipped
     # a runtime knob does not invalidate the model; a learned one does
-    assert run_train(ws, load_config(data={**cfg.model_dump(), "train": {
+    assert run_stage("train", ws, load_config(data={**cfg.model_dump(), "train": {
         **cfg.section("train"), "threads": 2}})).skipped
-    cfg2 = load_config(data={"train": {"epochs": 2, "batch_size": 128, "lam": 0.5},
-                             "evaluate": {"noaug": False}})
-    res2 = run_train(ws, cfg2)
+    cfg2 = load_config(data={"train": {"epochs": 2, "batch_size": 128, "lam": 0.5,
+                                       "variants": {}}})
+    res2 = run_stage("train", ws, cfg2)
     assert not res2.skipped and res2.outputs.keys() == {"model"}
+    assert not os.path.exists(ws.path("model_noaug"))  # a variant no longer made is removed
 
 
 def test_run_train_resumes_an_interrupted_training(tmp_path) -> None:
     ws = _workspace(tmp_path)
-    cfg = load_config(data={"train": {"epochs": 3, "batch_size": 128, "threads": 1},
-                            "evaluate": {"noaug": False}})
-    [(name, sub, rdir, same)] = train_jobs(ws, cfg)
+    cfg = load_config(data={"train": {"epochs": 3, "batch_size": 128, "threads": 1,
+                                      "variants": {}}})
+    [(name, sub, same)] = train_jobs(cfg)
     assert name == "model" and same is None
+    key = check_ready("train", ws, cfg).key
+    rdir = ws.work_root("train", key) + "/out/model"
 
     def crash(msg: str) -> None:
         if msg.startswith("[train] epoch 1/"):
             raise _Interrupt
 
-    with pytest.raises(_Interrupt):  # the crash: one epoch done in the stage's resume folder
+    with pytest.raises(_Interrupt):  # the crash: one epoch done in the stage's work folder
         train_model(ws.path("triplets.zarr"), sub, rdir, log=crash)
-    res = run_train(ws, cfg)
+    assert load_checkpoint(os.path.join(rdir, "last.pt"))["epoch"] == 0
+    res = run_stage("train", ws, cfg)
     assert res.stats["model"]["resumed_from_epoch"] == 1
+    assert not os.path.exists(ws.work_root("train", key))  # removed after success
     ref = str(tmp_path / "uninterrupted")
     train_model(ws.path("triplets.zarr"), sub, ref, log=None)
     _assert_bitwise_equal(os.path.join(ws.path("model"), "last.pt"), os.path.join(ref, "last.pt"))
@@ -377,7 +366,7 @@ def test_run_train_resumes_an_interrupted_training(tmp_path) -> None:
 def test_run_train_needs_triplets(tmp_path) -> None:
     ws = Workspace(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="pool"):
-        run_train(ws, load_config())
+        run_stage("train", ws, load_config())
 
 
 # ----------------------------------------------------------------------------- DDP (gloo, CPU)
@@ -459,7 +448,7 @@ def _ddp_resume_worker(rank: int, world: int, port: int, src: str, out: str, cfg
 def test_ddp_with_dropout_resumes_bitwise_and_ranks_draw_their_own_masks(store, tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    from aether_scale.train.trainer import rank_seed
+    from aether_scale.train.distributed import rank_seed
 
     assert len({rank_seed(0, r) for r in range(8)}) == 8 and rank_seed(3, 1) == rank_seed(3, 1)
     cfg = small_cfg(epochs=3, dropout=0.1, in_memory="always").model_dump_json()
@@ -479,9 +468,8 @@ def _stage_worker(rank: int, world: int, port: int, root: str, result_dir: str) 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        cfg = load_config(data={"train": {"epochs": 2, "batch_size": 128, "threads": 1},
-                                "evaluate": {"noaug": True}})
-        res = run_train(Workspace(root), cfg)
+        cfg = load_config(data={"train": {"epochs": 2, "batch_size": 128, "threads": 1}})
+        res = run_stage("train", Workspace(root), cfg)  # default variants: noaug
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"skipped": res.skipped, "outputs": sorted(res.outputs)}, f)
     finally:

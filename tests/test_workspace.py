@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
-from aether_scale.workspace import Workspace
+from aether_scale.workspace import Workspace, fingerprint_path, stable_hash
+
+
+def _key(stage: str, outputs: list[str], *, config=None, inputs=None) -> str:
+    """What a caller of ``run_stage`` hashes: stage, config, inputs' fingerprints, outputs."""
+    return stable_hash({"stage": stage, "config": config, "inputs": dict(inputs or {}),
+                        "outputs": list(outputs)})
 
 
 def _writer(calls: list, content: str):
-    def fn(tmp):
-        calls.append(dict(tmp))
-        for _name, path in tmp.items():
+    def fn(work):
+        calls.append(dict(work.outputs))
+        for _name, path in work.outputs.items():
             os.makedirs(path)
             with open(os.path.join(path, "data.txt"), "w") as f:
                 f.write(content)
@@ -22,92 +29,129 @@ def _writer(calls: list, content: str):
     return fn
 
 
+def _work_entries(ws_dir) -> list[str]:
+    w = ws_dir / ".work"
+    return sorted(os.listdir(w)) if w.exists() else []
+
+
 def test_stage_runs_then_skips_then_redoes(tmp_path):
     src = tmp_path / "input.txt"
     src.write_text("v1")
     ws = Workspace(tmp_path / "ws")
     calls: list = []
-    r1 = ws.run_stage("demo", outputs=["out.zarr"], inputs={"src": str(src)},
-                      config={"a": 1}, fn=_writer(calls, "x"), log=None)
+
+    def run(config, fn, **kw):
+        fp = fingerprint_path(str(src))
+        key = _key("demo", ["out.zarr"], config=config, inputs={"src": fp})
+        rec = {"config": config, "inputs": {"src": {"ref": str(src), "fingerprint": fp}}}
+        return ws.run_stage("demo", key=key, outputs=["out.zarr"], fn=fn, record=rec, **kw)
+
+    r1 = run({"a": 1}, _writer(calls, "x"))
     assert not r1.skipped and r1.stats == {"rows": 3}
     assert (tmp_path / "ws" / "out.zarr" / "data.txt").read_text() == "x"
     m = json.loads((tmp_path / "ws" / "manifests" / "demo.json").read_text())
     assert m["config"] == {"a": 1} and m["inputs"]["src"]["ref"] == str(src)
+    assert m["key"] == _key("demo", ["out.zarr"], config={"a": 1},
+                            inputs={"src": fingerprint_path(str(src))})
+    # the output was built in the stage's work folder, which is gone once published
+    assert calls[0]["out.zarr"].startswith(str(tmp_path / "ws" / ".work" / "demo-"))
+    assert _work_entries(tmp_path / "ws") == []
 
-    r2 = ws.run_stage("demo", outputs=["out.zarr"], inputs={"src": str(src)},
-                      config={"a": 1}, fn=_writer(calls, "y"), log=None)
+    r2 = run({"a": 1}, _writer(calls, "y"))
     assert r2.skipped and len(calls) == 1
+    assert (tmp_path / "ws" / "out.zarr" / "data.txt").read_text() == "x"
 
-    r3 = ws.run_stage("demo", outputs=["out.zarr"], inputs={"src": str(src)},
-                      config={"a": 2}, fn=_writer(calls, "z"), log=None)
+    r3 = run({"a": 2}, _writer(calls, "z"))
     assert not r3.skipped and (tmp_path / "ws" / "out.zarr" / "data.txt").read_text() == "z"
 
     src.write_text("v2")
-    r4 = ws.run_stage("demo", outputs=["out.zarr"], inputs={"src": str(src)},
-                      config={"a": 2}, fn=_writer(calls, "w"), log=None)
+    r4 = run({"a": 2}, _writer(calls, "w"))
     assert not r4.skipped and len(calls) == 3
 
-    r5 = ws.run_stage("demo", outputs=["out.zarr"], inputs={"src": str(src)},
-                      config={"a": 2}, fn=_writer(calls, "w"), force=True, log=None)
+    r5 = run({"a": 2}, _writer(calls, "w"), force=True)
     assert not r5.skipped and len(calls) == 4
 
 
 def test_crash_keeps_old_output_and_leaves_no_temporaries(tmp_path):
     ws = Workspace(tmp_path / "ws")
     calls: list = []
-    ws.run_stage("s", outputs=["o"], config={"v": 1}, fn=_writer(calls, "good"), log=None)
+    ws.run_stage("s", key=_key("s", ["o"], config={"v": 1}), outputs=["o"],
+                 fn=_writer(calls, "good"))
 
-    def crash(tmp):
-        os.makedirs(tmp["o"])
+    def crash(work):
+        os.makedirs(work.outputs["o"])
+        with open(os.path.join(work.outputs["o"], "data.txt"), "w") as f:
+            f.write("half")
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError, match="worker died"):
-        ws.run_stage("s", outputs=["o"], config={"v": 2}, fn=crash, log=None)
+        ws.run_stage("s", key=_key("s", ["o"], config={"v": 2}), outputs=["o"], fn=crash)
     assert (tmp_path / "ws" / "o" / "data.txt").read_text() == "good"
+    # nothing half-written under a final name or beside it: partial work lives only in .work/
+    assert sorted(p for p in os.listdir(tmp_path / "ws") if not p.startswith(".")) == [
+        "manifests", "o"]
     assert not [p for p in os.listdir(tmp_path / "ws") if p.startswith(".tmp-")]
+    assert sorted(os.listdir(tmp_path / "ws" / "manifests")) == ["s.json"]
     # the old manifest still describes the old output (config v=1), so v=1 is still current
-    r = ws.run_stage("s", outputs=["o"], config={"v": 1}, fn=_writer(calls, "again"), log=None)
-    assert r.skipped
+    r = ws.run_stage("s", key=_key("s", ["o"], config={"v": 1}), outputs=["o"],
+                     fn=_writer(calls, "again"))
+    assert r.skipped and len(calls) == 1
+    # the next run that builds sweeps the crashed run's work folder and removes its own
+    r = ws.run_stage("s", key=_key("s", ["o"], config={"v": 3}), outputs=["o"],
+                     fn=_writer(calls, "new"))
+    assert not r.skipped and (tmp_path / "ws" / "o" / "data.txt").read_text() == "new"
+    assert _work_entries(tmp_path / "ws") == []
 
 
 def test_missing_output_is_an_error(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with pytest.raises(RuntimeError, match="did not write its output 'o'"):
-        ws.run_stage("s", outputs=["o"], fn=lambda tmp: {}, log=None)
+        ws.run_stage("s", key=_key("s", ["o"]), outputs=["o"], fn=lambda work: {})
     assert ws.manifest("s") is None
+    assert not ws.exists("o")
 
 
 def test_deleted_output_reruns(tmp_path):
     ws = Workspace(tmp_path / "ws")
     calls: list = []
-    ws.run_stage("s", outputs=["o"], fn=_writer(calls, "a"), log=None)
-    import shutil
-
+    key = _key("s", ["o"])
+    ws.run_stage("s", key=key, outputs=["o"], fn=_writer(calls, "a"))
     shutil.rmtree(tmp_path / "ws" / "o")
-    r = ws.run_stage("s", outputs=["o"], fn=_writer(calls, "a"), log=None)
+    r = ws.run_stage("s", key=key, outputs=["o"], fn=_writer(calls, "a"))
     assert not r.skipped and len(calls) == 2
+    assert (tmp_path / "ws" / "o" / "data.txt").read_text() == "a"
 
 
 def test_downstream_stage_reruns_when_upstream_output_changes(tmp_path):
     ws = Workspace(tmp_path / "ws")
     calls: list = []
-    ws.run_stage("up", outputs=["a.zarr"], config={"k": 1}, fn=_writer(calls, "1"), log=None)
-    down = ws.run_stage("down", outputs=["b.zarr"], inputs={"a": "a.zarr"},
-                        fn=_writer(calls, "d"), log=None)
-    assert not down.skipped
-    assert ws.run_stage("down", outputs=["b.zarr"], inputs={"a": "a.zarr"},
-                        fn=_writer(calls, "d"), log=None).skipped
-    ws.run_stage("up", outputs=["a.zarr"], config={"k": 2}, fn=_writer(calls, "2"), log=None)
-    again = ws.run_stage("down", outputs=["b.zarr"], inputs={"a": "a.zarr"},
-                         fn=_writer(calls, "d"), log=None)
-    assert not again.skipped
+
+    def up(k: int):
+        return ws.run_stage("up", key=_key("up", ["a.zarr"], config={"k": k}),
+                            outputs=["a.zarr"], fn=_writer(calls, str(k)))
+
+    def down():
+        key = _key("down", ["b.zarr"], inputs={"a": ws.fingerprint("a.zarr")})
+        return ws.run_stage("down", key=key, outputs=["b.zarr"], fn=_writer(calls, "d"))
+
+    up(1)
+    fp1 = ws.fingerprint("a.zarr")
+    assert not down().skipped
+    assert down().skipped
+    up(2)
+    assert ws.fingerprint("a.zarr") != fp1  # derived from the producer's (new) key
+    again = down()
+    assert not again.skipped and len(calls) == 4
 
 
 def test_missing_external_input(tmp_path):
     ws = Workspace(tmp_path / "ws")
+    calls: list = []
     with pytest.raises(FileNotFoundError, match="nope.tif"):
-        ws.run_stage("s", outputs=["o"], inputs={"t": str(tmp_path / "nope.tif")},
-                     fn=lambda tmp: {}, log=None)
+        ws.run_stage("s", key=_key("s", ["o"], inputs={
+            "t": fingerprint_path(str(tmp_path / "nope.tif"))}),
+            outputs=["o"], fn=_writer(calls, "x"))
+    assert not calls and ws.manifest("s") is None
 
 
 def test_fsspec_memory_workspace():
@@ -115,16 +159,18 @@ def test_fsspec_memory_workspace():
     ws = Workspace("memory://aether-test/run")
     assert not ws.is_local
 
-    def fn(tmp):
-        with ws.fs.open(tmp["o.txt"], "w") as f:
+    def fn(work):
+        with ws.fs.open(work.outputs["o.txt"], "w") as f:
             f.write("hello")
         return {"n": 1}
 
-    r = ws.run_stage("s", outputs=["o.txt"], fn=fn, log=None)
-    assert not r.skipped
+    key = _key("s", ["o.txt"])
+    r = ws.run_stage("s", key=key, outputs=["o.txt"], fn=fn)
+    assert not r.skipped and r.stats == {"n": 1}
     with ws.fs.open(ws.path("o.txt")) as f:
         assert f.read() == b"hello"
-    assert ws.run_stage("s", outputs=["o.txt"], fn=fn, log=None).skipped
+    assert ws.run_stage("s", key=key, outputs=["o.txt"], fn=fn).skipped
+    assert not ws.fs.exists(ws.work_root("s", key))  # the work folder went with the publish
 
 
 def test_hand_placed_workspace_entry_is_fingerprinted_by_content(tmp_path):
@@ -133,17 +179,25 @@ def test_hand_placed_workspace_entry_is_fingerprinted_by_content(tmp_path):
     (tmp_path / "ws" / "ae.zarr").mkdir()
     (tmp_path / "ws" / "ae.zarr" / "c.0").write_text("a")
     calls: list = []
-    ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"}, fn=_writer(calls, "x"), log=None)
-    assert ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"},
-                        fn=_writer(calls, "x"), log=None).skipped
+
+    def down():
+        key = _key("down", ["o"], inputs={"ae": ws.fingerprint("ae.zarr")})
+        return ws.run_stage("down", key=key, outputs=["o"], fn=_writer(calls, "x"))
+
+    down()
+    # by content, not by where it is: a copy elsewhere fingerprints alike
+    shutil.copytree(tmp_path / "ws" / "ae.zarr", tmp_path / "copy.zarr")
+    assert ws.fingerprint("ae.zarr") == fingerprint_path(str(tmp_path / "copy.zarr"))
+    assert down().skipped
     (tmp_path / "ws" / "ae.zarr" / "c.1").write_text("b")
-    again = ws.run_stage("down", outputs=["o"], inputs={"ae": "ae.zarr"},
-                         fn=_writer(calls, "x"), log=None)
+    again = down()
     assert not again.skipped and len(calls) == 2
 
 
 def test_missing_workspace_input_names_its_workspace_path(tmp_path):
     ws = Workspace(tmp_path / "ws")
+    calls: list = []
     with pytest.raises(FileNotFoundError, match=r"ws/triplets\.zarr does not exist"):
-        ws.run_stage("train", outputs=["model"], inputs={"t": "triplets.zarr"},
-                     fn=lambda tmp: {}, log=None)
+        ws.run_stage("train", key=_key("train", ["model"], inputs={
+            "t": ws.fingerprint("triplets.zarr")}), outputs=["model"], fn=_writer(calls, "x"))
+    assert not calls and ws.manifest("train") is None

@@ -1,6 +1,6 @@
 """Ingest target grid: the north-up output grid and where each tile lands on it.
 
-:func:`plan_grid` fixes the :class:`TargetGrid` (CRS, pixel size, extent snapped
+:func:`plan_grid` fixes the :class:`~aether_scale.stores.ae.TargetGrid` (CRS, pixel size, extent snapped
 to whole pixels, phase following the first matching tile) from the tiles'
 headers, and one placement per tile: *aligned* (a plain windowed copy) or to
 be reprojected, plus the target rows/columns it may touch.
@@ -13,36 +13,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .. import aef
+from ..stores.ae import TargetGrid
 from .inputs import IngestError, TileInfo
-
-
-@dataclass(frozen=True)
-class TargetGrid:
-    """The north-up output grid: CRS, pixel size, top-left corner and size."""
-
-    crs_wkt: str
-    resolution: float
-    left: float
-    top: float
-    width: int
-    height: int
-
-    def transform(self):  # -> affine.Affine
-        """The grid's affine transform (north-up: negative y pixel size)."""
-        from affine import Affine
-
-        return Affine(self.resolution, 0.0, self.left, 0.0, -self.resolution, self.top)
-
-    def x_centres(self, c0: int = 0, c1: int | None = None) -> np.ndarray:
-        c1 = self.width if c1 is None else c1
-        return self.left + (np.arange(c0, c1, dtype=np.float64) + 0.5) * self.resolution
-
-    def y_centres(self, r0: int = 0, r1: int | None = None) -> np.ndarray:
-        r1 = self.height if r1 is None else r1
-        return self.top - (np.arange(r0, r1, dtype=np.float64) + 0.5) * self.resolution
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ Layout: :mod:`.errors` (``PoiInputError``), :mod:`.clean` (text cleaning,
 encoding repair, description templates, ids), :mod:`.grid` (``RasterGrid``,
 coverage, chunk keys), :mod:`.readers` (per-format lazy reading, CSV blocks,
 config-vs-file checks), :mod:`.rows` (per-partition bad-row rules) and
-:mod:`.stage` (``process_pois``, ``run_pois``, writing ``pois.parquet``).
+:mod:`.stage` (``process_pois`` and the registered stage ``build``); the table
+itself is :mod:`aether_scale.stores.pois`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from .grid import RasterGrid, raster_grid
 from .readers import SourceSpec as SourceSpec  # not in __all__; importable as before
 from .readers import read_source
 from .rows import DROP_REASONS
-from .stage import process_pois, run_pois
+from .stage import process_pois
 
 __all__ = [
     "PoiInputError",
@@ -84,5 +85,4 @@ __all__ = [
     "clean_text",
     "build_descriptions",
     "process_pois",
-    "run_pois",
 ]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..raster import Transform, locate_pixels, open_ae
+from ..stores.ae import open_ae
+from ..stores.raster import Transform, locate_pixels, raster_crs
 
 __all__ = ["RasterGrid", "raster_grid"]
 
@@ -36,7 +37,7 @@ class RasterGrid:
         """Pixel (row, col) of each point, whether it lies inside the raster, and its
         chunk (chunk_y, chunk_x). Row, col and chunk are −1 outside. Vectorised.
 
-        The pixel rule is :func:`aether_scale.raster.locate_pixels` (half-open
+        The pixel rule is :func:`aether_scale.stores.raster.locate_pixels` (half-open
         cells), the same the pooling engine's ``Grid.locate`` uses, so every
         POI kept here is on the raster when it is pooled.
         """
@@ -50,18 +51,16 @@ class RasterGrid:
         return row, col, inside, np.stack([cy, cx])
 
 
-def raster_grid(ae_path: str) -> RasterGrid:
+def raster_grid(ae_path: str, *, storage_options: dict | None = None) -> RasterGrid:
     """Read the grid of ``ae.zarr`` (lazily; no pixel data is loaded).
 
-    The store is opened with :func:`aether_scale.raster.open_ae`: FileNotFoundError
-    when it is missing (run ``aether-scale ingest``), ValueError when it has no
-    ``embedding`` variable; ValueError here when it has no CRS.
+    The store is opened with :func:`aether_scale.stores.ae.open_ae`: FileNotFoundError
+    when it is missing (run ``aether-scale ingest``), ValueError when it breaks the
+    contract or has no CRS.
     """
-    ds = open_ae(ae_path)
+    ds = open_ae(ae_path, storage_options=storage_options)
     emb = ds["embedding"]
-    crs = emb.rio.crs or ds.rio.crs
-    if crs is None:
-        raise ValueError(f"{ae_path}: no CRS (expected a rioxarray 'spatial_ref' coordinate)")
+    crs = raster_crs(ds, where=str(ae_path))
     t = emb.rio.transform()
     chunks = emb.chunks
     if chunks is None:

@@ -4,8 +4,8 @@
 (:mod:`.readers`), applies the row rules per partition (:mod:`.rows`), drops
 duplicate ids (first occurrence in source/file order kept), splits the kept rows
 into output partitions by AE chunk key (never splitting a chunk) and writes one
-sorted GeoParquet part per partition. :func:`run_pois` wraps it as a workspace
-stage (``ws.run_stage``). See the :mod:`aether_scale.pois` docstring for the
+sorted GeoParquet part per partition (:func:`aether_scale.stores.pois.write_part`).
+:func:`build` is the registered ``pois`` stage. See the :mod:`aether_scale.pois` docstring for the
 columns, rules and stats.
 """
 
@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 
 from ..config import PoisSection, RunConfig
-from ..workspace import StageResult, Workspace
+from ..stores.pois import write_part
 from .clean import _template_parts
 from .errors import PoiInputError
 from .grid import RasterGrid, raster_grid
 from .readers import SourceSpec, _nullable, _resolve_source, read_source
 from .rows import _ID_STRIDE, DROP_REASONS, _finish, _kept_keys, _part_stats, _prepare, _select
 
-__all__ = ["process_pois", "run_pois"]
+__all__ = ["build", "external_inputs", "process_pois"]
 
 _RESERVED = {
     "poi_id", "description", "name", "category", "subcategory", "source",
@@ -34,17 +34,9 @@ _RESERVED = {
 
 
 def _write_part(pieces: list[pd.DataFrame], path: str, crs_wkt: str, columns: list[str]) -> int:
-    """Concatenate the pieces of one output partition, sort, write one GeoParquet file."""
-    import fsspec
-    import geopandas as gpd
-
+    """Concatenate the pieces of one output partition and write it as one part file."""
     df = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame(columns=columns)
-    df = df.sort_values(["chunk_y", "chunk_x", "poi_id"], kind="stable", ignore_index=True)
-    df = df[columns]
-    gdf = gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(df["x"], df["y"]), crs=crs_wkt)
-    with fsspec.open(path, "wb") as f:
-        gdf.to_parquet(f, index=False)
-    return len(gdf)
+    return write_part(df, path, crs_wkt, columns)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -182,27 +174,20 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
     }
 
 
-def run_pois(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResult:
-    """``aether-scale pois``: the configured POI sources → ``pois.parquet`` (a folder of
-    GeoParquet parts; see the :mod:`aether_scale.pois` docstring for columns, rules and stats).
+def external_inputs(cfg: RunConfig) -> dict[str, str]:
+    """The POI files the stage reads, one input per source (fingerprinted by content)."""
+    return {f"source_{i}": s.path for i, s in enumerate(cfg.pois.sources)}
 
-    Raises :class:`PoiInputError` (a ValueError) naming the file, config key and fix for
-    a missing column / CRS / coordinate setting, FileNotFoundError when ``ae.zarr`` is
-    missing.
+
+def build(ctx) -> dict[str, Any]:
+    """The ``pois`` stage: the configured POI sources → ``pois.parquet`` (a folder of
+    GeoParquet parts; see the :mod:`aether_scale.pois` docstring for columns, rules and
+    stats). Raises :class:`PoiInputError` (a ValueError) naming the file, config key and
+    fix for a missing column / CRS / coordinate setting.
     """
-    pcfg = cfg.pois
-    if not pcfg.sources:
-        raise PoiInputError("config pois.sources is empty; add at least one POI file "
-                            "(path + columns)")
-    inputs = {f"source_{i}": s.path for i, s in enumerate(pcfg.sources)}
-    if not ws.exists("ae.zarr"):
-        raise FileNotFoundError(f"{ws.path('ae.zarr')} does not exist; run `aether-scale ingest` "
-                                "first (the POI stage needs the AE CRS and coverage)")
-    inputs["ae"] = "ae.zarr"
-
-    def fn(tmp: dict[str, str]) -> dict[str, Any]:
-        grid = raster_grid(ws.path("ae.zarr"))
-        return process_pois(pcfg, grid, tmp["pois.parquet"])
-
-    return ws.run_stage("pois", outputs=["pois.parquet"], inputs=inputs,
-                        config=cfg.section("pois"), fn=fn, force=force)
+    grid = raster_grid(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
+    stats = process_pois(ctx.cfg.pois, grid, ctx.outputs["pois.parquet"])
+    dropped = ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items() if v) or "none"
+    ctx.log.info(f"[pois] kept {stats['kept']:,} of {stats['rows_read']:,} POIs "
+                 f"(dropped: {dropped}) in {stats['files']} part file(s)")
+    return stats

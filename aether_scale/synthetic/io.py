@@ -109,8 +109,14 @@ def write_city(out_dir: str | os.PathLike, cfg: SynthSection | None = None) -> d
                    "nodata_pixels": int((~city.valid).sum())},
     }
     (out / "city.json").write_text(json.dumps(meta, indent=2))
+    return city_paths(out)
+
+
+def city_paths(out_dir: str | os.PathLike) -> dict[str, str]:
+    """Where :func:`write_city` puts each file under ``out_dir`` (written or not)."""
+    out = Path(out_dir)
     return {
-        "ae_tiles": str(ae_dir / "*.tif"),
+        "ae_tiles": str(out / "ae" / "*.tif"),
         "pois": str(out / "pois.parquet"),
         "luc_points": str(out / "luc_points.geojson"),
         "sdm_units": str(out / "sdm_units.geojson"),

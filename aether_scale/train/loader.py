@@ -34,21 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..stores.triplets import TripletStore
+
 __all__ = [
-    "TripletStore",
-    "TripletStoreError",
     "InMemoryBatches",
     "StreamingBatches",
     "subsample_rows",
     "epoch_seed",
 ]
-
-REQUIRED = ("poi_id", "base", "aug", "text")
-
-
-class TripletStoreError(ValueError):
-    """``triplets.zarr`` is missing a field or has a wrong shape/dtype/value."""
-
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     """A 63-bit seed for one epoch's shuffles, a pure function of its arguments."""
@@ -63,93 +56,6 @@ def subsample_rows(n: int, fraction: float, seed: int) -> np.ndarray | None:
     k = max(2, int(round(fraction * n)))
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED])
     return np.sort(rng.choice(n, size=min(k, n), replace=False))
-
-
-class TripletStore:
-    """An opened, validated ``triplets.zarr`` (Zarr group or xarray-written store).
-
-    Fields: ``poi_id`` (n,) int, ``base`` (n, in_dim) float, ``aug`` (n, in_dim)
-    float, ``text`` (n, text_dim) float, all chunked along n. Raises
-    :class:`TripletStoreError` naming the store, the field and the fix.
-    """
-
-    def __init__(
-        self, uri: str, *, storage_options: dict | None = None, need_aug: bool = True
-    ) -> None:
-        import zarr
-
-        self.uri = str(uri)
-        try:
-            self.group = zarr.open_group(self.uri, mode="r", storage_options=storage_options)
-        except Exception as e:  # zarr raises several types for "not a group"
-            raise TripletStoreError(
-                f"{self.uri}: cannot open as a Zarr group ({type(e).__name__}: {e}); "
-                f"run the 'pool' stage first or point train at a triplets.zarr"
-            ) from None
-        names = set(self.group.array_keys())
-        needed = [f for f in REQUIRED if need_aug or f != "aug"]
-        missing = [f for f in needed if f not in names]
-        if missing:
-            raise TripletStoreError(
-                f"{self.uri}: missing field(s) {missing}; a triplets store needs arrays "
-                f"{list(REQUIRED)} (found {sorted(names)}); re-run the 'pool' stage"
-            )
-        self.base = self.group["base"]
-        self.text = self.group["text"]
-        self.aug = self.group["aug"] if "aug" in names else None
-        self.poi_id = self.group["poi_id"]
-        n = int(self.poi_id.shape[0]) if len(self.poi_id.shape) == 1 else -1
-        if n < 0:
-            raise TripletStoreError(f"{self.uri}: field 'poi_id' must be 1-d, has shape {self.poi_id.shape}")
-        self.n = n
-        arrays = {"base": self.base, "text": self.text}
-        if self.aug is not None:
-            arrays["aug"] = self.aug
-        for name, arr in arrays.items():
-            if len(arr.shape) != 2 or arr.shape[0] != n:
-                raise TripletStoreError(
-                    f"{self.uri}: field {name!r} has shape {tuple(arr.shape)}, expected ({n}, d) "
-                    f"(one row per poi_id); the store is inconsistent — re-run the 'pool' stage"
-                )
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise TripletStoreError(
-                    f"{self.uri}: field {name!r} has dtype {arr.dtype}, expected float32"
-                )
-        if self.aug is not None and self.aug.shape[1] != self.base.shape[1]:
-            raise TripletStoreError(
-                f"{self.uri}: 'aug' has {self.aug.shape[1]} columns but 'base' has "
-                f"{self.base.shape[1]}; both views must come from the same AE bands"
-            )
-        if n < 2:
-            raise TripletStoreError(f"{self.uri}: {n} triplet(s); contrastive training needs ≥ 2")
-        self.in_dim = int(self.base.shape[1])
-        self.text_dim = int(self.text.shape[1])
-        self.chunk_rows = int(self.base.chunks[0])
-        self.need_aug = need_aug and self.aug is not None
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one triplet as float32 (the fields training reads)."""
-        return 4 * (self.in_dim * (2 if self.need_aug else 1) + self.text_dim)
-
-    def chunk_bounds(self) -> list[tuple[int, int]]:
-        """``[(start, stop), …]`` row ranges of the store's chunks."""
-        c = self.chunk_rows
-        return [(s, min(s + c, self.n)) for s in range(0, self.n, c)]
-
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Rows ``[start, stop)`` of base, aug (None unless needed), text as float32."""
-        base = np.asarray(self.base[start:stop], dtype=np.float32)
-        aug = np.asarray(self.aug[start:stop], dtype=np.float32) if self.need_aug else None
-        text = np.asarray(self.text[start:stop], dtype=np.float32)
-        for name, a in (("base", base), ("aug", aug), ("text", text)):
-            if a is not None and not np.isfinite(a).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
-                raise TripletStoreError(
-                    f"{self.uri}: field {name!r} has non-finite values (first at row {bad}); "
-                    f"the pool/text stage must drop rows without a valid vector"
-                )
-        return base, aug, text
 
 
 # --------------------------------------------------------------------------- batching plans
@@ -448,38 +354,3 @@ class StreamingBatches:
 
 class _Stopped(Exception):
     """Internal: the consumer closed the loader while the producer was waiting."""
-
-
-def write_triplets(
-    path: str,
-    *,
-    base: np.ndarray,
-    aug: np.ndarray,
-    text: np.ndarray,
-    poi_id: np.ndarray | None = None,
-    chunk_rows: int = 65536,
-    compressors: object = "auto",
-) -> str:
-    """Write a ``triplets.zarr`` in the pool stage's layout (tests, benchmarks, tools).
-
-    Arrays ``poi_id`` (n,) int64, ``base``/``aug`` (n, d) float32 and ``text``
-    (n, D) float32, chunked along n by ``chunk_rows`` rows (whole rows per
-    chunk). ``compressors=None`` writes uncompressed chunks.
-    """
-    import zarr
-
-    n = base.shape[0]
-    if poi_id is None:
-        poi_id = np.arange(n, dtype=np.int64)
-    g = zarr.open_group(path, mode="w")
-    for name, arr in (("poi_id", np.asarray(poi_id, dtype=np.int64)),
-                      ("base", np.asarray(base, dtype=np.float32)),
-                      ("aug", np.asarray(aug, dtype=np.float32)),
-                      ("text", np.asarray(text, dtype=np.float32))):
-        if arr.shape[0] != n:
-            raise ValueError(f"write_triplets: {name} has {arr.shape[0]} rows, base has {n}")
-        chunks = (min(chunk_rows, n),) + arr.shape[1:]
-        a = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                           compressors=compressors)
-        a[...] = arr
-    return path

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from ..raster import Transform, locate_pixels
+from ..stores.raster import Transform, locate_pixels
 
 CHANNEL_DIMS = ("band", "dim")
 
@@ -59,7 +59,7 @@ class Grid:
         """Pixel (row, col) containing each point and a mask of points inside the raster.
 
         A point belongs to the pixel whose half-open cell contains it (the
-        convention of :func:`aether_scale.raster.locate_pixels`, shared with
+        convention of :func:`aether_scale.stores.raster.locate_pixels`, shared with
         the POI stage's :meth:`~aether_scale.pois.RasterGrid.locate`); points
         on no pixel of the raster get ``inside = False`` (their row/col are
         clipped so they can still be used as indices).

@@ -23,7 +23,6 @@ cluster, and are bit-identical between the two.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,10 @@ import dask
 import numpy as np
 import xarray as xr
 
+from ..cluster import active_client, n_task_slots
 from ..config import BufferSpec
+from ..logs import Progress
+from ..stores.chunks import Ledger
 from .grid import Grid, as_yxc, grid_of
 from .kernels import Buffer, RegionSpec, finalize, partial_sums
 
@@ -95,9 +97,27 @@ class _Lazy:
         return np.asarray(a)
 
 
-def _task(lazy: _Lazy, payload: _Lazy) -> tuple[np.ndarray, np.ndarray]:
+def _task(lazy: _Lazy, payload: _Lazy, ledger: Ledger | None, key: str
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's partial sums; with a ledger they are recorded here, on the worker, so
+    a result survives the client (a rerun loads it instead of computing it again)."""
     index, kw = payload.arr
-    return index, partial_sums(lazy.read(), **kw)
+    sums = partial_sums(lazy.read(), **kw)
+    if ledger is not None:
+        ledger.save_arrays(key, {"index": index, "sums": sums}, {"points": int(index.size)})
+    return index, sums
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A task result already in the ledger: loaded instead of computed."""
+
+    ledger: Ledger
+    key: str
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        z = self.ledger.load_arrays(self.key)
+        return z["index"], z["sums"]
 
 
 def resolve_buffers(buffers: Sequence[BufferSpec | dict], grid: Grid) -> list[Buffer]:
@@ -112,18 +132,6 @@ def resolve_buffers(buffers: Sequence[BufferSpec | dict], grid: Grid) -> list[Bu
     if not out:
         raise ValueError("pool_buffers needs at least one buffer")
     return out
-
-
-def _client() -> Any | None:
-    if dask.config.get("scheduler", None) in ("threads", "threading", "sync", "synchronous",
-                                              "single-threaded", "processes"):
-        return None
-    try:
-        from distributed import get_client
-
-        return get_client()
-    except (ImportError, ValueError):
-        return None
 
 
 class _Combiner:
@@ -210,6 +218,7 @@ class PoolPlan:
             (int(key[s] // nbx), int(key[s] % nbx), idx[s:e]) for s, e in zip(starts, ends, strict=True)
         ]
         self._token = uuid.uuid4().hex[:10]
+        self.n_resumed = 0  # tasks loaded from a ledger by the last blocks() run
 
     @property
     def n_outside(self) -> int:
@@ -219,7 +228,12 @@ class PoolPlan:
     def n_tasks(self) -> int:
         return len(self.groups)
 
-    def _delayed(self, k: int) -> Any:
+    def task_key(self, k: int) -> str:
+        """The ledger key of task ``k``: its raster chunk, ``"<row>.<col>"``."""
+        bi, bj, _ = self.groups[k]
+        return f"{bi}.{bj}"
+
+    def _delayed(self, k: int, ledger: Ledger | None = None) -> Any:
         bi, bj, idx = self.groups[k]
         g = self.grid
         h, w = g.shape
@@ -234,10 +248,12 @@ class PoolPlan:
             pcol=self.col[idx], buffers=self.buffers, block_bytes=self.block_bytes,
         )
         return dask.delayed(_task, pure=False)(
-            _Lazy(sub), _Lazy((idx, kw)), dask_key_name=f"pool-chunk-{self._token}-{bi}-{bj}"
+            _Lazy(sub), _Lazy((idx, kw)), ledger, self.task_key(k),
+            dask_key_name=f"pool-chunk-{self._token}-{bi}-{bj}"
         )
 
-    def blocks(self, *, window: int | None = None) -> Iterator[PoolBlock]:
+    def blocks(self, *, window: int | None = None, ledger: Ledger | None = None,
+               progress: Progress | None = None) -> Iterator[PoolBlock]:
         """Run the tasks; yield the points completed by each chunk, in chunk order.
 
         Every point inside the raster appears in exactly one :class:`PoolBlock`
@@ -246,9 +262,21 @@ class PoolPlan:
         threads), so results never pile up in worker memory. Uses the current
         ``distributed`` client when there is one, else the configured local
         dask scheduler.
+
+        With a ``ledger`` (a folder in the stage's work area) every task records its
+        result; tasks already recorded — by a killed run — are loaded, not computed
+        (:attr:`n_resumed` counts them). ``progress`` advances once per task.
         """
         comb = _Combiner(self.need, (len(self.buffers), self.grid.n_channels + 1))
-        for idx, sums in run_windowed(self._delayed, len(self.groups), window=window):
+        done = ledger.done() if ledger is not None else {}
+        self.n_resumed = sum(self.task_key(k) in done for k in range(self.n_tasks))
+
+        def make(k: int) -> Any:
+            if self.task_key(k) in done:
+                return Recorded(ledger, self.task_key(k))
+            return self._delayed(k, ledger)
+
+        for idx, sums in run_windowed(make, len(self.groups), window=window, progress=progress):
             done, tot = comb.add(idx, sums)
             if done.size:
                 vec, cnt = finalize(tot, self.grid.kind, normalize=self.normalize)
@@ -257,38 +285,52 @@ class PoolPlan:
             raise AssertionError(f"{comb.idx.size} points never completed (bug)")
 
 
-def run_windowed(make: Any, ntask: int, *, window: int | None = None) -> Iterator[Any]:
-    """Compute ``make(0) … make(ntask-1)`` (dask Delayed) and yield results in that order.
+def run_windowed(make: Any, ntask: int, *, window: int | None = None,
+                 progress: Progress | None = None) -> Iterator[Any]:
+    """Compute ``make(0) … make(ntask-1)`` and yield results in that order.
 
-    At most ``window`` tasks are in flight; the Delayed objects are built only
-    when submitted. Uses the current distributed client if any, else the
+    ``make(k)`` returns a dask Delayed, or a :class:`Recorded` result (loaded, not
+    computed). At most ``window`` tasks are in flight; the Delayed objects are built
+    only when submitted. Uses the current distributed client if any, else the
     configured local scheduler (in batches of ``window``).
     """
-    client = _client()
-    if window is None:
-        if client is not None:
-            window = 2 * max(1, sum(client.nthreads().values()))
-        else:
-            window = 2 * int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
-    window = max(1, int(window))
+    client = active_client()
+    window = max(1, int(window or 2 * n_task_slots()))
+
+    def tick(res: Any) -> Any:
+        if progress is not None:
+            progress.advance()
+        return res
+
     if client is None:
         for s in range(0, ntask, window):
-            batch = [make(k) for k in range(s, min(s + window, ntask))]
-            yield from dask.compute(*batch)
+            items = [make(k) for k in range(s, min(s + window, ntask))]
+            todo = [x for x in items if not isinstance(x, Recorded)]
+            computed = iter(dask.compute(*todo)) if todo else iter(())
+            for x in items:
+                yield tick(x.load() if isinstance(x, Recorded) else next(computed))
         return
     pending: deque = deque()
     nxt = 0
+
+    def submit(k: int) -> Any:
+        x = make(k)
+        return x if isinstance(x, Recorded) else client.compute(x)
+
     while nxt < ntask and len(pending) < window:
-        pending.append(client.compute(make(nxt)))
+        pending.append(submit(nxt))
         nxt += 1
     while pending:
         fut = pending.popleft()
-        res = fut.result()
-        fut.release()
+        if isinstance(fut, Recorded):
+            res = fut.load()
+        else:
+            res = fut.result()
+            fut.release()
         if nxt < ntask:
-            pending.append(client.compute(make(nxt)))
+            pending.append(submit(nxt))
             nxt += 1
-        yield res
+        yield tick(res)
 
 
 def plan_pool(

@@ -1,4 +1,5 @@
-"""Training the AETHER projector (AdamW, cosine LR, best-on-train, resumable, DDP-ready).
+"""The training loop: the AETHER projector on a triplets store (AdamW, cosine LR,
+best-on-train, resumable, DDP-ready).
 
 One step: base and augmented views go through :class:`~aether_scale.model.AEProj`
 in a single forward (concatenated, then split — one GEMM chain instead of two;
@@ -32,12 +33,9 @@ equal the single-process ones (the loss is scaled by ``world_size`` before
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,7 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import RunConfig, TrainSection
+from ..config import TrainSection
+from ..devices import resolve_device
 from ..loss import AetherLoss
 from ..model import (
     CHECKPOINT_NAME,
@@ -57,18 +56,12 @@ from ..model import (
     _safe_load,
     save_checkpoint,
 )
+from ..stores.triplets import TripletStore
+from .distributed import _init_distributed, rank_seed
 from .fused import fused_ae_forward, fused_text_forward
-from .loader import (
-    InMemoryBatches,
-    Shard,
-    StreamingBatches,
-    TripletStore,
-    epoch_seed,
-    subsample_rows,
-    write_triplets,
-)
+from .loader import InMemoryBatches, Shard, StreamingBatches, subsample_rows
 
-__all__ = ["train_model", "run_train", "cosine_lr", "write_triplets", "resolve_device"]
+__all__ = ["cosine_lr", "train_model"]
 
 METRICS_NAME = "metrics.json"
 # Config keys that do not change what is learned (may differ on resume).
@@ -77,7 +70,6 @@ _RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory"})
 # behaviour: left out of comparisons and hashes at that value, so checkpoints and
 # workspaces from before them stay resumable and current.
 _LEGACY_DEFAULTS = {"precision": "float32"}
-_RANK_SALT = 0x52414E4B  # keeps rank seeds apart from the loader's per-epoch shuffle seeds
 
 
 def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
@@ -86,50 +78,6 @@ def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
     return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-# --------------------------------------------------------------------------- distributed
-def _env_shard() -> Shard:
-    """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
-    w = int(os.environ.get("WORLD_SIZE", "1"))
-    return Shard(int(os.environ.get("RANK", "0")), w) if w > 1 else Shard()
-
-
-def _init_distributed(device: torch.device) -> Shard:
-    """Join the process group when launched by torchrun (idempotent)."""
-    shard = _env_shard()
-    if shard.world_size == 1:
-        return shard
-    import torch.distributed as dist
-
-    if device.type == "cuda":  # NCCL and the object collectives use the current device
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://")
-    if dist.get_world_size() != shard.world_size:
-        raise RuntimeError("WORLD_SIZE does not match the initialised process group")
-    return Shard(dist.get_rank(), dist.get_world_size())
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed for ``rank``'s generator, distinct per rank and a pure function of both."""
-    return epoch_seed(seed, rank, salt=_RANK_SALT)
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` → ``cuda:<LOCAL_RANK>`` when CUDA is present, else ``cpu``; else ``spec``."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec == "auto":
-        return torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device is {spec!r} but CUDA is not available here (use 'auto' or 'cpu')")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local}")
-    return dev
-
-
-# --------------------------------------------------------------------------- helpers
 class _Heads(nn.Module):
     """Both projectors as one module (one DDP wrapper, one optimizer).
 
@@ -234,7 +182,6 @@ def _learned_config(cfg: dict[str, Any]) -> dict[str, Any]:
             if k not in _RUNTIME_KEYS and not (k in _LEGACY_DEFAULTS and v == _LEGACY_DEFAULTS[k])}
 
 
-# --------------------------------------------------------------------------- train_model
 def train_model(
     triplets_uri: str,
     cfg: TrainSection,
@@ -254,11 +201,11 @@ def train_model(
     :class:`~aether_scale.model.CheckpointError`. ``log`` gets one line per
     epoch (after ``last.pt`` is written). Returns a summary dict (best epoch
     and L_AP, epochs run, rows, device, loader path, paths).
-    Raises :class:`~.loader.TripletStoreError` for a malformed store.
+    Raises :class:`~aether_scale.stores.triplets.TripletStoreError` for a malformed store.
     """
     say = log or (lambda _m: None)
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="train.device")
     shard = _init_distributed(device)
     threads_before = torch.get_num_threads()
     if cfg.threads:
@@ -465,124 +412,3 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         "checkpoint": best_path,
         "metrics": metrics_path,
     }
-
-
-# --------------------------------------------------------------------------- run_train (stage)
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _resume_dir(ws, name: str, key: str) -> str:
-    """A stable local folder for a training run's checkpoints (survives a crash)."""
-    if ws.is_local:
-        return os.path.join(ws.root, ".resume", f"train-{name}-{key}")
-    return os.path.join(tempfile.gettempdir(), "aether_scale-resume", f"train-{name}-{key}")
-
-
-def train_jobs(ws, cfg: RunConfig) -> list[tuple[str, TrainSection, str, str | None]]:
-    """The training runs of the stage: ``(output, train section, resume folder, same_as)``.
-
-    ``same_as`` names an earlier output with the identical training (then the
-    output is a copy). The resume folder is keyed by the learned config and
-    the fingerprint of ``triplets.zarr``, so a rerun with the same inputs finds
-    the interrupted run's ``last.pt`` and a changed config never does.
-    """
-    tcfg = cfg.train
-    outputs = ["model"] + (["model_noaug"] if cfg.evaluate.noaug else [])
-    variants = {"model": tcfg, "model_noaug": tcfg.model_copy(update={"use_aug": False})}
-    fp = ws.fingerprint("triplets.zarr")
-    jobs: list[tuple[str, TrainSection, str, str | None]] = []
-    for name in outputs:
-        sub = variants[name]
-        same = next((j[0] for j in jobs if j[1] == sub), None)
-        key = _hash({"train": _learned_config(sub.model_dump(mode="json")), "input": fp})
-        jobs.append((name, sub, _resume_dir(ws, name, key), same))
-    return jobs
-
-
-def run_train(ws, cfg: RunConfig, *, force: bool = False):
-    """Stage ``train``: ``triplets.zarr`` → ``model/`` (and ``model_noaug/``).
-
-    ``model_noaug`` ("AETHER w/o aug": L = L_AP only) is trained too when
-    ``evaluate.noaug`` is true. Each run trains in a stable folder
-    (``<workspace>/.resume/train-<output>-<hash of config and input>``), so a
-    rerun after a crash resumes from its ``last.pt``; on success the folders
-    are copied into the outputs and removed. Under torchrun (``WORLD_SIZE>1``)
-    rank 0 runs the stage and the other ranks join each training run.
-    """
-    from ..workspace import StageResult
-
-    tcfg = cfg.train
-    outputs = ["model"] + (["model_noaug"] if cfg.evaluate.noaug else [])
-    # runtime knobs (device, threads, prefetch, in_memory) do not invalidate a model
-    config = {"train": _learned_config(cfg.section("train")), "outputs": outputs}
-    src = ws.path("triplets.zarr")
-    if not ws.exists("triplets.zarr"):
-        raise FileNotFoundError(f"{src} does not exist; run the 'pool' stage first")
-    jobs = train_jobs(ws, cfg)
-    shard = _env_shard()
-    if shard.world_size > 1:
-        _init_distributed(resolve_device(tcfg.device))
-    if shard.rank != 0:
-        return _follow_rank0(src, jobs, ws.storage_options)
-
-    def fn(tmp: dict[str, str]) -> dict[str, Any]:
-        _tell_ranks("go")
-        stats: dict[str, Any] = {}
-        for name, sub, rdir, same in jobs:
-            if same is not None:  # train.use_aug is false: model_noaug == model
-                print(f"[train] {name}: same training as {same}; copying it")
-                stats[name] = dict(stats[same])
-                _copy_out(ws, dict((j[0], j[2]) for j in jobs)[same], tmp[name])
-                continue
-            if force and os.path.exists(rdir):
-                shutil.rmtree(rdir)
-            print(f"[train] {name} (use_aug={sub.use_aug}) → {rdir}")
-            stats[name] = train_model(src, sub, rdir, resume=True,
-                                      storage_options=ws.storage_options or None)
-            _copy_out(ws, rdir, tmp[name])
-        for _, _, rdir, _ in jobs:
-            shutil.rmtree(rdir, ignore_errors=True)
-        return stats
-
-    res: StageResult = ws.run_stage("train", outputs=outputs, inputs={"triplets": "triplets.zarr"},
-                                    config=config, fn=fn, force=force)
-    if res.skipped:
-        _tell_ranks("skip")
-    return res
-
-
-def _tell_ranks(decision: str) -> None:
-    """Rank 0 → other ranks: whether the stage trains (``go``) or is up to date (``skip``)."""
-    if _env_shard().world_size > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([decision], src=0)
-
-
-def _follow_rank0(src: str, jobs, storage_options):
-    """Non-zero ranks: wait for rank 0's decision, then join each training run (no files)."""
-    import torch.distributed as dist
-
-    from ..workspace import StageResult
-
-    box = [None]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] == "go":
-        scratch = tempfile.mkdtemp(prefix="aether_rank")
-        try:
-            for name, sub, _, same in jobs:
-                if same is None:  # rank 0 hands its resume state over in train_model
-                    train_model(src, sub, os.path.join(scratch, name), resume=True, log=None,
-                                storage_options=storage_options or None)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return StageResult("train", box[0] != "go", {})
-
-
-def _copy_out(ws, src_dir: str, dst: str) -> None:
-    """Copy a finished training folder to the stage's temporary output (local or fsspec)."""
-    if ws.is_local:
-        shutil.copytree(src_dir, dst)
-    else:
-        ws.fs.put(src_dir, dst, recursive=True)

@@ -116,7 +116,7 @@ def pool_polygons(
 ) -> PolygonPoolResult:
     """Mean of ``da``'s valid pixels whose centres fall inside each polygon.
 
-    ``da``: as for :func:`aether_scale.pooling.pool_buffers` (int8 codes or a
+    ``da``: as for :func:`aether_scale.pool.pool_buffers` (int8 codes or a
     float field, dims (y, x, band|dim), dask-backed). ``geometries``: a
     GeoSeries or array of shapely (Multi)Polygons in the raster CRS; empty or
     missing geometries yield NaN and count as empty. Vectors are

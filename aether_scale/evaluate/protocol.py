@@ -17,8 +17,8 @@ Protocol (AETHER §3.4 / §4, applied identically to every method):
   −Σ q log p (≡ KL(q‖p) + const); on test, averaged over units:
   KL(q‖p) = Σ q log(q / max(p, ε)) (terms with q = 0 contribute 0),
   L1 = Σ |q − p|, Chebyshev = max |q − p|.
-- **Methods**: AE, AETHER, AETHER w/o aug (whatever ``regions.parquet``
-  holds) and the POI-only baselines TF-IDF / LDA (:mod:`aether_scale.baselines`).
+- **Methods**: AE, AETHER and every variant (whatever ``regions/`` holds) and the
+  POI-only baselines TF-IDF / LDA (:mod:`.baselines`).
 
 ``report/metrics.json`` holds ``{task: {method: {metric: [per-seed values]}}}``
 in raw units (the table scales them as the paper does).
@@ -26,19 +26,14 @@ in raw units (the table scales them as the paper does).
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from .baselines import BASELINE_NAMES, bags_to_matrix, lda_features, tfidf_features
-from .config import EvaluateSection, RunConfig
-from .workspace import StageResult, Workspace
+from ..config import EvaluateSection
 
 __all__ = [
     "Split",
@@ -48,7 +43,6 @@ __all__ = [
     "luc_metrics",
     "sdm_metrics",
     "evaluate_task",
-    "run_evaluate",
     "METRICS",
     "KL_EPS",
 ]
@@ -216,92 +210,3 @@ def evaluate_task(
     finally:
         torch.set_num_threads(torch_threads)
     return out
-
-
-# --------------------------------------------------------------------------- stage
-def _task_inputs(path: str, task: str, cfg: EvaluateSection, *,
-                 storage_options: dict | None = None
-                 ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
-    from .regions import read_regions
-
-    table, feats, meta = read_regions(path, task, storage_options=storage_options)
-    if task == "luc":
-        y = table["label"].to_numpy()
-    else:
-        y = table[meta["labels"]].to_numpy(np.float64)
-    features: dict[str, Any] = dict(feats)
-    if not cfg.noaug:
-        features.pop("AETHER_noaug", None)
-    if cfg.baselines and "poi_tokens" in table.columns:
-        counts, _vocab = bags_to_matrix(list(table["poi_tokens"]), list(table["poi_counts"]))
-        if "tfidf" in cfg.baselines:
-            features[BASELINE_NAMES["tfidf"]] = tfidf_features(counts)
-        if "lda" in cfg.baselines:
-            k = cfg.lda_topics
-
-            def lda(seed: int, _c: Any = counts, _k: int = k) -> np.ndarray:
-                return lda_features(_c, _k, seed)
-
-            features[BASELINE_NAMES["lda"]] = lda
-    info = {"units": int(len(y)), "regions": meta.get("stats", {}),
-            "buffer_m": meta.get("buffer_m")}
-    if task == "luc":
-        info["classes"] = int(len(np.unique(y)))
-    return features, y, info
-
-
-def run_evaluate(ws: Workspace, cfg: RunConfig, *, force: bool = False) -> StageResult:
-    """Stage ``evaluate``: ``regions.parquet`` → ``report/`` (metrics.json, report.md, plots).
-
-    Prints the Table-1-shaped table. Raises FileNotFoundError when
-    ``regions.parquet`` is missing. Works on any workspace filesystem (local
-    or an fsspec URL such as ``s3://bucket/run``): inputs are read and the
-    report written through ``ws.fs`` / ``ws.storage_options``.
-    """
-    from .report import write_report
-
-    if not ws.exists("regions.parquet"):
-        raise FileNotFoundError(
-            f"{ws.path('regions.parquet')} is missing: run 'aether-scale regions' first")
-    ec = cfg.evaluate
-
-    inputs = {"regions": "regions.parquet"}
-    for name in ("ae.zarr", "field.zarr", "model"):
-        if ws.exists(name):
-            inputs[name] = name
-    table_text: list[str] = []
-
-    def fn(tmp: dict[str, str]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        rpath = ws.path("regions.parquet")
-        metrics: dict[str, Any] = {}
-        info: dict[str, Any] = {}
-        for task in ec.tasks:
-            if not ws.exists(f"regions.parquet/{task}.parquet"):
-                print(f"[evaluate] {task}: no units in regions.parquet — skipped")
-                continue
-            features, y, info[task] = _task_inputs(rpath, task, ec,
-                                                   storage_options=ws.storage_options)
-            metrics[task] = evaluate_task(task, features, y, ec, log=print)
-        if not metrics:
-            raise ValueError("no task could be evaluated: regions.parquet has neither luc nor sdm")
-        out = tmp["report"]
-        ws.fs.makedirs(out, exist_ok=True)
-        ws.fs.pipe_file(f"{out}/metrics.json", json.dumps(metrics, indent=2).encode("utf-8"))
-        run_info = {"config": cfg.section("evaluate"), "tasks": info,
-                    "seconds": round(time.perf_counter() - t0, 1)}
-        ws.fs.pipe_file(f"{out}/run.json",
-                        json.dumps(run_info, indent=2, default=str).encode("utf-8"))
-        table_text.append(write_report(out, metrics, run_info, ws=ws, plots=ec.plots))
-        return {"tasks": {t: {"units": info[t]["units"], "methods": sorted(metrics[t])}
-                          for t in metrics}, "seconds": run_info["seconds"]}
-
-    res = ws.run_stage("evaluate", outputs=["report"], inputs=inputs,
-                       config=cfg.section("evaluate"), fn=fn, force=force)
-    if table_text:
-        print(table_text[0])
-    else:  # skipped: show the existing report's table
-        md = ws.path("report/report.md")
-        if ws.fs.exists(md):
-            print(ws.fs.cat_file(md).decode("utf-8"))
-    return res

@@ -7,7 +7,7 @@
   bars = std over seeds.
 - ``fields.png``: AE and AETHER fields side by side, first three principal
   components as RGB on a coarsened grid (nodata grey).
-- ``loss.png``: the training loss curves from ``model/metrics.json``.
+- ``loss_<model>.png``: the training loss curves from each ``model*/metrics.json``.
 
 Every file is read and written through fsspec (plots are rendered to PNG bytes
 in memory, then written), so ``out_dir`` and the workspace may be URLs such as
@@ -17,7 +17,6 @@ in memory, then written), so ``out_dir`` and the workspace may be URLs such as
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +37,15 @@ COLUMNS = [("luc", "f1"), ("luc", "precision"), ("luc", "recall"),
            ("sdm", "kl"), ("sdm", "l1"), ("sdm", "chebyshev")]
 METHOD_ORDER = ["TF-IDF", "LDA", "AE", "AETHER", "AETHER_noaug"]
 METHOD_LABEL = {"AE": "AlphaEarth (AE)", "AETHER": "AETHER", "AETHER_noaug": "AETHER (w/o aug)"}
+
+
+def method_label(m: str) -> str:
+    """How a method is named in the table (``AETHER_<variant>`` → ``AETHER (<variant>)``)."""
+    if m in METHOD_LABEL:
+        return METHOD_LABEL[m]
+    if m.startswith("AETHER_"):
+        return f"AETHER ({m[7:]})"
+    return m
 
 # The paper's Table 1 (London), already scaled: F1, P, R, KL, L1, Chebyshev.
 PAPER_TABLE1: dict[str, tuple[float, ...]] = {
@@ -71,7 +79,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     lines = [head, "|---|" + "---:|" * 6]
     for m in _methods(metrics):
         cells = [_cell(metrics.get(t, {}).get(m, {}).get(k), SCALE[k][0]) for t, k in COLUMNS]
-        lines.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -79,7 +87,7 @@ def _paper_table() -> str:
     lines = ["| Model (paper, London) | F1 | Precision | Recall | KL | L1 | Chebyshev |",
              "|---|" + "---:|" * 6]
     for m, row in PAPER_TABLE1.items():
-        lines.append(f"| {METHOD_LABEL.get(m, m)} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+        lines.append(f"| {method_label(m)} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -118,31 +126,28 @@ def _join(d: str, name: str) -> str:
 
 
 def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any], *,
-                 ws: Any = None, plots: bool = True) -> str:
+                 fs: AbstractFileSystem | None = None, plots: bool = True,
+                 fields: tuple[str, str] | None = None, models: dict[str, str] | None = None,
+                 storage_options: dict | None = None) -> str:
     """Write ``report.md`` (+ plots) into ``out_dir``; returns the table as printed text.
 
-    ``out_dir`` may be a local path or fsspec URL; inside the workspace ``ws``
-    (the evaluate stage passes a temporary folder there) it is written with
-    ``ws.fs`` and the workspace's ``storage_options``. ``ws`` also supplies
-    the fields and loss-curve plots. The folder is created when missing.
+    ``out_dir`` may be a local path or fsspec URL (``fs``: its filesystem). ``fields``:
+    ``(ae.zarr, field.zarr)`` for the PCA maps; ``models``: ``{name: model folder}``
+    for the loss curves; ``storage_options`` open them when they are URLs. The folder
+    is created when missing.
     """
-    inside = ws is not None and str(out_dir).startswith(ws.root + "/")
-    fs = ws.fs if inside else _fs(out_dir, None)
+    fs = _fs(out_dir, fs)
     fs.makedirs(out_dir, exist_ok=True)
     table = format_table(metrics)
     figs: list[str] = []
     if plots:
         figs += plot_metrics(metrics, _join(out_dir, "metrics.png"), fs=fs)
-        if ws is not None:
-            if ws.exists("ae.zarr") and ws.exists("field.zarr"):
-                figs += plot_fields(ws.path("ae.zarr"), ws.path("field.zarr"),
-                                    _join(out_dir, "fields.png"), fs=fs,
-                                    storage_options=ws.storage_options)
-            for name in ("model", "model_noaug"):
-                mpath = ws.path(f"{name}/metrics.json")
-                if ws.exists(name) and ws.fs.exists(mpath):
-                    figs += plot_loss(mpath, _join(out_dir, f"loss_{name}.png"), fs=fs,
-                                      storage_options=ws.storage_options)
+        if fields is not None:
+            figs += plot_fields(fields[0], fields[1], _join(out_dir, "fields.png"), fs=fs,
+                                storage_options=storage_options)
+        for name, mdir in sorted((models or {}).items()):
+            figs += plot_loss(mdir, _join(out_dir, f"loss_{name}.png"), fs=fs,
+                              storage_options=storage_options)
     cfg = run_info.get("config", {})
     tasks = run_info.get("tasks", {})
     units = ", ".join(f"{t}: {v['units']:,} units" + (f", {v['classes']} classes"
@@ -231,7 +236,7 @@ def plot_metrics(metrics: dict[str, Any], path: str, *,
             stds.append(v.std() if v.size else 0.0)
         ax.bar(range(len(methods)), means, yerr=stds, capsize=3,
                color=[colors(i) for i in range(len(methods))])
-        ax.set_xticks(range(len(methods)), [METHOD_LABEL.get(m, m).replace(" (", "\n(")
+        ax.set_xticks(range(len(methods)), [method_label(m).replace(" (", "\n(")
                                             for m in methods], rotation=45, ha="right", fontsize=7)
         arrow = "↑" if t == "luc" else "↓"
         ax.set_title(f"{t.upper()} {title} {arrow} (×{sc:g})", fontsize=9)
@@ -248,15 +253,15 @@ def _coarse(path: str, max_px: int = 400, *, storage_options: dict | None = None
 
     ``path`` may be an fsspec URL; ``storage_options`` go to the Zarr opener.
     """
-    from .field import _LUT_U8
-    from .raster import open_embedding
+    from .. import aef
+    from ..stores.raster import open_embedding
 
     da = open_embedding(path, storage_options=storage_options or None)
     step = max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / max_px)))
     sub = da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
     if np.issubdtype(sub.dtype, np.integer):
-        valid = np.all(sub != -128, axis=-1)
-        arr = _LUT_U8[sub.astype(np.int8).view(np.uint8)]
+        valid = aef.valid_mask(sub)
+        arr = aef.decode_fast(sub.astype(np.int8))
     else:
         arr = sub.astype(np.float32)
         valid = np.all(np.isfinite(arr), axis=-1)
@@ -295,14 +300,13 @@ def plot_fields(ae_path: str, field_path: str, path: str, *,
     return _save(fig, path, fs)
 
 
-def plot_loss(metrics_json: str, path: str, *, fs: AbstractFileSystem | None = None,
+def plot_loss(model_dir: str, path: str, *, fs: AbstractFileSystem | None = None,
               storage_options: dict | None = None) -> list[str]:
-    """Per-epoch training losses from a ``model/metrics.json`` → ``path`` (on ``fs``; none: no plot).
+    """Per-epoch training losses from a model folder's ``metrics.json`` → ``path`` (on
+    ``fs``); no plot when it has none. ``model_dir`` may be an fsspec URL."""
+    from ..stores.models import read_metrics
 
-    ``metrics_json`` may be an fsspec URL (``storage_options`` go to fsspec).
-    """
-    with fsspec.open(metrics_json, "rb", **(storage_options or {})) as f:
-        m = json.loads(f.read().decode("utf-8"))
+    m = read_metrics(model_dir, storage_options=storage_options)
     epochs = m.get("epochs") if isinstance(m, dict) else None
     if not isinstance(epochs, list) or not epochs or not isinstance(epochs[0], dict):
         return []
@@ -317,6 +321,6 @@ def plot_loss(metrics_json: str, path: str, *, fs: AbstractFileSystem | None = N
         ax.plot(xs, [e.get(k, np.nan) for e in epochs], label=k)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    ax.set_title(f"training loss ({os.path.basename(os.path.dirname(metrics_json))})")
+    ax.set_title(f"training loss ({os.path.basename(str(model_dir).rstrip('/'))})")
     ax.legend()
     return _save(fig, path, fs)

@@ -1,0 +1,257 @@
+"""City-wide inference: the trained AE projector over every pixel → ``field*.zarr``.
+
+:func:`infer_field` runs one dask task per field chunk: it reads its region of
+``ae.zarr`` (one verified chunk read), projects every valid pixel
+(:func:`~.kernel.project_pixels`: de-quantise, L2-normalise as the reference does,
+project, float16 or int8), writes the chunk and records it in the ledger — so it runs
+out-of-core on any scheduler, nothing large crosses workers, and a killed run resumes
+with the missing chunks only. Field chunks divide the AE chunks (default edge: the
+largest divisor of the AE chunk edge up to 512, a 64 MiB float16 chunk), so a city in
+one AE chunk still gives every worker work, and the layout never depends on the
+cluster. :func:`build` is the registered ``infer`` stage: one field per model the
+train stage left (``model/`` → ``field.zarr``, ``model_<v>/`` → ``field_<v>.zarr``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..cluster import active_client, run_tasks
+from ..config import InferSection
+from ..devices import resolve_device
+from ..logs import Progress, get_logger
+from ..pipeline import ARTIFACTS
+from ..stores import field as field_store
+from ..stores.raster import RasterBuild, chunk_job, open_embedding, raster_crs
+from ..workspace import stable_hash
+from .kernel import NODATA, _in_dim, _out_dim, project_pixels
+from .models import (
+    _CACHE_LOCK,
+    _THREADS_SET,
+    _cached_model,
+    _model_payload,
+    _set_threads,
+    seed_cache,
+)
+
+__all__ = ["build", "field_chunk", "infer_field"]
+
+log = get_logger("infer")
+MAX_FIELD_EDGE = 512
+
+
+class _Lazy:
+    """Opaque holder: dask ships its content as is (the AE region's small graph is
+    computed inside the task, so the scheduler never holds pixels for it)."""
+
+    __slots__ = ("arr",)
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+
+    def read(self) -> np.ndarray:
+        import dask
+
+        a = self.arr
+        if hasattr(a, "__dask_graph__"):
+            (a,) = dask.compute(a, scheduler="synchronous")
+        return np.asarray(a)
+
+
+def field_chunk(ae_chunk: int, requested: int | None = None) -> int:
+    """The field chunk edge for an AE chunk edge: ``requested`` (which must divide it),
+    else the largest divisor of it up to :data:`MAX_FIELD_EDGE`."""
+    if requested is not None:
+        if ae_chunk % requested:
+            raise ValueError(f"infer.chunk_px {requested} must divide the ae.zarr chunk edge "
+                             f"{ae_chunk} (each field chunk lies inside one AE chunk)")
+        return int(requested)
+    for d in range(min(ae_chunk, MAX_FIELD_EDGE), 0, -1):
+        if ae_chunk % d == 0 and (d >= 64 or d == ae_chunk):
+            return d
+    return ae_chunk
+
+
+def _infer_chunk(region: _Lazy, *, payload: bytes | None, key: str, batch_pixels: int,
+                 out_dtype: str, device: str, threads: int, precision: str
+                 ) -> tuple[np.ndarray | None, dict[str, int]]:
+    """One field chunk from its AE region: (field block or None when no pixel is valid,
+    its valid-pixel count)."""
+    block = region.read()
+    if np.issubdtype(block.dtype, np.integer):
+        valid = np.all(block != NODATA, axis=2)
+    else:
+        valid = np.all(np.isfinite(block), axis=2)
+    n = int(valid.sum())
+    if n == 0:
+        return None, {"valid": 0}
+    _set_threads(threads)
+    dev = str(resolve_device(device, key="infer.device"))
+    model = _cached_model(key, payload, dev)
+    by, bx, nb = block.shape
+    out = project_pixels(block.reshape(by * bx, nb), model, batch_pixels=batch_pixels,
+                         out_dtype=out_dtype, device=dev, precision=precision)
+    return out.reshape(by, bx, out.shape[1]), {"valid": n}
+
+
+def _check_workers_device(client: Any, device: str) -> None:
+    """An explicit ``infer.device`` must exist on every worker (checked before any task)."""
+    if device == "auto" or client is None:
+        return
+
+    def probe(spec: str = device) -> str | None:
+        try:
+            resolve_device(spec, key="infer.device")
+            return None
+        except ValueError as e:
+            return str(e)
+
+    bad = {w: msg for w, msg in client.run(probe).items() if msg}
+    if bad:
+        w, msg = next(iter(bad.items()))
+        raise ValueError(f"{msg} (on {len(bad)} of {len(client.nthreads())} workers, e.g. {w}); "
+                         "use infer.device: auto for mixed clusters")
+
+
+def infer_field(
+    ae: xr.DataArray | xr.Dataset | str | os.PathLike,
+    projector: torch.nn.Module | str | os.PathLike,
+    out_uri: str,
+    cfg: InferSection | None = None,
+    *,
+    storage_options: dict | None = None,
+    ledger: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Project every pixel of ``ae`` with ``projector`` and write the field to ``out_uri``.
+
+    ``ae``: ``ae.zarr`` path/URL or its Dataset/DataArray (y, x, band), int8 codes with
+    nodata −128 (float input with NaN for invalid is accepted too). ``projector``: a
+    module mapping (n, 64) → (n, D) (``AEProj``), or a model folder / checkpoint (path or
+    URL, :func:`aether_scale.stores.models.load_projector`). ``ledger``: the folder recording
+    finished chunks (a killed run's to resume it; default a temporary one).
+    Returns statistics: pixel counts (total, valid, nodata), dtype and dims, chunks
+    (computed, resumed), seconds and pixels/s. Raises ValueError for an ``ae`` that is
+    not the workspace contract's or a device that is absent.
+    """
+    cfg = cfg or InferSection()
+    t0 = time.perf_counter()
+    da = open_embedding(ae, storage_options=storage_options)
+    if not isinstance(projector, torch.nn.Module):
+        from ..stores.models import load_projector
+
+        projector = load_projector(projector, storage_options=storage_options)
+    projector = projector.to("cpu").eval()
+    out_dim, in_dim = _out_dim(projector), _in_dim(projector)
+    if da.sizes[da.dims[2]] != in_dim:
+        raise ValueError(f"ae has {da.sizes[da.dims[2]]} bands but the projector expects "
+                         f"{in_dim} inputs")
+    arr = da.data
+    if not hasattr(arr, "dask"):
+        import dask.array as dsa
+
+        arr = dsa.from_array(np.asarray(arr), chunks=(1024, 1024, -1))
+    if len(arr.chunks[2]) != 1:
+        arr = arr.rechunk({2: -1})  # the projector needs all bands of a pixel in one block
+    cy = field_chunk(int(arr.chunks[0][0]), cfg.chunk_px)
+    cx = field_chunk(int(arr.chunks[1][0]), cfg.chunk_px)
+    blob, key = _model_payload(projector)
+    client = active_client()
+    if client is None:  # an absent device fails here, before the store is touched
+        resolve_device(cfg.device, key="infer.device")
+    _check_workers_device(client, cfg.device)
+    attrs = {"model_hash": key, "precision": cfg.precision}
+    token = stable_hash([key, cfg.dtype, cfg.precision, cy, cx, list(arr.shape)])
+    own_ledger = ledger is None
+    ledger = ledger or tempfile.mkdtemp(prefix="aether-infer-")
+    try:
+        build = RasterBuild.at(out_uri, ledger, storage_options).create(
+            field_store.template(da, out_dim, (cy, cx), cfg.dtype, attrs),
+            fill_value=field_store.fill_value(cfg.dtype), token=token)
+        done = build.done()
+        todo = [(i, j) for i, j in build.grid() if f"{i}.{j}.0" not in done]
+        if client is not None:
+            payload: Any = client.scatter(blob, broadcast=True, hash=False)
+        else:
+            payload = None
+            seed_cache(key, projector)  # the in-process scheduler never unpickles per task
+        import dask
+
+        job = dask.delayed(chunk_job, pure=True)
+        kw = dict(payload=payload, key=key, batch_pixels=cfg.batch_pixels, out_dtype=cfg.dtype,
+                  device=cfg.device, threads=cfg.threads or 1, precision=cfg.precision)
+        tasks = []
+        for i, j in todo:
+            r0, r1, c0, c1 = build.window(i, j)
+            (region,) = dask.optimize(arr[r0:r1, c0:c1, :])
+            tasks.append(job(build, i, j, _call, _Lazy(region), kw,
+                             dask_key_name=f"infer-{token}-{i}-{j}"))
+        n_chunks = len(build.grid())
+        n_pix = int(arr.shape[0] * arr.shape[1])
+        log.info(f"[infer] {n_pix:,} px in {n_chunks} chunks of {cy}×{cx} → "
+                 f"{os.path.basename(str(out_uri))} ({cfg.dtype}, dim {out_dim})"
+                 + (f"; {len(done)} chunks already written" if done else ""))
+        threads_before = torch.get_num_threads()
+        try:
+            with Progress(log, "infer", n_chunks, "chunks", done=n_chunks - len(todo),
+                          every_s=None if progress else float("inf")) as prog:
+                run_tasks(tasks, progress=prog)
+        finally:
+            if client is None:  # the in-process run changed this process's torch threads
+                torch.set_num_threads(threads_before)
+                with _CACHE_LOCK:
+                    _THREADS_SET.clear()
+        records = build.finish()
+    finally:
+        if own_ledger:
+            shutil.rmtree(ledger, ignore_errors=True)
+    n_valid = sum(int(r.get("valid", 0)) for r in records.values())
+    secs = time.perf_counter() - t0
+    crs = raster_crs(da, required=False)
+    stats = {
+        "pixels": n_pix,
+        "valid_pixels": n_valid,
+        "nodata_pixels": n_pix - n_valid,
+        "dim": out_dim,
+        "dtype": cfg.dtype,
+        "precision": cfg.precision,
+        "chunks": [cy, cx],
+        "n_chunks": n_chunks,
+        "chunks_computed": len(todo),
+        "chunks_resumed": n_chunks - len(todo),
+        "model_hash": key,
+        "crs": crs.to_string() if crs is not None else None,
+        "seconds": round(secs, 3),
+        "pixels_per_s": round(n_pix / secs, 1) if secs > 0 else None,
+    }
+    log.info(f"[infer] {n_valid:,} valid / {n_pix - n_valid:,} nodata px, {secs:.1f} s "
+             f"({stats['pixels_per_s']:,.0f} px/s)")
+    return stats
+
+
+def _call(region: _Lazy, kw: dict[str, Any]) -> tuple[np.ndarray | None, dict]:
+    """(``kw`` travels as a dict so that dask hands a scattered model to the task.)"""
+    return _infer_chunk(region, **kw)
+
+
+def build(ctx) -> dict[str, Any]:
+    """The ``infer`` stage: ``ae.zarr`` + every model → one field each (resumes per chunk)."""
+    model, field = ARTIFACTS["model"], ARTIFACTS["field.zarr"]
+    stats: dict[str, Any] = {}
+    for name in ctx.plan.outputs:
+        v = field.variant_of(name) or ""
+        src = ctx.reads[model.variant(v)]
+        ctx.log.info(f"[infer] {model.variant(v)}/ → {name}")
+        stats[name] = infer_field(ctx.reads["ae.zarr"], src, ctx.outputs[name], ctx.cfg.infer,
+                                  storage_options=ctx.storage_options,
+                                  ledger=ctx.ledger_path(name))
+    return stats
+
