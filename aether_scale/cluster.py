@@ -80,6 +80,28 @@ def n_task_slots() -> int:
     return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
 
 
+class InTask:
+    """A dask collection handed to a task *as is* and computed inside it (synchronously).
+
+    dask does not traverse it, so the scheduler never materialises the collection on the
+    task's behalf: a task that reads its own raster chunk this way holds that chunk and
+    nothing more, wherever it runs.
+    """
+
+    __slots__ = ("arr",)
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+
+    def read(self) -> Any:
+        import numpy as np
+
+        a = self.arr
+        if hasattr(a, "__dask_graph__"):
+            (a,) = dask.compute(a, scheduler="synchronous")
+        return np.asarray(a)
+
+
 class _CountTasks(Callback):
     """Local-scheduler callback: advance ``progress`` when one of ``keys`` finishes."""
 

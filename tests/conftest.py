@@ -22,18 +22,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-#: the demo city at test size (seconds, not minutes): every stage, one worker process
-TINY_DEMO = [
-    "cluster.n_workers=1",
-    "cluster.memory_limit=2GiB",
-    "synth.size_px=256",
-    "synth.n_pois=3000",
-    "synth.n_luc_points=400",
-    "synth.n_regions=120",
-    "train.epochs=3",
-    "evaluate.seeds=[0, 1]",
-    "evaluate.max_epochs=60",
-]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +37,8 @@ def tiny_demo(tmp_path_factory) -> dict:
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "AETHER_SCALE_NO_BAR": "1"}
     cmd = [sys.executable, "-m", "aether_scale", "demo", "-w", str(ws)]
+    from fixtures import TINY_DEMO
+
     for o in TINY_DEMO:
         cmd += ["--set", o]
     with open(log, "wb") as f:

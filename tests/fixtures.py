@@ -16,6 +16,19 @@ from aether_scale.config import TrainSection
 from aether_scale.model import AEProj
 from aether_scale.stores.ae import TargetGrid, write_ae
 
+#: the demo city at test size (seconds, not minutes): every stage, one worker process
+TINY_DEMO = [
+    "cluster.n_workers=1",
+    "cluster.memory_limit=2GiB",
+    "synth.size_px=256",
+    "synth.n_pois=3000",
+    "synth.n_luc_points=400",
+    "synth.n_regions=120",
+    "train.epochs=3",
+    "evaluate.seeds=[0, 1]",
+    "evaluate.max_epochs=60",
+]
+
 NY, NX, CHUNK = 70, 90, 32  # 3 × 3 chunks, ragged at the far edges
 LEFT, TOP, RES = 500_000.0, 5_700_000.0, 10.0
 

@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import json
 
+from fixtures import TINY_DEMO
+
 from aether_scale.cli import main
 from aether_scale.demo import run_demo
 from aether_scale.pipeline import stage_names
-
-TINY = [
-    "cluster.n_workers=1",
-    "cluster.memory_limit=2GiB",
-    "synth.size_px=256",
-    "synth.n_pois=3000",
-    "synth.n_luc_points=400",
-    "synth.n_regions=120",
-    "train.epochs=3",
-    "evaluate.seeds=[0, 1]",
-    "evaluate.max_epochs=60",
-]
 
 
 def test_demo_runs_every_stage_then_resumes(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # fresh text cache: the model really runs
     caplog.set_level("INFO")
     ws = tmp_path / "demo"
-    out = run_demo(str(ws), overrides=TINY)
+    out = run_demo(str(ws), overrides=TINY_DEMO)
     assert set(out) == {"workspace", "results", "city", "summary"}
     assert out["workspace"] == str(ws)
     assert [r.stage for r in out["results"]] == stage_names()
@@ -48,7 +38,7 @@ def test_demo_runs_every_stage_then_resumes(tmp_path, caplog, monkeypatch):
 
     # every stage's manifest matches: a rerun does no work
     caplog.clear()
-    again = run_demo(str(ws), overrides=TINY)
+    again = run_demo(str(ws), overrides=TINY_DEMO)
     assert [r.stage for r in again["results"]] == stage_names()
     assert all(r.skipped for r in again["results"])
     assert caplog.text.count("up to date (manifest matches) — skipped") == len(stage_names())

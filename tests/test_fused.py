@@ -19,7 +19,7 @@ from aether_scale.train.fused import (
     fused_ae_forward,
     fused_text_forward,
 )
-from aether_scale.train.loop import _retained_heap
+from aether_scale.train.runtime import retained_heap as _retained_heap
 
 BF16_NATIVE = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 

@@ -536,7 +536,9 @@ def test_csv_unterminated_quote_is_a_clear_error(ws, tmp_path, monkeypatch):
                                        "columns": {"id": "id", "name": "name",
                                                    "category": "name", "subcategory": "name"}}))
     # a quote that runs on far past its block fails early instead of reading on
-    monkeypatch.setattr(readers, "MAX_RECORD_BYTES", 100)
+    from aether_scale.pois import csv as csv_reader
+
+    monkeypatch.setattr(csv_reader, "MAX_RECORD_BYTES", 100)
     parts, *_ = readers.read_source(_csv_source(p), 0, partition_rows=1000, blocksize=16)
     with pytest.raises(PoiInputError, match=f"byte {at} .*more than 100 B without closing"):
         dask.compute(*parts)

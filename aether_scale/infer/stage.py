@@ -15,8 +15,6 @@ train stage left (``model/`` → ``field.zarr``, ``model_<v>/`` → ``field_<v>.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -24,13 +22,13 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..cluster import active_client, run_tasks
+from ..cluster import InTask, active_client
 from ..config import InferSection
 from ..devices import resolve_device
-from ..logs import Progress, get_logger
+from ..logs import get_logger
 from ..pipeline import ARTIFACTS
 from ..stores import field as field_store
-from ..stores.raster import RasterBuild, chunk_job, open_embedding, raster_crs
+from ..stores.raster import RasterBuild, ledger_folder, open_embedding, raster_crs, write_chunks
 from ..workspace import stable_hash
 from .kernel import NODATA, _in_dim, _out_dim, project_pixels
 from .models import (
@@ -48,24 +46,6 @@ log = get_logger("infer")
 MAX_FIELD_EDGE = 512
 
 
-class _Lazy:
-    """Opaque holder: dask ships its content as is (the AE region's small graph is
-    computed inside the task, so the scheduler never holds pixels for it)."""
-
-    __slots__ = ("arr",)
-
-    def __init__(self, arr: Any) -> None:
-        self.arr = arr
-
-    def read(self) -> np.ndarray:
-        import dask
-
-        a = self.arr
-        if hasattr(a, "__dask_graph__"):
-            (a,) = dask.compute(a, scheduler="synchronous")
-        return np.asarray(a)
-
-
 def field_chunk(ae_chunk: int, requested: int | None = None) -> int:
     """The field chunk edge for an AE chunk edge: ``requested`` (which must divide it),
     else the largest divisor of it up to :data:`MAX_FIELD_EDGE`."""
@@ -80,7 +60,7 @@ def field_chunk(ae_chunk: int, requested: int | None = None) -> int:
     return ae_chunk
 
 
-def _infer_chunk(region: _Lazy, *, payload: bytes | None, key: str, batch_pixels: int,
+def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixels: int,
                  out_dtype: str, device: str, threads: int, precision: str
                  ) -> tuple[np.ndarray | None, dict[str, int]]:
     """One field chunk from its AE region: (field block or None when no pixel is valid,
@@ -170,49 +150,38 @@ def infer_field(
     _check_workers_device(client, cfg.device)
     attrs = {"model_hash": key, "precision": cfg.precision}
     token = stable_hash([key, cfg.dtype, cfg.precision, cy, cx, list(arr.shape)])
-    own_ledger = ledger is None
-    ledger = ledger or tempfile.mkdtemp(prefix="aether-infer-")
-    try:
-        build = RasterBuild.at(out_uri, ledger, storage_options).create(
-            field_store.template(da, out_dim, (cy, cx), cfg.dtype, attrs),
-            fill_value=field_store.fill_value(cfg.dtype), token=token)
-        done = build.done()
-        todo = [(i, j) for i, j in build.grid() if f"{i}.{j}.0" not in done]
-        if client is not None:
-            payload: Any = client.scatter(blob, broadcast=True, hash=False)
-        else:
-            payload = None
-            seed_cache(key, projector)  # the in-process scheduler never unpickles per task
+    if client is not None:
+        payload: Any = client.scatter(blob, broadcast=True, hash=False)
+    else:
+        payload = None
+        seed_cache(key, projector)  # the in-process scheduler never unpickles per task
+    kw = dict(payload=payload, key=key, batch_pixels=cfg.batch_pixels, out_dtype=cfg.dtype,
+              device=cfg.device, threads=cfg.threads or 1, precision=cfg.precision)
+
+    def job(i: int, j: int, win: tuple[int, int, int, int]) -> tuple[Any, tuple]:
         import dask
 
-        job = dask.delayed(chunk_job, pure=True)
-        kw = dict(payload=payload, key=key, batch_pixels=cfg.batch_pixels, out_dtype=cfg.dtype,
-                  device=cfg.device, threads=cfg.threads or 1, precision=cfg.precision)
-        tasks = []
-        for i, j in todo:
-            r0, r1, c0, c1 = build.window(i, j)
-            (region,) = dask.optimize(arr[r0:r1, c0:c1, :])
-            tasks.append(job(build, i, j, _call, _Lazy(region), kw,
-                             dask_key_name=f"infer-{token}-{i}-{j}"))
-        n_chunks = len(build.grid())
-        n_pix = int(arr.shape[0] * arr.shape[1])
-        log.info(f"[infer] {n_pix:,} px in {n_chunks} chunks of {cy}×{cx} → "
-                 f"{os.path.basename(str(out_uri))} ({cfg.dtype}, dim {out_dim})"
-                 + (f"; {len(done)} chunks already written" if done else ""))
-        threads_before = torch.get_num_threads()
-        try:
-            with Progress(log, "infer", n_chunks, "chunks", done=n_chunks - len(todo),
-                          every_s=None if progress else float("inf")) as prog:
-                run_tasks(tasks, progress=prog)
-        finally:
-            if client is None:  # the in-process run changed this process's torch threads
-                torch.set_num_threads(threads_before)
-                with _CACHE_LOCK:
-                    _THREADS_SET.clear()
-        records = build.finish()
+        r0, r1, c0, c1 = win
+        (region,) = dask.optimize(arr[r0:r1, c0:c1, :])
+        return _call, (InTask(region), kw)
+
+    n_pix = int(arr.shape[0] * arr.shape[1])
+    threads_before = torch.get_num_threads()
+    try:
+        with ledger_folder(ledger) as led:
+            build = RasterBuild.at(out_uri, led, storage_options).create(
+                field_store.template(da, out_dim, (cy, cx), cfg.dtype, attrs),
+                fill_value=field_store.fill_value(cfg.dtype), token=token)
+            log.info(f"[infer] {n_pix:,} px in {len(build.grid())} chunks of {cy}×{cx} → "
+                     f"{os.path.basename(str(out_uri))} ({cfg.dtype}, dim {out_dim})")
+            records, n_todo = write_chunks(build, job, label="infer", token=token, log=log,
+                                           progress=progress)
     finally:
-        if own_ledger:
-            shutil.rmtree(ledger, ignore_errors=True)
+        if client is None:  # the in-process run changed this process's torch threads
+            torch.set_num_threads(threads_before)
+            with _CACHE_LOCK:
+                _THREADS_SET.clear()
+    n_chunks = len(records)
     n_valid = sum(int(r.get("valid", 0)) for r in records.values())
     secs = time.perf_counter() - t0
     crs = raster_crs(da, required=False)
@@ -225,8 +194,8 @@ def infer_field(
         "precision": cfg.precision,
         "chunks": [cy, cx],
         "n_chunks": n_chunks,
-        "chunks_computed": len(todo),
-        "chunks_resumed": n_chunks - len(todo),
+        "chunks_computed": n_todo,
+        "chunks_resumed": n_chunks - n_todo,
         "model_hash": key,
         "crs": crs.to_string() if crs is not None else None,
         "seconds": round(secs, 3),
@@ -237,7 +206,7 @@ def infer_field(
     return stats
 
 
-def _call(region: _Lazy, kw: dict[str, Any]) -> tuple[np.ndarray | None, dict]:
+def _call(region: InTask, kw: dict[str, Any]) -> tuple[np.ndarray | None, dict]:
     """(``kw`` travels as a dict so that dask hands a scattered model to the task.)"""
     return _infer_chunk(region, **kw)
 

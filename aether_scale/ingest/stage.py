@@ -10,17 +10,14 @@ stage; :func:`external_inputs` tells the registry which files it reads.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from .. import aef
-from ..cluster import run_tasks
-from ..logs import Progress, get_logger
+from ..logs import get_logger
 from ..stores import ae as ae_store
-from ..stores.raster import RasterBuild, chunk_job
+from ..stores.raster import RasterBuild, ledger_folder, write_chunks
 from ..workspace import stable_hash
 from .grid import TargetGrid, _Placement, plan_grid
 from .inputs import IngestError, inspect_tile, resolve_tiles
@@ -79,34 +76,20 @@ def ingest_tiles(
     cpx = int(chunk_px or ae_store.DEFAULT_CHUNK_PX)
     if cpx < 1:
         raise IngestError(f"ingest.chunk_px must be positive (got {chunk_px})")
-    own_ledger = ledger is None
-    ledger = ledger or tempfile.mkdtemp(prefix="aether-ingest-")
-    try:
-        token = stable_hash([grid, cpx, ae_store.FORMAT_VERSION])
-        build = RasterBuild.at(out_uri, ledger, storage_options).create(
-            ae_store.template(grid, cpx), fill_value=aef.NODATA, token=token)
-        done = build.done()
-        todo = [(i, j) for i, j in build.grid() if f"{i}.{j}.0" not in done]
-        import dask
+    token = stable_hash([grid, cpx, ae_store.FORMAT_VERSION])
 
-        job = dask.delayed(chunk_job, pure=True)
-        tasks = []
-        for i, j in todo:
-            r0, r1, c0, c1 = build.window(i, j)
-            mine = [p for p in placements
-                    if p.rows[0] < r1 and p.rows[1] > r0 and p.cols[0] < c1 and p.cols[1] > c0]
-            tasks.append(job(build, i, j, _chunk, mine, grid, r0, r1, c0, c1, overlap,
-                             dask_key_name=f"ingest-{token}-{i}-{j}"))
-        n_chunks = len(build.grid())
-        if done:
-            log.info(f"[ingest] resuming: {len(done)} of {n_chunks} chunks already written")
-        with Progress(log, "ingest", n_chunks, "chunks", done=n_chunks - len(todo),
-                      every_s=None if progress else float("inf")) as prog:
-            run_tasks(tasks, progress=prog)
-        records = build.finish()
-    finally:
-        if own_ledger:
-            shutil.rmtree(ledger, ignore_errors=True)
+    def job(i: int, j: int, win: tuple[int, int, int, int]) -> tuple[Any, tuple]:
+        r0, r1, c0, c1 = win
+        mine = [p for p in placements
+                if p.rows[0] < r1 and p.rows[1] > r0 and p.cols[0] < c1 and p.cols[1] > c0]
+        return _chunk, (mine, grid, r0, r1, c0, c1, overlap)
+
+    with ledger_folder(ledger) as led:
+        build = RasterBuild.at(out_uri, led, storage_options).create(
+            ae_store.template(grid, cpx), fill_value=aef.NODATA, token=token)
+        records, n_todo = write_chunks(build, job, label="ingest", token=token, log=log,
+                                       progress=progress)
+    n_chunks = len(records)
     n_valid = sum(int(r.get("valid", 0)) for r in records.values())
     seconds = time.perf_counter() - t0
     n_px = grid.width * grid.height
@@ -125,8 +108,8 @@ def ingest_tiles(
         "transform": list(grid.transform())[:6],
         "chunk_px": cpx,
         "chunks": n_chunks,
-        "chunks_computed": len(todo),
-        "chunks_resumed": n_chunks - len(todo),
+        "chunks_computed": n_todo,
+        "chunks_resumed": n_chunks - n_todo,
         "chunks_empty": sum(bool(r.get("empty")) for r in records.values()),
         "overlap": overlap,
         "pixels": int(n_px),

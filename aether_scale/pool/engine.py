@@ -33,10 +33,10 @@ import dask
 import numpy as np
 import xarray as xr
 
-from ..cluster import active_client, n_task_slots
+from ..cluster import InTask, active_client, n_task_slots
 from ..config import BufferSpec
 from ..logs import Progress
-from ..stores.chunks import Ledger
+from ..stores.ledger import Ledger
 from .grid import Grid, as_yxc, grid_of
 from .kernels import Buffer, RegionSpec, finalize, partial_sums
 
@@ -81,23 +81,7 @@ class PoolBlock:
     counts: np.ndarray  # (m, B) int64
 
 
-class _Lazy:
-    """Opaque holder: dask.delayed ships its content as is (a chunk's dask graph is
-    computed inside the task, not by the scheduler; arguments are not traversed)."""
-
-    __slots__ = ("arr",)
-
-    def __init__(self, arr: Any) -> None:
-        self.arr = arr
-
-    def read(self) -> np.ndarray:
-        a = self.arr
-        if hasattr(a, "__dask_graph__"):
-            (a,) = dask.compute(a, scheduler="synchronous")
-        return np.asarray(a)
-
-
-def _task(lazy: _Lazy, payload: _Lazy, ledger: Ledger | None, key: str
+def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str
           ) -> tuple[np.ndarray, np.ndarray]:
     """One chunk's partial sums; with a ledger they are recorded here, on the worker, so
     a result survives the client (a rerun loads it instead of computing it again)."""
@@ -248,7 +232,7 @@ class PoolPlan:
             pcol=self.col[idx], buffers=self.buffers, block_bytes=self.block_bytes,
         )
         return dask.delayed(_task, pure=False)(
-            _Lazy(sub), _Lazy((idx, kw)), ledger, self.task_key(k),
+            InTask(sub), InTask((idx, kw)), ledger, self.task_key(k),
             dask_key_name=f"pool-chunk-{self._token}-{bi}-{bj}"
         )
 

@@ -29,7 +29,8 @@ import shapely
 import xarray as xr
 from affine import Affine
 
-from .engine import _Lazy, run_windowed
+from ..cluster import InTask
+from .engine import run_windowed
 from .grid import as_yxc, grid_of
 from .kernels import CODE_SCALE, _additive
 
@@ -84,7 +85,7 @@ def _overlap_groups(geoms: np.ndarray) -> np.ndarray:
     return group
 
 
-def _polygon_task(lazy: _Lazy, payload: _Lazy) -> tuple[np.ndarray, np.ndarray]:
+def _polygon_task(lazy: InTask, payload: InTask) -> tuple[np.ndarray, np.ndarray]:
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.features import rasterize
 
@@ -184,7 +185,7 @@ def pool_polygons(
                            grid.ys[y0] - grid.dy / 2)
         payload = (pid[own], geoms[pid[own]], grp[own], transform, grid.kind)
         return dask.delayed(_polygon_task, pure=False)(
-            _Lazy(sub), _Lazy(payload), dask_key_name=f"pool-polygons-{token}-{bi}-{bj}"
+            InTask(sub), InTask(payload), dask_key_name=f"pool-polygons-{token}-{bi}-{bj}"
         )
 
     for ids, sums in run_windowed(make, len(starts), window=window):

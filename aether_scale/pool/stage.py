@@ -24,7 +24,7 @@ import numpy as np
 from ..config import RunConfig
 from ..logs import Progress, get_logger
 from ..stores.ae import open_ae
-from ..stores.chunks import Ledger
+from ..stores.ledger import Ledger
 from ..stores.pois import PoiTable
 from ..stores.raster import raster_crs
 from ..stores.text import TextStore

@@ -18,8 +18,11 @@ and transform on a ``spatial_ref`` coordinate as rioxarray writes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +30,6 @@ import numpy as np
 
 from .chunks import (
     CorruptStoreError,
-    Ledger,
     StoreRef,
     checked_array,
     chunk_key,
@@ -37,12 +39,13 @@ from .chunks import (
     quiet_zarr,
     verify_store,
 )
+from .ledger import Ledger
 
 if TYPE_CHECKING:
     import xarray as xr
 
-__all__ = ["RasterBuild", "Transform", "chunk_job", "locate_pixels", "open_embedding", "open_raster",
-           "raster_crs"]
+__all__ = ["RasterBuild", "Transform", "chunk_job", "ledger_folder", "locate_pixels",
+           "open_embedding", "open_raster", "raster_crs", "write_chunks"]
 
 #: GDAL-order affine coefficients ``(a, b, c, d, e, f)``: x = a·col + b·row + c, y = d·col + e·row + f.
 Transform = tuple[float, float, float, float, float, float]
@@ -278,3 +281,45 @@ def open_embedding(src: xr.DataArray | xr.Dataset | str | os.PathLike, *,
         raise ValueError(f"{name}: '{VARIABLE}' has dims {src.dims}; expected ('y', 'x', 'band') "
                          "(transpose it, e.g. da.transpose('y', 'x', 'band'))")
     return src
+
+
+@contextlib.contextmanager
+def ledger_folder(ledger: str | None) -> Iterator[str]:
+    """``ledger``, or a temporary folder (removed afterwards) when None."""
+    if ledger is not None:
+        yield ledger
+        return
+    tmp = tempfile.mkdtemp(prefix="aether-ledger-")
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_chunks(build: RasterBuild, job: Callable[[int, int, tuple[int, int, int, int]],
+                                                    tuple[Callable[..., Any], tuple]],
+                 *, label: str, token: str, log: Any, progress: bool = True
+                 ) -> tuple[dict[str, dict[str, Any]], int]:
+    """Compute every chunk the ledger lacks — one dask task each, ``job(i, j, window)``
+    giving the function and arguments that compute chunk ``(i, j)`` — then finish the
+    store. Returns ``(records of every chunk, chunks computed now)``."""
+    import dask
+
+    from ..cluster import run_tasks
+    from ..logs import Progress
+
+    done = build.done()
+    grid = build.grid()
+    todo = [(i, j) for i, j in grid if chunk_key((i, j, 0)) not in done]
+    if done:
+        log.info(f"[{label}] resuming: {len(grid) - len(todo)} of {len(grid)} chunks already "
+                 "written")
+    task = dask.delayed(chunk_job, pure=True)
+    tasks = []
+    for i, j in todo:
+        fn, args = job(i, j, build.window(i, j))
+        tasks.append(task(build, i, j, fn, *args, dask_key_name=f"{label}-{token}-{i}-{j}"))
+    with Progress(log, label, len(grid), "chunks", done=len(grid) - len(todo),
+                  every_s=None if progress else float("inf")) as prog:
+        run_tasks(tasks, progress=prog)
+    return build.finish(), len(todo)

@@ -32,12 +32,10 @@ equal the single-process ones (the loss is scaled by ``world_size`` before
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,6 +58,14 @@ from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
 from .fused import fused_ae_forward, fused_text_forward
 from .loader import InMemoryBatches, Shard, StreamingBatches, subsample_rows
+from .runtime import (
+    compute_dtype,
+    make_optimizer,
+    retained_heap,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
 
 __all__ = ["cosine_lr", "train_model"]
 
@@ -102,81 +108,6 @@ class _Heads(nn.Module):
         return z.float(), z_t.float()
 
 
-@contextlib.contextmanager
-def _retained_heap(enabled: bool = True) -> Iterator[bool]:
-    """glibc: while active, keep freed blocks of up to 32 MiB in the heap instead of unmapping them.
-
-    A CPU training step allocates and frees the same few MiB of temporaries every
-    step; with glibc's defaults they are unmapped and page-faulted back each time
-    (≈2,000 minor faults per step at batch 512, several ms of kernel time on 2
-    cores). With these settings a step takes ~1 fault. On exit glibc's default
-    thresholds (128 KiB) are set back and the heap is trimmed, so the rest of the
-    process is unaffected. Yields whether it took effect: False off glibc, when
-    ``enabled`` is false, or with ``AETHER_KEEP_MALLOC=1`` in the environment.
-    """
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    libc = None
-    if enabled and os.environ.get("AETHER_KEEP_MALLOC") != "1":
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
-                libc = None
-        except (OSError, AttributeError):
-            libc = None
-    try:
-        yield libc is not None
-    finally:
-        if libc is not None:
-            libc.mallopt(m_trim_threshold, 128 << 10)
-            libc.mallopt(m_mmap_threshold, 128 << 10)
-            libc.malloc_trim(0)
-
-
-def _compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], None]) -> torch.dtype:
-    """The GEMM operand dtype for ``train.precision`` (warns when bf16 is not native here)."""
-    if cfg.precision == "float32":
-        return torch.float32
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        say("[train] warning: this CPU has no native bfloat16 GEMMs (AVX512-BF16/AMX); "
-            "train.precision: bfloat16 will be slower than float32 here")
-    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise ValueError(f"train.precision is bfloat16 but {torch.cuda.get_device_name(device)} "
-                         "has no native bf16 (compute capability < 8.0); use float32")
-    return torch.bfloat16
-
-
-def _make_optimizer(params, cfg: TrainSection, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused when the device supports it (CPU and CUDA in current torch), else foreach."""
-    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, foreach=device.type != "cpu" or None, **kw)
-
-
-def _write_json(path: str, obj: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    st: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
 def _learned_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items()
             if k not in _RUNTIME_KEYS and not (k in _LEGACY_DEFAULTS and v == _LEGACY_DEFAULTS[k])}
@@ -211,7 +142,7 @@ def train_model(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        with _retained_heap(device.type == "cpu"):
+        with retained_heap(device.type == "cpu"):
             return _train(triplets_uri, cfg, out_dir, say=say, resume=resume,
                           storage_options=storage_options, device=device, shard=shard, t_start=t_start)
     finally:
@@ -271,8 +202,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     torch.manual_seed(cfg.seed)
     ae = AEProj(store.in_dim, cfg.hidden_dim, cfg.out_dim, dropout=cfg.dropout, gate_init=cfg.gate_init)
     txt = TextProj(store.text_dim, cfg.out_dim)
-    compute_dtype = _compute_dtype(cfg, device, say)
-    heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=compute_dtype).to(device)
+    gemm_dtype = compute_dtype(cfg, device, say)
+    heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=gemm_dtype).to(device)
     if shard.world_size > 1:  # same initial weights on every rank, but each its own dropout masks
         torch.manual_seed(rank_seed(cfg.seed, shard.rank))
     full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows}
@@ -284,7 +215,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 f"{last_path} was written by a run with a different train config or input "
                 f"(differs in {diff}); delete {out_dir} or train with resume=False to start over"
             )
-    opt = _make_optimizer(heads.parameters(), cfg, device)
+    opt = make_optimizer(heads.parameters(), cfg, device)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     start_epoch = 0
@@ -297,9 +228,9 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         start_epoch = int(state["epoch"]) + 1
         ranks = state.get("rng_ranks")
         if shard.world_size > 1 and ranks is not None and len(ranks) == shard.world_size:
-            _set_rng_state(ranks[shard.rank], device)
+            set_rng_state(ranks[shard.rank], device)
         else:  # single process, or a different number of ranks than the run that saved it
-            _set_rng_state(state["rng"], device)
+            set_rng_state(state["rng"], device)
             if shard.world_size > 1:
                 torch.manual_seed(rank_seed(int(torch.randint(2**62, (1,))), shard.rank))
         say(f"[train] resuming from {last_path} after epoch {start_epoch}/{cfg.epochs}")
@@ -309,7 +240,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
 
         model = DDP(heads, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=cfg.use_aug,
-                         rank=shard.rank, world_size=shard.world_size, grad_dtype=compute_dtype)
+                         rank=shard.rank, world_size=shard.world_size, grad_dtype=gemm_dtype)
     scale = float(shard.world_size)
     say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} {cfg.precision} · "
         f"{shard.world_size} rank(s) · {steps} steps/epoch · epochs {start_epoch}→{cfg.epochs}")
@@ -376,7 +307,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
             improved = best is None or rec["L_AP"] < best["L_AP"]
             if improved:
                 best = dict(rec)
-            rng = _rng_state(device)
+            rng = rng_state(device)
             extra = {"optimizer": opt.state_dict(), "rng": rng, "loader": kind}
             if shard.world_size > 1:  # every rank's generator, so a resume redraws the same masks
                 import torch.distributed as dist
@@ -390,14 +321,14 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                                     metrics={"best": best, "epochs": history})
                 save_checkpoint(last_path, ae, txt, config=full_cfg, epoch=epoch,
                                 metrics={"best": best, "epochs": history}, extra=extra)
-                _write_json(metrics_path, metrics_doc())
+                write_json(metrics_path, metrics_doc())
             ae_s = f" L_AE {rec['L_AE']:.4f}" if rec["L_AE"] is not None else ""
             say(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f}{ae_s} "
                 f"L_AP {rec['L_AP']:.4f} lr {lr:.2e} {rec['seconds']:.2f} s" + (" *" if improved else ""))
     finally:
         batches.close()
     if is_main and not os.path.exists(metrics_path) and history:
-        _write_json(metrics_path, metrics_doc())
+        write_json(metrics_path, metrics_doc())
     return {
         "best_epoch": best["epoch"] if best else None,
         "best_L_AP": best["L_AP"] if best else None,

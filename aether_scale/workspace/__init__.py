@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +41,12 @@ from typing import Any
 
 import fsspec
 
-from .logs import get_logger
+from ..logs import get_logger
+from .fingerprints import fingerprint_path, output_fingerprint, stable_hash
+from .locks import WorkspaceBusy, file_lock, object_lock
 
-__all__ = ["StageResult", "Work", "Workspace", "WorkspaceBusy", "fingerprint_path", "stable_hash"]
+__all__ = ["StageResult", "Work", "Workspace", "WorkspaceBusy", "fingerprint_path",
+           "output_fingerprint", "stable_hash"]
 
 log = get_logger("workspace")
 
@@ -54,26 +55,6 @@ WORK_DIR = ".work"
 LOCK_DIR = ".locks"
 CONFIG_FILE = "config.yaml"
 RUNS_DIR = "runs"
-#: files up to this size are fingerprinted by their whole content; larger ones by their
-#: size and _SAMPLES evenly spaced blocks of _SAMPLE bytes
-_WHOLE_FILE = 256 * 2**20
-_SAMPLES, _SAMPLE = 64, 64 * 1024
-_LOCK_STALE_S = 120.0  # object-store locks: a holder refreshes its lock every 30 s
-
-
-class WorkspaceBusy(RuntimeError):
-    """Another process holds the lock of the stage (and waiting was not allowed)."""
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """A short, stable hash of a JSON-able object (key order does not matter)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
-def output_fingerprint(key: str, name: str) -> str:
-    """Fingerprint of output ``name`` of a stage run whose key is ``key``."""
-    return hashlib.sha256(f"{key}:{name}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -192,95 +173,13 @@ class Workspace:
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                   "command": " ".join(sys.argv[:6])[:200]}
+        path = self.path(f"{LOCK_DIR}/{stage}.lock")
         if self.is_local:
-            with self._flock(stage, holder, wait):
+            with file_lock(path, stage, holder, wait, self.root):
                 yield
         else:
-            with self._object_lock(stage, holder, wait):
+            with object_lock(self.fs, path, stage, holder, wait, self.root):
                 yield
-
-    @contextlib.contextmanager
-    def _flock(self, stage: str, holder: dict[str, Any], wait: bool) -> Iterator[None]:
-        import fcntl
-
-        path = self.path(f"{LOCK_DIR}/{stage}.lock")
-        f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-        try:
-            told = 0.0
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    f.seek(0)
-                    other = f.read().strip() or "another process"
-                    if not wait:
-                        raise WorkspaceBusy(
-                            f"{self.root}: stage {stage!r} is being run by {other}; wait for it "
-                            "to finish (two runs of one stage never write at once)") from None
-                    if time.monotonic() - told > 60:
-                        log.info(f"[{stage}] waiting for the lock held by {other}")
-                        told = time.monotonic()
-                    time.sleep(0.25)
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(holder))
-            f.flush()
-            try:
-                yield
-            finally:
-                f.seek(0)
-                f.truncate()
-                f.flush()
-                fcntl.flock(f, fcntl.LOCK_UN)
-        finally:
-            f.close()
-
-    @contextlib.contextmanager
-    def _object_lock(self, stage: str, holder: dict[str, Any], wait: bool) -> Iterator[None]:
-        path = self.path(f"{LOCK_DIR}/{stage}.lock")
-        me = f"{holder['host']}:{holder['pid']}:{id(self)}"
-        told = 0.0
-        while True:
-            other = None
-            try:
-                other = json.loads(self.fs.cat_file(path))
-            except (FileNotFoundError, ValueError):
-                pass
-            fresh = other is not None and time.time() - float(other.get("beat", 0)) < _LOCK_STALE_S
-            if fresh and other.get("owner") != me:
-                if not wait:
-                    raise WorkspaceBusy(f"{self.root}: stage {stage!r} is being run by "
-                                        f"{other.get('owner')}; wait for it to finish")
-                if time.monotonic() - told > 60:
-                    log.info(f"[{stage}] waiting for the lock held by {other.get('owner')}")
-                    told = time.monotonic()
-                time.sleep(2.0)
-                continue
-            self.fs.pipe_file(path, json.dumps({**holder, "owner": me, "beat": time.time()}).encode())
-            time.sleep(1.0)  # last writer wins: check that we are that writer
-            try:
-                if json.loads(self.fs.cat_file(path)).get("owner") == me:
-                    break
-            except (FileNotFoundError, ValueError):
-                continue
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(30.0):
-                with contextlib.suppress(Exception):
-                    self.fs.pipe_file(path, json.dumps({**holder, "owner": me,
-                                                        "beat": time.time()}).encode())
-
-        t = threading.Thread(target=beat, name=f"lock-{stage}", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(path)
 
     # ------------------------------------------------------------------ stages
     def work_root(self, stage: str, key: str) -> str:
@@ -395,60 +294,3 @@ class Workspace:
             os.replace(src, dst)
         else:
             self.fs.mv(src, dst, recursive=True)
-
-
-# --------------------------------------------------------------------------- content
-_FP_CACHE: dict[tuple, str] = {}
-
-
-def _file_fingerprint(fs: Any, path: str, info: Mapping[str, Any]) -> str:
-    size = int(info.get("size") or 0)
-    etag = info.get("ETag") or info.get("etag")
-    if etag and not _is_local_fs(fs):  # object stores: the ETag is derived from the content
-        return f"etag:{str(etag).strip(chr(34))}:{size}"
-    stamp = (path, size, info.get("mtime") or info.get("LastModified"), info.get("ino"))
-    hit = _FP_CACHE.get(stamp)
-    if hit is not None:
-        return hit
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(size).encode())
-    with fs.open(path, "rb") as f:
-        if size <= _WHOLE_FILE:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            step = (size - _SAMPLE) // (_SAMPLES - 1)
-            for k in range(_SAMPLES):
-                f.seek(k * step)
-                h.update(f.read(_SAMPLE))
-    out = h.hexdigest()
-    _FP_CACHE[stamp] = out
-    return out
-
-
-def _is_local_fs(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-def fingerprint_path(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Content fingerprint of a file, a folder (relative paths + content of every file)
-    or an object-store URL — never of where it is, so copies fingerprint alike.
-
-    Files up to 256 MiB are hashed whole; larger ones by size and 64 evenly spaced
-    64 KiB blocks (a change elsewhere in a multi-GB tile is not seen: use ``--force``).
-    Object-store files use their ETag. Raises FileNotFoundError.
-    """
-    fs, p = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
-    if not fs.exists(p):
-        raise FileNotFoundError(f"input {path} does not exist")
-    h = hashlib.blake2b(digest_size=8)
-    if fs.isdir(p):
-        base = p.rstrip("/") + "/"
-        for sub, info in sorted(fs.find(p, detail=True).items()):
-            h.update(sub[len(base):].encode() + b"\0")
-            h.update(_file_fingerprint(fs, sub, info).encode())
-        return h.hexdigest()
-    h.update(_file_fingerprint(fs, p, fs.info(p)).encode())
-    return h.hexdigest()

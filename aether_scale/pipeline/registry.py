@@ -1,0 +1,197 @@
+"""The registry: every workspace artifact and every stage, declared once, in data-flow order.
+
+:data:`ARTIFACTS` names what a workspace holds; :data:`STAGES` says, for each stage,
+which artifacts it reads and writes, its config section, which of its keys are
+runtime-only (never a reason to rerun) or name external inputs (fingerprinted by
+content, not by path), whether it runs dask work on a cluster, and the function that
+builds it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import RunConfig
+
+if TYPE_CHECKING:
+    from ..workspace import Workspace
+    from .run import StageContext
+
+__all__ = ["ARTIFACTS", "KEY_FORMAT", "STAGES", "Artifact", "Stage", "artifact_of", "is_complete",
+           "producer", "stage", "stage_names", "train_variants"]
+
+#: bump to make every stage's key change (the manifest layout or keying rules changed)
+KEY_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A workspace entry. ``per_variant``: one per model variant (``model`` → ``model``,
+    ``model_noaug``; ``field.zarr`` → ``field.zarr``, ``field_noaug.zarr``).
+    ``marker``: a file inside it whose presence means it is complete."""
+
+    name: str
+    holds: str
+    store: str
+    per_variant: bool = False
+    marker: str | None = None
+
+    def variant(self, v: str) -> str:
+        """The entry name of variant ``v`` ('' = the main one)."""
+        if not v:
+            return self.name
+        stem, dot, ext = self.name.partition(".")
+        return f"{stem}_{v}{dot}{ext}"
+
+    def variant_of(self, name: str) -> str | None:
+        """The variant an entry name is of this artifact ('' main), or None."""
+        if name == self.name:
+            return ""
+        stem, dot, ext = self.name.partition(".")
+        m = re.fullmatch(rf"{re.escape(stem)}_([a-z0-9_]+){re.escape(dot + ext)}", name)
+        return m.group(1) if m else None
+
+
+ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
+    Artifact("ae.zarr", "AlphaEarth int8 codes (y, x, band), CRS, nodata −128",
+             "aether_scale.stores.ae", marker="aether_chunks.json"),
+    Artifact("pois.parquet", "GeoParquet POIs: poi_id, description, point in the AE CRS",
+             "aether_scale.stores.pois", marker="*.parquet"),
+    Artifact("text.zarr", "text embeddings (poi, dim) aligned with poi_id",
+             "aether_scale.stores.text", marker="aether_chunks.json"),
+    Artifact("triplets.zarr", "poi_id, base and aug pooled AE (poi, 64), text (poi, 384)",
+             "aether_scale.stores.triplets", marker="aether_chunks.json"),
+    Artifact("model", "checkpoint.pt, metrics.json (one folder per variant)",
+             "aether_scale.stores.models", per_variant=True, marker="checkpoint.pt"),
+    Artifact("field.zarr", "AETHER embedding field (y, x, dim) on the AE grid",
+             "aether_scale.stores.field", per_variant=True, marker="aether_chunks.json"),
+    Artifact("regions", "luc.parquet, sdm.parquet: GeoParquet units, labels, features",
+             "aether_scale.stores.regions"),
+    Artifact("report", "metrics.json, report.md, plots", "aether_scale.evaluate.report",
+             marker="metrics.json"),
+)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline (see the module docstring)."""
+
+    name: str
+    help: str
+    section: str
+    run: str
+    reads: tuple[str, ...] = ()
+    optional_reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    runtime_keys: frozenset[str] = frozenset()
+    input_keys: tuple[str, ...] = ()
+    externals: str | None = None
+    cluster: bool | Callable[[RunConfig], bool] = True
+    version: int = 1
+    #: a module with ``ranks(cfg)``, ``follow(ws, cfg, plan)`` and ``tell(decision)`` for a
+    #: stage that runs on several torchrun ranks (rank 0 owns the workspace)
+    ranks: str | None = None
+    #: ``module:function(ws, log)`` that shows what a skipped run would have shown (the
+    #: result a user came for, e.g. evaluate's table)
+    on_skip: str | None = None
+
+    def needs_cluster(self, cfg: RunConfig) -> bool:
+        return self.cluster(cfg) if callable(self.cluster) else bool(self.cluster)
+
+    def function(self) -> Callable[[StageContext], Mapping[str, Any] | None]:
+        mod, fn = self.run.split(":")
+        return getattr(importlib.import_module(mod), fn)
+
+
+def _text_cluster(cfg: RunConfig) -> bool:
+    # text encodes in-process unless workers add cores (text.choose_mode): worth a
+    # cluster only when it is remote or dask mode is forced
+    return cfg.text.mode == "dask" or cfg.cluster.kind in ("gateway", "address")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "AlphaEarth GeoTIFF/COG/VRT tiles → ae.zarr", "ingest",
+          "aether_scale.ingest.stage:build", writes=("ae.zarr",),
+          input_keys=("tiles",), externals="aether_scale.ingest.stage:external_inputs",
+          version=2),
+    Stage("pois", "POI files → pois.parquet (descriptions, AE CRS)", "pois",
+          "aether_scale.pois.stage:build", reads=("ae.zarr",), writes=("pois.parquet",),
+          input_keys=("sources.*.path",), externals="aether_scale.pois.stage:external_inputs"),
+    Stage("text", "POI descriptions → text.zarr (sentence-transformers)", "text",
+          "aether_scale.text.stage:build", reads=("pois.parquet",), writes=("text.zarr",),
+          runtime_keys=frozenset({"cache_dir", "mode", "batch_size", "flush_texts",
+                                  "dask_min_texts", "device", "compact_shards"}),
+          input_keys=("model",), externals="aether_scale.text.stage:external_inputs",
+          cluster=_text_cluster, version=2),
+    Stage("pool", "AE pooled in buffers around POIs → triplets.zarr", "pool",
+          "aether_scale.pool.stage:build", reads=("ae.zarr", "pois.parquet", "text.zarr"),
+          writes=("triplets.zarr",), runtime_keys=frozenset({"block_mb"}), version=2),
+    Stage("train", "train the AETHER projector (and train.variants) → model/", "train",
+          "aether_scale.train.stage:build", reads=("triplets.zarr",), writes=("model",),
+          runtime_keys=frozenset({"device", "threads", "prefetch", "in_memory"}),
+          cluster=False, version=2, ranks="aether_scale.train.stage"),
+    Stage("infer", "projector over every AE pixel → field.zarr (one per model)", "infer",
+          "aether_scale.infer.stage:build", reads=("ae.zarr", "model"), writes=("field.zarr",),
+          runtime_keys=frozenset({"batch_pixels", "device", "threads"}), version=2),
+    Stage("regions", "AE and fields pooled around label units → regions/", "regions",
+          "aether_scale.regions.stage:build", reads=("ae.zarr",),
+          optional_reads=("field.zarr", "pois.parquet"), writes=("regions",),
+          input_keys=("luc_points", "sdm_units", "sdm_table"),
+          externals="aether_scale.regions.stage:external_inputs", version=2),
+    Stage("evaluate", "the paper's Table 1 protocol → report/", "evaluate",
+          "aether_scale.evaluate.stage:build", reads=("regions",),
+          optional_reads=("ae.zarr", "field.zarr", "model"), writes=("report",),
+          cluster=False, version=2, on_skip="aether_scale.evaluate.stage:show_report"),
+)
+
+_BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage_names() -> list[str]:
+    """Every stage, in data-flow order."""
+    return [s.name for s in STAGES]
+
+
+def stage(name: str) -> Stage:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(_BY_NAME)}") from None
+
+
+def producer(artifact: str) -> Stage | None:
+    """The stage that writes ``artifact`` (a kind such as ``model``), None for none."""
+    return next((s for s in STAGES if artifact in s.writes), None)
+
+
+def artifact_of(name: str) -> tuple[Artifact, str] | None:
+    """``(artifact, variant)`` of a workspace entry name (``field_noaug.zarr`` → field, noaug)."""
+    for a in ARTIFACTS.values():
+        v = a.variant_of(name) if a.per_variant else ("" if name == a.name else None)
+        if v is not None:
+            return a, v
+    return None
+
+
+def is_complete(ws: Workspace, name: str) -> bool:
+    """Whether workspace entry ``name`` exists and is whole: a folder holds its artifact's
+    marker (a file name, or a glob such as ``*.parquet``); a single file counts as whole
+    (a GeoParquet file placed as ``pois.parquet``, say)."""
+    found = artifact_of(name)
+    marker = found[0].marker if found else None
+    if not marker or not ws.exists(name):
+        return ws.exists(name)
+    if not ws.fs.isdir(ws.path(name)):
+        return True
+    if any(c in marker for c in "*?["):
+        return bool(ws.fs.glob(ws.path(f"{name}/{marker}")))
+    return ws.exists(f"{name}/{marker}")
+
+
+def train_variants(cfg: RunConfig) -> list[str]:
+    """The model variants train makes: '' (AETHER) and every name in ``train.variants``."""
+    return ["", *sorted(cfg.train.variants)]
