@@ -19,7 +19,6 @@ from ..config import RunConfig
 
 if TYPE_CHECKING:
     from ..workspace import Workspace
-    from .run import StageContext
 
 __all__ = ["ARTIFACTS", "KEY_FORMAT", "STAGES", "Artifact", "Stage", "artifact_of", "is_complete",
            "producer", "stage", "stage_names", "train_variants"]
@@ -102,7 +101,8 @@ class Stage:
     def needs_cluster(self, cfg: RunConfig) -> bool:
         return self.cluster(cfg) if callable(self.cluster) else bool(self.cluster)
 
-    def function(self) -> Callable[[StageContext], Mapping[str, Any] | None]:
+    def function(self) -> Callable[..., Mapping[str, Any] | None]:
+        """The build function: ``fn(ctx: StageContext) -> stats``."""
         mod, fn = self.run.split(":")
         return getattr(importlib.import_module(mod), fn)
 

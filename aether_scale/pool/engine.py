@@ -317,21 +317,10 @@ def run_windowed(make: Any, ntask: int, *, window: int | None = None,
         yield tick(res)
 
 
-def plan_pool(
-    da: xr.DataArray,
-    x: np.ndarray,
-    y: np.ndarray,
-    buffers: Sequence[BufferSpec | dict],
-    *,
-    normalize: bool = True,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-) -> PoolPlan:
-    """Locate points on ``da`` and group them by chunk; run with ``plan.blocks()``.
-
-    Use this instead of :func:`pool_buffers` to stream results (e.g. millions
-    of points) without holding them all in memory.
-    """
-    return PoolPlan(da, x, y, buffers, normalize=normalize, block_bytes=block_bytes)
+#: Locate points on a raster and group them by chunk; run with ``plan.blocks()``. Use it
+#: instead of :func:`pool_buffers` to stream results (millions of points) without holding
+#: them all in memory. (The plan class itself: same arguments.)
+plan_pool = PoolPlan
 
 
 def pool_buffers(

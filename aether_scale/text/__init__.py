@@ -18,8 +18,8 @@ and :mod:`.stage` (the registered stage). The output store is
 :mod:`aether_scale.stores.text`.
 """
 
-from .cache import DEFAULT_CACHE_DIR, Lookup, TextCache, text_keys
-from .compaction import DEFAULT_MAX_SHARDS, compact_cache
+from .cache import DEFAULT_CACHE_DIR, Lookup, TextCache, compact_cache, text_keys
+from .compaction import DEFAULT_MAX_SHARDS
 from .encode import choose_mode, embed_texts, encode_unique
 from .model import BUNDLED_MODEL_NAMES, MODEL_CALLS, load_text_model, model_identity, resolve_model
 

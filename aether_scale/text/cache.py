@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .compaction import DEFAULT_MAX_SHARDS, CacheCompaction, _new_shard_name
+from .compaction import DEFAULT_MAX_SHARDS, STALE_S, CacheCompaction, _new_shard_name
 
-__all__ = ["DEFAULT_CACHE_DIR", "Lookup", "TextCache", "text_keys"]
+__all__ = ["DEFAULT_CACHE_DIR", "Lookup", "TextCache", "compact_cache", "text_keys"]
 
 DEFAULT_CACHE_DIR = "~/.cache/aether_scale/text"
 
@@ -270,3 +270,30 @@ class TextCache(CacheCompaction):
         self.refresh()
 
     # -- compaction
+
+
+def compact_cache(cache_dir: str | os.PathLike | None = None, model: str | None = None, *,
+                  normalize: bool = True, max_shards: int = DEFAULT_MAX_SHARDS,
+                  stale_s: float = STALE_S) -> dict[str, dict[str, Any]]:
+    """Compact the text cache under ``cache_dir`` (default ``~/.cache/aether_scale/text``):
+    the one of ``model`` (a ``text.model`` value, with ``normalize``), or every model's
+    when ``model`` is None. ``max_shards=1`` merges each model's shards into one.
+
+    Safe while other processes use the cache (see :meth:`TextCache.compact`). Returns
+    ``{model_key: stats}``. Raises FileNotFoundError when ``cache_dir`` does not exist.
+    """
+    from .model import model_identity
+
+    base = Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
+    if not base.is_dir():
+        raise FileNotFoundError(f"text cache folder {base} does not exist; set text.cache_dir "
+                                "or pass the folder the text stage used")
+    if model is not None:
+        key, ident = model_identity(model, normalize)
+        return {key: TextCache(base, key, ident).compact(max_shards, stale_s=stale_s)}
+    out: dict[str, dict[str, Any]] = {}
+    for ident_path in sorted(base.glob("*/identity.json")):
+        key = ident_path.parent.name
+        ident = json.loads(ident_path.read_text())
+        out[key] = TextCache(base, key, ident).compact(max_shards, stale_s=stale_s)
+    return out

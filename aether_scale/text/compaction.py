@@ -7,7 +7,8 @@ into one shard (:meth:`CacheCompaction.compact`, also :func:`compact_cache`). Th
 shard is complete before any source is deleted, so every text stays reachable at every
 moment, whatever crashes; a reader whose shard disappeared finds the rows again in the
 merged shard. :class:`CacheCompaction` holds these methods of
-:class:`~aether_scale.text.cache.TextCache`.
+:class:`~aether_scale.text.cache.TextCache`; :func:`~aether_scale.text.cache.compact_cache`
+compacts a cache folder on demand.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_SHARDS", "CacheCompaction", "compact_cache"]
+__all__ = ["DEFAULT_MAX_SHARDS", "CacheCompaction"]
 
 #: Default ``max_shards`` of a cache: compaction starts once a model's cache holds more
 #: shards than this. Every shard costs one key-file read per cold ``refresh()`` and one
@@ -299,31 +300,3 @@ class CacheCompaction:
             except OSError:
                 pass  # gone already, or in use
         return swept
-
-
-def compact_cache(cache_dir: str | os.PathLike | None = None, model: str | None = None, *,
-                  normalize: bool = True, max_shards: int = DEFAULT_MAX_SHARDS,
-                  stale_s: float = STALE_S) -> dict[str, dict[str, Any]]:
-    """Compact the text cache under ``cache_dir`` (default ``~/.cache/aether_scale/text``):
-    the one of ``model`` (a ``text.model`` value, with ``normalize``), or every model's
-    when ``model`` is None. ``max_shards=1`` merges each model's shards into one.
-
-    Safe while other processes use the cache (see :meth:`TextCache.compact`). Returns
-    ``{model_key: stats}``. Raises FileNotFoundError when ``cache_dir`` does not exist.
-    """
-    from .cache import DEFAULT_CACHE_DIR, TextCache
-    from .model import model_identity
-
-    base = Path(os.path.expanduser(str(cache_dir or DEFAULT_CACHE_DIR)))
-    if not base.is_dir():
-        raise FileNotFoundError(f"text cache folder {base} does not exist; set text.cache_dir "
-                                "or pass the folder the text stage used")
-    if model is not None:
-        key, ident = model_identity(model, normalize)
-        return {key: TextCache(base, key, ident).compact(max_shards, stale_s=stale_s)}
-    out: dict[str, dict[str, Any]] = {}
-    for ident_path in sorted(base.glob("*/identity.json")):
-        key = ident_path.parent.name
-        ident = json.loads(ident_path.read_text())
-        out[key] = TextCache(base, key, ident).compact(max_shards, stale_s=stale_s)
-    return out

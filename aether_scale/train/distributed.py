@@ -3,22 +3,20 @@
 Under ``torchrun --nproc-per-node N -m aether_scale.cli train …`` every rank runs the
 CLI. Rank 0 owns the workspace — it takes the stage's lock, decides whether the stage
 is current and writes the outputs — and tells the other ranks (:func:`tell_ranks`):
-``go`` (they join each training run, :func:`follow_rank0`, writing nothing) or
+``go`` (they join each training run, :func:`aether_scale.train.stage.follow`, writing
+nothing) or
 ``skip``. :class:`Ranks` is what the stage registry uses for this.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from typing import Any
 
 import torch
 
 from .loader import Shard, epoch_seed
 
-__all__ = ["Ranks", "follow_rank0", "rank_seed", "tell_ranks"]
+__all__ = ["Ranks", "rank_seed", "tell_ranks"]
 
 _RANK_SALT = 0x52414E4B  # keeps rank seeds apart from the loader's per-epoch shuffle seeds
 
@@ -57,29 +55,6 @@ def tell_ranks(decision: str) -> None:
         import torch.distributed as dist
 
         dist.broadcast_object_list([decision], src=0)
-
-
-def follow_rank0(src: str, jobs: list[tuple[str, Any, str | None]],
-                 storage_options: dict | None) -> bool:
-    """Non-zero ranks: wait for rank 0's decision, then join each training run (writing
-    into a scratch folder that is removed). ``jobs``: ``(output, train section,
-    same_as)``. Returns whether the stage was skipped."""
-    import torch.distributed as dist
-
-    from .loop import train_model
-
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] == "go":
-        scratch = tempfile.mkdtemp(prefix="aether_rank")
-        try:
-            for name, sub, same in jobs:
-                if same is None:  # rank 0 hands its resume state over in train_model
-                    train_model(src, sub, os.path.join(scratch, name), resume=True, log=None,
-                                storage_options=storage_options or None)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return box[0] != "go"
 
 
 class Ranks:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from typing import Any
 
 from ..config import RunConfig, TrainSection
 from ..devices import resolve_device
 from ..pipeline import ARTIFACTS, train_variants
-from .distributed import Ranks, _init_distributed, follow_rank0, tell_ranks
+from .distributed import Ranks, _init_distributed, tell_ranks
 from .loop import train_model
 
 __all__ = ["build", "follow", "ranks", "tell", "train_jobs"]
@@ -59,6 +60,27 @@ def build(ctx) -> dict[str, Any]:
         if not ctx.ws.is_local:
             ctx.ws.fs.put(where, out, recursive=True)
     return stats
+
+
+def follow_rank0(src: str, jobs: list[tuple[str, Any, str | None]],
+                 storage_options: dict | None) -> bool:
+    """Non-zero ranks: wait for rank 0's decision, then join each training run (writing
+    into a scratch folder that is removed). ``jobs``: ``(output, train section,
+    same_as)``. Returns whether the stage was skipped."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] == "go":
+        scratch = tempfile.mkdtemp(prefix="aether_rank")
+        try:
+            for name, sub, same in jobs:
+                if same is None:  # rank 0 hands its resume state over in train_model
+                    train_model(src, sub, os.path.join(scratch, name), resume=True, log=None,
+                                storage_options=storage_options or None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return box[0] != "go"
 
 
 def ranks(cfg: RunConfig) -> Ranks:
