@@ -253,6 +253,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_error(text: str) -> None:
+    """The final message, in lines of at most MAX_LINE characters (like every log line)."""
+    import textwrap
+
+    from .logs import MAX_LINE
+
+    for line in text.splitlines():
+        print("\n".join(textwrap.wrap(line, MAX_LINE, subsequent_indent="  ",
+                                       break_on_hyphens=False)) or line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -260,19 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
         print("interrupted: completed chunks are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - every failure ends as one clear message
+        from .errors import explain
+
         if args.verbose:
             traceback.print_exc()
-        msg = str(e) or type(e).__name__
-        known = isinstance(e, (FileNotFoundError, ValueError, OSError, RuntimeError))
-        prefix = "error" if known else f"error ({type(e).__name__})"
-        print(f"{prefix}: {msg}", file=sys.stderr)
+        _print_error(explain(e))
         if not args.verbose:
             print("(run with -v for the full traceback)", file=sys.stderr)
         logging.shutdown()

@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import time
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
 import dask
 from dask.callbacks import Callback
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from .config import ClusterSection
-from .logs import Progress, get_logger
+from .logs import Progress, get_logger, verbosity
 
 log = get_logger("cluster")
 
@@ -69,8 +72,6 @@ def active_client() -> Any | None:
 
 def n_task_slots() -> int:
     """Worker threads of the active cluster, else this machine's cores."""
-    import os
-
     client = active_client()
     if client is not None:
         try:
@@ -114,13 +115,69 @@ class _CountTasks(Callback):
             self.progress.advance()
 
 
+#: give up when every worker has been paused (memory above its pause threshold) this long
+PAUSED_GIVE_UP_S = float(os.environ.get("AETHER_SCALE_PAUSED_GIVE_UP_S", "120"))
+_POLL_S = 2.0
+
+
+class WorkersPaused(MemoryError):
+    """Every worker of the cluster stayed paused for lack of memory: the run cannot go on."""
+
+
+class _PauseWatch:
+    """Notices a cluster whose workers are all paused (each above its memory pause
+    threshold, so none runs a task) and ends the wait with an explanation instead of
+    hanging."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.since: float | None = None
+
+    def check(self) -> None:
+        try:
+            workers = self.client.scheduler_info()["workers"]
+        except Exception:  # noqa: BLE001 - a scheduler that cannot answer is not paused
+            return
+        paused = [w for w, d in workers.items() if str(d.get("status", "")).endswith("paused")]
+        if not workers or len(paused) < len(workers):
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since < PAUSED_GIVE_UP_S:
+            return
+        w, d = next(iter(workers.items()))
+        limit = d.get("memory_limit") or 0
+        used = (d.get("metrics") or {}).get("memory") or 0
+        raise WorkersPaused(
+            f"all {len(workers)} dask workers have been paused for {now - self.since:.0f} s: each "
+            f"holds more memory than its pause threshold (e.g. {w}: {used / 2**20:,.0f} MiB of "
+            f"{limit / 2**20:,.0f} MiB), so no task can run. Give the workers more memory "
+            "(cluster.memory_limit), fewer threads each (cluster.threads_per_worker), or "
+            "smaller chunks; the work finished so far is kept — rerun to resume")
+
+
+def result(fut: Any, watch: _PauseWatch | None = None) -> Any:
+    """``fut.result()`` that gives up with :class:`WorkersPaused` instead of waiting forever
+    on a cluster whose workers are all paused."""
+    from distributed import TimeoutError as DaskTimeout
+
+    watch = watch or _PauseWatch(fut.client)
+    while True:
+        try:
+            return fut.result(timeout=_POLL_S)
+        except (TimeoutError, DaskTimeout):
+            watch.check()
+
+
 def run_tasks(tasks: Sequence[Any], *, progress: Progress | None = None,
               retries: int = 0) -> list[Any]:
     """Compute dask Delayed ``tasks`` on the current scheduler; results in task order.
 
     ``progress`` advances once per finished task. On a distributed cluster the tasks
     are submitted together (``retries`` re-runs a task whose worker died); the first
-    failure cancels the rest and is raised.
+    failure cancels the rest and is raised; a cluster whose workers all stay paused for
+    lack of memory ends the wait with :class:`WorkersPaused`.
     """
     if not tasks:
         return []
@@ -130,15 +187,26 @@ def run_tasks(tasks: Sequence[Any], *, progress: Progress | None = None,
             return list(dask.compute(*tasks))
         with _CountTasks({t.key for t in tasks}, progress):
             return list(dask.compute(*tasks))
-    from distributed import as_completed
+    from distributed import TimeoutError as DaskTimeout
+    from distributed import wait
 
     futures = client.compute(list(tasks), retries=retries)
+    watch = _PauseWatch(client)
+    pending = set(futures)
     try:
-        for fut in as_completed(futures):
-            if fut.status == "error":
-                fut.result()  # raises the task's exception
-            if progress is not None:
-                progress.advance()
+        while pending:
+            try:
+                res = wait(pending, timeout=_POLL_S, return_when="FIRST_COMPLETED")
+                done, pending = set(res.done), set(res.not_done)
+            except (TimeoutError, DaskTimeout):
+                done = set()
+            for fut in done:
+                if fut.status == "error":
+                    fut.result()  # raises the task's exception
+                if progress is not None:
+                    progress.advance()
+            if not done:
+                watch.check()
         return client.gather(futures)
     finally:
         client.cancel([f for f in futures if not f.done()])
@@ -174,15 +242,20 @@ def connect(cfg: ClusterSection) -> Iterator[Any | None]:
         if kind == "cuda" and _cuda_count() == 0:
             log.warning("cluster.kind 'cuda' but no CUDA device is visible: using a LocalCluster")
             kind = "local"
+        # dashboard_address null: no dashboard. (distributed still starts its small HTTP
+        # server — health checks, metrics — and would put it on :8787; a random port keeps
+        # 8787 free for whoever wants it.)
+        dash = ({"dashboard_address": cfg.dashboard_address} if cfg.dashboard_address
+                else {"dashboard_address": ":0", "scheduler_kwargs": {"dashboard": False}})
         if kind == "local":
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=cfg.n_workers,
                     threads_per_worker=cfg.threads_per_worker,
                     memory_limit=cfg.memory_limit,
-                    dashboard_address=cfg.dashboard_address,
                     processes=True,
                     local_directory=cfg.local_directory,
+                    **dash,
                 )
             )
             client = stack.enter_context(Client(cluster))
@@ -192,8 +265,8 @@ def connect(cfg: ClusterSection) -> Iterator[Any | None]:
                 dask_cuda.LocalCUDACluster(
                     threads_per_worker=cfg.threads_per_worker,
                     memory_limit=cfg.memory_limit,
-                    dashboard_address=cfg.dashboard_address,
                     local_directory=cfg.local_directory,
+                    **dash,
                 )
             )
             client = stack.enter_context(Client(cluster))
@@ -203,10 +276,29 @@ def connect(cfg: ClusterSection) -> Iterator[Any | None]:
             client = stack.enter_context(_gateway_client(cfg))
         else:  # pragma: no cover - guarded by the config's Literal
             raise ValueError(f"unknown cluster.kind {kind!r}")
-        link = getattr(client, "dashboard_link", None)
-        log.info(f"dask: {kind} cluster, {len(client.scheduler_info().get('workers', {}))} workers"
-                 + (f"; dashboard: {link}" if link else ""))
+        if kind in ("local", "cuda") and verbosity() < 2:
+            # worker processes write to this terminal / log file too: only their errors
+            client.register_plugin(_QuietWorkerLogs(), name="aether-quiet-logs")
+        info = client.scheduler_info()
+        link = (getattr(client, "dashboard_link", None)
+                if cfg.dashboard_address or kind in ("address", "gateway") else None)
+        log.info(f"dask: {kind} cluster, {len(info.get('workers', {}))} workers"
+                 + (f"; dashboard: {link}" if link else "; no dashboard"))
         yield client
+
+
+class _QuietWorkerLogs(WorkerPlugin):
+    """Worker plugin: local worker processes log only errors (their memory warnings are
+    long single lines; the stage itself reports what matters, see :class:`_PauseWatch`)."""
+
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        import logging
+
+        for name in ("distributed", "distributed.worker", "distributed.worker.memory",
+                     "distributed.nanny", "distributed.core", "distributed.utils_perf"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -276,3 +368,90 @@ class ClusterSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def persist(objs: Sequence[Any]) -> list[Any]:
+    """``dask.persist`` that, on a distributed cluster, waits for the results with the same
+    paused-workers watch as :func:`run_tasks` (a cluster out of memory ends the wait with
+    :class:`WorkersPaused` instead of hanging)."""
+    objs = list(objs)
+    client = active_client()
+    if client is None or not objs:
+        return list(dask.persist(*objs))
+    from distributed import TimeoutError as DaskTimeout
+    from distributed import futures_of, wait
+
+    out = list(dask.persist(*objs))
+    pending = set(futures_of(out))
+    watch = _PauseWatch(client)
+    while pending:
+        try:
+            res = wait(pending, timeout=_POLL_S)
+            pending = set(res.not_done)
+        except (TimeoutError, DaskTimeout):
+            watch.check()
+    for f in futures_of(out):
+        if f.status == "error":
+            f.result()
+    return out
+
+
+#: a worker's heap grows beyond the blocks a task holds (temporaries, allocator slack)
+_SLACK = 48 * 2**20
+
+
+def _rss_after_import(modules: Sequence[str]) -> int:
+    """Worker side: import ``modules``, return this process's resident memory (bytes)."""
+    import psutil
+
+    for m in modules:
+        importlib.import_module(m)
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def check_worker_memory(stage: str, modules: Sequence[str], per_task: Sequence[tuple[str, int]],
+                        fix: str) -> None:
+    """Refuse to start ``stage`` on workers too small for it, before any task is lost.
+
+    Each worker imports ``modules`` (what the stage's tasks import) and reports its
+    memory; a worker needs that plus ``per_task`` (``(what, bytes)``: the blocks one task
+    holds) for each of its threads, within its pause threshold (dask pauses a worker at
+    ``distributed.worker.memory.pause`` of its limit, default 80 %). Raises
+    :class:`MemoryError` with the numbers and ``fix``; does nothing without a cluster or
+    without a memory limit.
+    """
+    client = active_client()
+    if client is None:
+        return
+    workers = client.scheduler_info().get("workers", {})
+    limited = {w: d for w, d in workers.items() if d.get("memory_limit")}
+    if not limited:
+        return
+    pause = dask.config.get("distributed.worker.memory.pause", 0.8) or 1.0
+    mib = 2**20
+    smallest = min(d["memory_limit"] for d in limited.values())
+    try:
+        rss = client.run(_rss_after_import, list(modules), workers=list(limited))
+    except Exception as e:  # noqa: BLE001 - a worker killed while importing, a closed comm
+        raise MemoryError(
+            f"{stage}: the dask workers died while loading what {stage} runs "
+            f"({', '.join(modules)}; {type(e).__name__}): {smallest / mib:,.0f} MiB per worker "
+            "is not enough. Fix: set cluster.memory_limit to 1GiB or more") from None
+    task = sum(b for _, b in per_task) + _SLACK
+    short = []
+    for w, d in limited.items():
+        need = rss.get(w, 0) + int(d.get("nthreads", 1)) * task
+        room = float(pause) * d["memory_limit"]
+        if need > room:
+            short.append((w, need, d["memory_limit"], rss.get(w, 0), int(d.get("nthreads", 1))))
+    if not short:
+        return
+    w, need, limit, base, threads = short[0]
+    parts = ", ".join(f"{what} {b / mib:,.0f} MiB" for what, b in per_task)
+    raise MemoryError(
+        f"{stage}: the dask workers are too small — {len(short)} of {len(limited)} would run "
+        f"out of memory. A worker needs about {need / mib:,.0f} MiB: {base / mib:,.0f} MiB once "
+        f"it has imported what {stage} runs, plus per task ({parts}, temporaries "
+        f"{_SLACK / mib:.0f} MiB) × {threads} thread(s); "
+        f"{w} has {limit / mib:,.0f} MiB and pauses at {float(pause):.0%}. Fix: set "
+        f"cluster.memory_limit to at least {need / float(pause) / mib * 1.1:,.0f}MiB, or {fix}")

@@ -31,6 +31,14 @@ _NOISY = ("distributed", "bokeh", "tornado", "fsspec", "asyncio", "urllib3", "bo
           "matplotlib", "PIL", "rasterio", "fiona", "pyogrio", "numba", "h5py")
 
 
+_VERBOSITY = [0]
+
+
+def verbosity() -> int:
+    """What :func:`setup` was given (0 when it was not called)."""
+    return _VERBOSITY[0]
+
+
 def get_logger(name: str) -> logging.Logger:
     """The library logger for ``name`` (``"ingest"`` → ``aether_scale.ingest``)."""
     return logging.getLogger(name if name.startswith("aether_scale") else f"aether_scale.{name}")
@@ -58,6 +66,7 @@ def setup(verbosity: int = 0, *, stream: Any = None) -> None:
     Messages go to ``stream`` (default stderr); Python warnings are logged too, so they
     obey the same line limit.
     """
+    _VERBOSITY[0] = verbosity
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_WrappingFormatter("%(message)s"))
@@ -79,6 +88,12 @@ def setup(verbosity: int = 0, *, stream: Any = None) -> None:
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
+    if verbosity < 2:  # worker processes log on their own stderr: only their errors
+        import dask
+
+        dask.config.set({"logging": {"distributed": "error", "distributed.client": "error",
+                                     "bokeh": "error", "tornado": "critical",
+                                     "tornado.application": "error"}})
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     for msg in (".*[Cc]onsolidated metadata.*", ".*get_sentence_embedding_dimension.*",

@@ -270,15 +270,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {p} has no {key!r}; expected an aether_scale checkpoint or the "
                 f"reference AETHER layout (keys ae_state_dict, txt_state_dict)"
             )
+    _check_states(p, obj)
     if fmt == FORMAT:
         out = dict(obj)
         out["source_format"] = FORMAT
         return out
-    if "proj.0.weight" not in obj["ae_state_dict"] or "proj.weight" not in obj["txt_state_dict"]:
-        raise CheckpointError(
-            f"checkpoint {p}: ae_state_dict/txt_state_dict do not have the AEProj/TextProj "
-            f"parameter names (proj.0.weight, proj.weight); keys: {sorted(obj['ae_state_dict'])}"
-        )
     tm = obj.get("train_metrics") or {}
     return {
         "format": FORMAT,
@@ -296,6 +292,34 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             if k in obj
         },
     }
+
+
+#: the parameters every AE / text projector state dict must hold (AEProj / TextProj)
+_AE_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "shortcut.weight",
+            "shortcut.bias", "gate", "post_mlp.0.weight", "post_mlp.0.bias", "post_mlp.3.weight",
+            "post_mlp.3.bias")
+_TXT_KEYS = ("proj.weight", "proj.bias")
+
+
+def _check_states(path: str, obj: Mapping[str, Any]) -> None:
+    """Both state dicts hold every projector parameter, as finite tensors; else a
+    :class:`CheckpointError` naming the file, what is missing or broken, and the fix."""
+    for name, keys in (("ae_state_dict", _AE_KEYS), ("txt_state_dict", _TXT_KEYS)):
+        sd = obj[name]
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} lacks {missing} (it has {sorted(sd)}); this is not "
+                "an AETHER AEProj/TextProj checkpoint, or it is truncated: retrain, or point at "
+                "the right file")
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in sd.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point()
+               and not bool(torch.isfinite(v).all())}
+        if bad:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} holds non-finite weights ({', '.join(f'{k}: {n}' for k, n in bad.items())} "
+                "NaN/inf values): training diverged or the file is damaged; retrain (e.g. with "
+                "a lower train.lr) — a field from these weights would be all NaN")
 
 
 def _dims(ck: Mapping[str, Any]) -> dict[str, int]:

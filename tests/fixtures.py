@@ -19,7 +19,7 @@ from aether_scale.stores.ae import TargetGrid, write_ae
 #: the demo city at test size (seconds, not minutes): every stage, one worker process
 TINY_DEMO = [
     "cluster.n_workers=1",
-    "cluster.memory_limit=2GiB",
+    "cluster.memory_limit=1GiB",  # the issue: the demo runs on 1 GiB workers
     "synth.size_px=256",
     "synth.n_pois=3000",
     "synth.n_luc_points=400",

@@ -37,9 +37,10 @@ RES = 10.0
 
 # --------------------------------------------------------------------------- helpers
 def codes(seed: int, h: int = H, w: int = W, *, nodata_frac: float = 0.0) -> np.ndarray:
-    """Random valid AEF codes (h, w, 64), optionally with whole pixels masked."""
+    """AEF codes of random unit vectors (h, w, 64), optionally with whole pixels masked."""
     rng = np.random.default_rng(seed)
-    q = rng.integers(-127, 128, size=(h, w, aef.N_BANDS), dtype=np.int8)
+    v = rng.standard_normal((h, w, aef.N_BANDS))
+    q = aef.encode(v / np.linalg.norm(v, axis=-1, keepdims=True))
     if nodata_frac:
         q[rng.random((h, w)) < nodata_frac] = aef.NODATA
     return q

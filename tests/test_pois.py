@@ -308,9 +308,9 @@ def test_duplicates_across_sources_keep_the_first_source(ws, tmp_path):
     assert [s["dropped"]["duplicate_id"] for s in st["sources"]] == [0, 1]
     # the manifest's inputs: the hand-placed AE store and one entry per source file
     inputs = res.manifest["inputs"]
-    assert set(inputs) == {"ae.zarr", "source_0", "source_1"}
-    assert inputs["source_0"]["ref"] == str(pa) and inputs["source_1"]["ref"] == str(pb)
-    assert inputs["source_0"]["fingerprint"] != inputs["source_1"]["fingerprint"]
+    assert set(inputs) == {"ae.zarr", "sources.0.path", "sources.1.path"}
+    assert inputs["sources.0.path"]["ref"] == str(pa) and inputs["sources.1.path"]["ref"] == str(pb)
+    assert inputs["sources.0.path"]["fingerprint"] != inputs["sources.1.path"]["fingerprint"]
     out = read_out(ws).set_index("poi_id")
     assert out.loc[2, "name"] == "b" and out.loc[2, "source"] == 0
 

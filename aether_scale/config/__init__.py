@@ -92,7 +92,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {loc}: {e['msg']}{got_s}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}{got_s}")
     return "\n".join(lines)
 
 
@@ -220,7 +221,7 @@ def load_config(
     overrides: list[str] | dict[str, Any] | None = None,
     *,
     data: dict[str, Any] | None = None,
-    check_paths: bool = True,
+    check_paths: bool = False,
 ) -> RunConfig:
     """Load and validate a run config.
 

@@ -37,7 +37,9 @@ __all__ = [
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a YAML ``true`` is not an epoch count, ``"5"`` is not a number (ints still
+    # pass where a float is wanted)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -166,6 +168,8 @@ class TextSection(Section):
     cache_dir: str | None = Field(None, description="default: ~/.cache/aether_scale/text")
     mode: Literal["auto", "local", "dask"] = "auto"
     device: str = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="torch threads when encoding here; default: one per idle core")
     normalize: bool = True
     chunk_rows: int = Field(65536, ge=256, description="text.zarr rows per chunk")
     flush_texts: int = Field(
@@ -187,6 +191,17 @@ class BufferSpec(Section):
     radius_m: float | None = Field(None, gt=0)
     radius_px: int | None = Field(None, ge=0)
 
+    def reach_m(self, pixel_m: float = 10.0) -> float:
+        """How far the buffer reaches from its POI, in metres (a square window's half edge
+        at ``pixel_m`` per pixel) — to compare two buffers."""
+        if self.shape == "circle":
+            return float(self.radius_m or 0.0)
+        return (float(self.radius_px or 0) + 0.5) * pixel_m
+
+    def describe(self) -> str:
+        return (f"circle {self.radius_m:g} m" if self.shape == "circle"
+                else f"square {2 * (self.radius_px or 0) + 1}×{2 * (self.radius_px or 0) + 1} px")
+
     @model_validator(mode="after")
     def _radius(self) -> BufferSpec:
         if self.shape == "circle" and self.radius_m is None:
@@ -205,6 +220,16 @@ class PoolSection(Section):
     block_mb: int = Field(
         32, ge=8, description="cap (MiB) on one prefix-sum strip per worker thread while pooling"
     )
+
+    @model_validator(mode="after")
+    def _aug_reaches_farther(self) -> PoolSection:
+        base, aug = self.base.reach_m(), self.aug.reach_m()
+        if aug <= base:
+            raise ValueError(
+                f"pool.aug must reach farther than pool.base (the augmented view is the wider "
+                f"buffer around the same POI): base {self.base.describe()} reaches {base:g} m, "
+                f"aug {self.aug.describe()} {aug:g} m; swap them or widen pool.aug")
+        return self
 
 
 # --------------------------------------------------------------------------- train

@@ -24,7 +24,7 @@ import xarray as xr
 
 from ..cluster import InTask, active_client
 from ..config import InferSection
-from ..devices import resolve_device
+from ..devices import bf16_problem, resolve_device
 from ..logs import get_logger
 from ..pipeline import ARTIFACTS
 from ..stores import field as field_store
@@ -79,7 +79,16 @@ def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixel
     by, bx, nb = block.shape
     out = project_pixels(block.reshape(by * bx, nb), model, batch_pixels=batch_pixels,
                          out_dtype=out_dtype, device=dev, precision=precision)
-    return out.reshape(by, bx, out.shape[1]), {"valid": n}
+    # valid = what was written: a model producing NaN/inf must not pass for a field
+    if out_dtype == "int8":
+        written = int(np.all(out != NODATA, axis=1).sum())
+    else:
+        written = int(np.isfinite(out).all(axis=1).sum())
+    if written != n:
+        raise ValueError(f"the projector produced non-finite values for {n - written:,} of "
+                         f"{n:,} valid pixels (model {key}): its weights may have diverged; "
+                         "retrain (a lower train.lr), or check the model folder")
+    return out.reshape(by, bx, out.shape[1]), {"valid": written}
 
 
 def _check_workers_device(client: Any, device: str) -> None:
@@ -146,14 +155,21 @@ def infer_field(
     blob, key = _model_payload(projector)
     client = active_client()
     if client is None:  # an absent device fails here, before the store is touched
-        resolve_device(cfg.device, key="infer.device")
+        dev = resolve_device(cfg.device, key="infer.device")
+        problem = bf16_problem(dev, "infer.precision") if cfg.precision == "bfloat16" else None
+        if problem and problem[0] == "unsupported":
+            raise ValueError(problem[1])
+        if problem:
+            log.warning(f"[infer] {problem[1]}")
     _check_workers_device(client, cfg.device)
     attrs = {"model_hash": key, "precision": cfg.precision}
     token = stable_hash([key, cfg.dtype, cfg.precision, cy, cx, list(arr.shape)])
-    if client is not None:
-        payload: Any = client.scatter(blob, broadcast=True, hash=False)
-    else:
-        payload = None
+    # the model's bytes are one literal of the graph (≈0.5 MB): a worker fetches them once
+    # and, unlike a scattered future, they are recomputed if the worker holding them dies
+    import dask
+
+    payload: Any = dask.delayed(blob, pure=True, name=f"model-{key}")
+    if client is None:
         seed_cache(key, projector)  # the in-process scheduler never unpickles per task
     kw = dict(payload=payload, key=key, batch_pixels=cfg.batch_pixels, out_dtype=cfg.dtype,
               device=cfg.device, threads=cfg.threads or 1, precision=cfg.precision)
@@ -224,3 +240,18 @@ def build(ctx) -> dict[str, Any]:
                                   ledger=ctx.ledger_path(name))
     return stats
 
+
+def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
+    """What one infer task imports (torch and the model) and holds: the AE chunk its
+    field chunk lies in, the field chunk, the projector's batch buffers."""
+    from ..stores.raster import chunk_shape
+
+    cfg = ctx.cfg.infer
+    cy, cx, cb = chunk_shape(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
+    fy, fx = field_chunk(cy, cfg.chunk_px), field_chunk(cx, cfg.chunk_px)
+    per_px = 2 if cfg.dtype == "float16" else 1
+    return (["aether_scale.infer.stage", "torch"],
+            [(f"an ae.zarr chunk of {cy}×{cx} px", int(1.5 * cy * cx * cb)),
+             (f"a field chunk of {fy}×{fx} px", 2 * fy * fx * 128 * per_px),
+             (f"batches of {cfg.batch_pixels:,} px", cfg.batch_pixels * 1024 * 4)],
+            "lower infer.chunk_px or infer.batch_pixels")

@@ -25,6 +25,32 @@ OverlapRule = Literal["error", "first", "last"]
 
 #: AE tiles with more than this many bytes per pixel-strip are read in row strips.
 _STRIP_VALUES = 1 << 21  # values per temporary strip (float64 encode temp ≈ 16 MB)
+#: AlphaEarth vectors are unit length (real ones 0.994–1.006): a float tile whose pixels
+#: have other norms is not AlphaEarth (scaled, another product …)
+_NORM_RANGE = (0.9, 1.1)
+_NORM_SAMPLE = 2048  # pixels per strip whose norm is checked
+_NORM_BAD_SHARE = 0.05  # more than this share of checked pixels off-norm → refused
+_counts = threading.local()  # per task: pixels masked because a value was not finite
+
+
+def _check_unit(tile: TileInfo, codes: np.ndarray, valid: np.ndarray) -> None:
+    """Refuse a float tile whose valid pixels are not unit vectors (a sample, after
+    re-quantisation)."""
+    idx = np.flatnonzero(valid.ravel())
+    if idx.size == 0:
+        return
+    if idx.size > _NORM_SAMPLE:
+        idx = idx[:: idx.size // _NORM_SAMPLE][:_NORM_SAMPLE]
+    v = aef.decode(codes.reshape(-1, codes.shape[-1])[idx]).astype(np.float64)
+    norm = np.sqrt((v * v).sum(axis=1))
+    off = (norm < _NORM_RANGE[0]) | (norm > _NORM_RANGE[1])
+    if off.mean() > _NORM_BAD_SHARE:
+        raise IngestError(
+            f"{tile.path}: {off.mean():.0%} of the pixels checked are not unit vectors (norms "
+            f"{np.percentile(norm, 5):.3g}…{np.percentile(norm, 95):.3g}; AlphaEarth vectors "
+            "have norm 1). This is not an AlphaEarth embedding tile, or its bands are scaled "
+            "or out of order: give the 64 bands A00…A63 as published (int8 codes, or the "
+            "de-quantised floats Earth Engine exports)")
 
 
 def _to_codes(raw: np.ndarray, tile: TileInfo, out: np.ndarray | None = None) -> np.ndarray:
@@ -55,12 +81,27 @@ def _to_codes(raw: np.ndarray, tile: TileInfo, out: np.ndarray | None = None) ->
             missing = np.isnan(src)
             if tile.nodata is not None and not math.isnan(tile.nodata):
                 missing |= src == tile.nodata
+            inf = np.isinf(src)
+            if inf.any():  # not a value: the pixel is masked, and counted
+                px = inf.any(axis=-1) & ~missing.any(axis=-1)
+                _counts.nonfinite = getattr(_counts, "nonfinite", 0) + int(px.sum())
+                missing |= inf
+            big = np.abs(np.where(missing, 0.0, src)) > 1.0 + 1e-6
+            if big.any():
+                raise IngestError(
+                    f"{tile.path}: {int(big.sum()):,} values outside [-1, 1] (largest |v| = "
+                    f"{float(np.abs(src[big]).max()):.4g}); AlphaEarth embedding components lie "
+                    "in [-1, 1] (unit vectors). Was the export scaled (×100, or int8 codes "
+                    "saved as floats)? Re-export the de-quantised floats, or give the int8 "
+                    "tiles")
             dst[...] = aef.encode(np.where(missing, 0.0, src))
             dst[missing] = aef.NODATA
         bad = (dst == aef.NODATA).any(axis=-1)
         if bad.any():
             dst[bad] = aef.NODATA
         valid[i:i + step] = ~bad
+        if tile.dtype != "int8":  # float exports: where scaling mistakes happen
+            _check_unit(tile, dst, ~bad)
     return valid
 
 
@@ -187,14 +228,24 @@ def read_block(
     them by the overlap rule. Memory: the block plus one bounded strip.
     Raises :class:`IngestError` on unreadable data or a forbidden overlap.
     """
-    return _read_block(placements, grid, r0, r1, c0, c1, overlap)[0]
+    return _read_block_codes(placements, grid, r0, r1, c0, c1, overlap)[0]
 
 
 def _read_block(
     placements: Sequence[_Placement], grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
     overlap: OverlapRule,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`read_block` plus the (rows, cols) mask of valid pixels and how many pixels
+    were masked because a value was not finite (±inf in a float tile)."""
+    _counts.nonfinite = 0
+    block, valid = _read_block_codes(placements, grid, r0, r1, c0, c1, overlap)
+    return block, valid, int(_counts.nonfinite)
+
+
+def _read_block_codes(
+    placements: Sequence[_Placement], grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
+    overlap: OverlapRule,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`read_block` plus the (rows, cols) mask of valid pixels."""
     import rasterio
     from rasterio.errors import RasterioError
 

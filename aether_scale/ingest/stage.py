@@ -30,10 +30,11 @@ log = get_logger("ingest")
 
 def _chunk(placements: Sequence[_Placement], grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
            overlap: OverlapRule) -> tuple[Any, dict[str, int]]:
-    """One chunk's codes (None when it holds no valid pixel) and its valid-pixel count."""
-    block, valid = _read_block(placements, grid, r0, r1, c0, c1, overlap)
+    """One chunk's codes (None when it holds no valid pixel), its valid-pixel count and the
+    pixels masked for a non-finite value."""
+    block, valid, nonfinite = _read_block(placements, grid, r0, r1, c0, c1, overlap)
     n = int(valid.sum())
-    return (block if n else None), {"valid": n}
+    return (block if n else None), {"valid": n, "nonfinite": nonfinite}
 
 
 def ingest_tiles(
@@ -91,6 +92,7 @@ def ingest_tiles(
                                        progress=progress)
     n_chunks = len(records)
     n_valid = sum(int(r.get("valid", 0)) for r in records.values())
+    n_nonfinite = sum(int(r.get("nonfinite", 0)) for r in records.values())
     seconds = time.perf_counter() - t0
     n_px = grid.width * grid.height
     nbytes = n_px * aef.N_BANDS
@@ -115,6 +117,7 @@ def ingest_tiles(
         "pixels": int(n_px),
         "valid_pixels": int(n_valid),
         "nodata_pixels": int(n_px - n_valid),
+        "nonfinite_pixels_masked": n_nonfinite,
         "bytes": int(nbytes),
         "seconds": round(seconds, 3),
         "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 else None,
@@ -153,5 +156,19 @@ def build(ctx) -> dict[str, Any]:
              f"({stats['chunks_computed']} computed, {stats['chunks_resumed']} resumed); valid "
              f"{stats['valid_pixels']:,}, nodata {stats['nodata_pixels']:,} px; "
              f"{stats['tiles']} tiles ({stats['tiles_reprojected']} reprojected)")
+    if stats["nonfinite_pixels_masked"]:
+        log.warning(f"[ingest] {stats['nonfinite_pixels_masked']:,} pixels held an infinite "
+                    "value and were masked as nodata (counted in the manifest)")
+    if stats["valid_pixels"] == 0:
+        raise IngestError("ingest: no valid AlphaEarth pixel in any tile (every pixel is "
+                          "nodata); check ingest.tiles and the tiles' nodata value")
     return stats
 
+
+def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
+    """What one ingest task imports and holds: the chunk of codes and its read buffers."""
+    c = int(ctx.cfg.ingest.chunk_px or ae_store.DEFAULT_CHUNK_PX)
+    block = c * c * aef.N_BANDS
+    return (["aether_scale.ingest.stage", "rasterio"],
+            [(f"a {c}×{c} px chunk", block), ("read buffers", 2 * block)],
+            "ingest.chunk_px smaller")

@@ -168,7 +168,12 @@ def plan(st: Stage, ws: Workspace, cfg: RunConfig, avail: Available) -> StagePla
         mod, fn = st.externals.split(":")
         ext = getattr(importlib.import_module(mod), fn)(cfg)
         for label, paths in ext.items():
-            inputs[label] = external_input(paths)
+            try:
+                inputs[label] = external_input(paths)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(
+                    f"{st.section}.{label}: {e}; fix the path in the config (relative paths "
+                    "resolve against the config file's folder)") from None
     outputs: list[str] = []
     for kind in st.writes:
         art = ARTIFACTS[kind]

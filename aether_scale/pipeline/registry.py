@@ -97,6 +97,9 @@ class Stage:
     #: ``module:function(ws, log)`` that shows what a skipped run would have shown (the
     #: result a user came for, e.g. evaluate's table)
     on_skip: str | None = None
+    #: ``module:function(ctx) -> (modules, [(what, bytes)], fix)``: what one task of the
+    #: stage imports and holds, checked against the workers' memory before it starts
+    memory: str | None = None
 
     def needs_cluster(self, cfg: RunConfig) -> bool:
         return self.cluster(cfg) if callable(self.cluster) else bool(self.cluster)
@@ -113,39 +116,47 @@ def _text_cluster(cfg: RunConfig) -> bool:
     return cfg.text.mode == "dask" or cfg.cluster.kind in ("gateway", "address")
 
 
+def _stage_fn(name: str, fn: str) -> str:
+    return f"aether_scale.{name}.stage:{fn}"
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "AlphaEarth GeoTIFF/COG/VRT tiles → ae.zarr", "ingest",
-          "aether_scale.ingest.stage:build", writes=("ae.zarr",),
-          input_keys=("tiles",), externals="aether_scale.ingest.stage:external_inputs",
-          version=2),
+          _stage_fn("ingest", "build"), writes=("ae.zarr",), input_keys=("tiles",),
+          externals=_stage_fn("ingest", "external_inputs"),
+          memory=_stage_fn("ingest", "worker_memory"), version=2),
     Stage("pois", "POI files → pois.parquet (descriptions, AE CRS)", "pois",
-          "aether_scale.pois.stage:build", reads=("ae.zarr",), writes=("pois.parquet",),
-          input_keys=("sources.*.path",), externals="aether_scale.pois.stage:external_inputs"),
+          _stage_fn("pois", "build"), reads=("ae.zarr",), writes=("pois.parquet",),
+          input_keys=("sources.*.path",), externals=_stage_fn("pois", "external_inputs"),
+          memory=_stage_fn("pois", "worker_memory")),
     Stage("text", "POI descriptions → text.zarr (sentence-transformers)", "text",
-          "aether_scale.text.stage:build", reads=("pois.parquet",), writes=("text.zarr",),
+          _stage_fn("text", "build"), reads=("pois.parquet",), writes=("text.zarr",),
           runtime_keys=frozenset({"cache_dir", "mode", "batch_size", "flush_texts",
-                                  "dask_min_texts", "device", "compact_shards"}),
-          input_keys=("model",), externals="aether_scale.text.stage:external_inputs",
+                                  "dask_min_texts", "device", "compact_shards", "threads"}),
+          input_keys=("model",), externals=_stage_fn("text", "external_inputs"),
           cluster=_text_cluster, version=2),
     Stage("pool", "AE pooled in buffers around POIs → triplets.zarr", "pool",
-          "aether_scale.pool.stage:build", reads=("ae.zarr", "pois.parquet", "text.zarr"),
-          writes=("triplets.zarr",), runtime_keys=frozenset({"block_mb"}), version=2),
+          _stage_fn("pool", "build"), reads=("ae.zarr", "pois.parquet", "text.zarr"),
+          writes=("triplets.zarr",), runtime_keys=frozenset({"block_mb"}),
+          memory=_stage_fn("pool", "worker_memory"), version=2),
     Stage("train", "train the AETHER projector (and train.variants) → model/", "train",
-          "aether_scale.train.stage:build", reads=("triplets.zarr",), writes=("model",),
+          _stage_fn("train", "build"), reads=("triplets.zarr",), writes=("model",),
           runtime_keys=frozenset({"device", "threads", "prefetch", "in_memory"}),
           cluster=False, version=2, ranks="aether_scale.train.stage"),
     Stage("infer", "projector over every AE pixel → field.zarr (one per model)", "infer",
-          "aether_scale.infer.stage:build", reads=("ae.zarr", "model"), writes=("field.zarr",),
-          runtime_keys=frozenset({"batch_pixels", "device", "threads"}), version=2),
+          _stage_fn("infer", "build"), reads=("ae.zarr", "model"), writes=("field.zarr",),
+          runtime_keys=frozenset({"batch_pixels", "device", "threads"}),
+          memory=_stage_fn("infer", "worker_memory"), version=2),
     Stage("regions", "AE and fields pooled around label units → regions/", "regions",
-          "aether_scale.regions.stage:build", reads=("ae.zarr",),
+          _stage_fn("regions", "build"), reads=("ae.zarr",),
           optional_reads=("field.zarr", "pois.parquet"), writes=("regions",),
           input_keys=("luc_points", "sdm_units", "sdm_table"),
-          externals="aether_scale.regions.stage:external_inputs", version=2),
+          externals=_stage_fn("regions", "external_inputs"),
+          memory=_stage_fn("regions", "worker_memory"), version=2),
     Stage("evaluate", "the paper's Table 1 protocol → report/", "evaluate",
-          "aether_scale.evaluate.stage:build", reads=("regions",),
+          _stage_fn("evaluate", "build"), reads=("regions",),
           optional_reads=("ae.zarr", "field.zarr", "model"), writes=("report",),
-          cluster=False, version=2, on_skip="aether_scale.evaluate.stage:show_report"),
+          cluster=False, version=2, on_skip=_stage_fn("evaluate", "show_report")),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}

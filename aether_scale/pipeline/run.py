@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,7 +82,15 @@ def run_stage(name: str, ws: Workspace, cfg: RunConfig, *, force: bool = False,
             return StageResult(name, ranks.follow(ws, cfg, p), {})
 
     def fn(work: Work) -> Mapping[str, Any] | None:
-        return st.function()(StageContext(ws, cfg, p, work, slog, force))
+        _warn_inputs_gone(ws, p, slog)
+        ctx = StageContext(ws, cfg, p, work, slog, force)
+        if st.memory:
+            from ..cluster import check_worker_memory
+
+            mod, name_ = st.memory.split(":")
+            modules, per_task, fix = getattr(importlib.import_module(mod), name_)(ctx)
+            check_worker_memory(st.name, modules, per_task, fix)
+        return st.function()(ctx)
 
     t0 = time.perf_counter()
     res = ws.run_stage(name, key=p.key, outputs=p.outputs, fn=fn, record=p.record(),
@@ -95,6 +104,30 @@ def run_stage(name: str, ws: Workspace, cfg: RunConfig, *, force: bool = False,
         slog.info(f"[{name}] done in {time.perf_counter() - t0:.1f} s → "
                   + ", ".join(p.outputs))
     return res
+
+
+def _warn_inputs_gone(ws: Workspace, p: StagePlan, log: logging.Logger) -> None:
+    """Say out loud when a rerun happens because inputs the last run read are gone (a
+    deleted tile, a source dropped from the config): the new output will lack them."""
+    old = ws.manifest(p.stage.name)
+    if old is None:
+        return
+    for label, rec in old.get("inputs", {}).items():
+        before = rec.get("ref")
+        before = before if isinstance(before, list) else [before]
+        if label not in p.inputs:
+            log.warning(f"[{p.stage.name}] input {label} of the last run is gone "
+                        f"({', '.join(map(str, before))}); this run goes without it")
+            continue
+        if p.inputs[label].fingerprint == rec.get("fingerprint"):
+            continue  # the same content (a moved or copied workspace): nothing is gone
+        now = {os.path.basename(str(r).rstrip("/")) for r in p.inputs[label].refs}
+        gone = [r for r in before if os.path.basename(str(r).rstrip("/")) not in now]
+        if gone:
+            log.warning(f"[{p.stage.name}] {len(gone)} of the {len(before)} files of input "
+                        f"{label} the last run read are gone or no longer match: "
+                        f"{', '.join(map(str, gone[:5]))}" + (" …" if len(gone) > 5 else "")
+                        + "; this run goes without them")
 
 
 def run_stages(names: Sequence[str], ws: Workspace | str, cfg: RunConfig, *,

@@ -29,6 +29,12 @@ class RasterGrid:
     chunk_edges_y: tuple[int, ...]  # row offsets where chunks start, plus the height
     chunk_edges_x: tuple[int, ...]
 
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` of the raster in its CRS."""
+        a, _, c, _, e, f = self.transform
+        xs, ys = (c, c + a * self.width), (f, f + e * self.height)
+        return min(xs), min(ys), max(xs), max(ys)
+
     @property
     def n_chunks(self) -> tuple[int, int]:
         return len(self.chunk_edges_y) - 1, len(self.chunk_edges_x) - 1

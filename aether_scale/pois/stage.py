@@ -17,6 +17,7 @@ import dask
 import numpy as np
 import pandas as pd
 
+from ..cluster import persist, run_tasks
 from ..config import PoisSection, RunConfig
 from ..stores.pois import write_part
 from .clean import _template_parts
@@ -97,8 +98,8 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
         prepared.append((spec, [prep(p, spec, grid, pcfg.template, pcfg.template_no_name, keep_dtypes)
                                 for p in parts]))
     flat = [p for _, ps in prepared for p in ps]
-    flat = list(dask.persist(*flat))
-    lens = dask.compute(*[dask.delayed(len)(p) for p in flat])
+    flat = persist(flat)
+    lens = run_tasks([dask.delayed(len)(p) for p in flat])
     fin = dask.delayed(_finish, pure=True)
     finished: list[Any] = []
     j = 0
@@ -109,10 +110,10 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
             finished.append(fin(flat[j], spec.index, offset, generated))
             offset += lens[j]
             j += 1
-    finished = list(dask.persist(*finished))
+    finished = persist(finished)
     del flat
 
-    per_part = dask.compute(*[dask.delayed(_part_stats)(p) for p in finished])
+    per_part = run_tasks([dask.delayed(_part_stats)(p) for p in finished])
     per_source: list[dict[str, int]] = []
     j = 0
     for _spec, ps in prepared:
@@ -124,7 +125,7 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
         j += len(ps)
 
     ncy, ncx = grid.n_chunks
-    keys = pd.concat(dask.compute(*[dask.delayed(_kept_keys)(p, ncx) for p in finished]) or
+    keys = pd.concat(run_tasks([dask.delayed(_kept_keys)(p, ncx) for p in finished]) or
                      [pd.DataFrame({"poi_id": [], "_order": [], "_key": []})], ignore_index=True)
     keys = keys.sort_values("_order", kind="stable")
     dup = keys["poi_id"].duplicated(keep="first").to_numpy()
@@ -147,7 +148,7 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
     for lo in range(n_out):
         pieces = [sel(p, dup_orders, bounds, lo, ncx) for p in finished]
         writes.append(writer(pieces, f"{out_path}/part.{lo:05d}.parquet", grid.crs_wkt, columns))
-    written = dask.compute(*writes)
+    written = run_tasks(writes)
 
     total = {k: sum(s.get(k, 0) for s in per_source) for k in per_source[0]}
     kept = int(sum(written))
@@ -176,7 +177,7 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
 
 def external_inputs(cfg: RunConfig) -> dict[str, str]:
     """The POI files the stage reads, one input per source (fingerprinted by content)."""
-    return {f"source_{i}": s.path for i, s in enumerate(cfg.pois.sources)}
+    return {f"sources.{i}.path": s.path for i, s in enumerate(cfg.pois.sources)}
 
 
 def build(ctx) -> dict[str, Any]:
@@ -190,4 +191,41 @@ def build(ctx) -> dict[str, Any]:
     dropped = ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items() if v) or "none"
     ctx.log.info(f"[pois] kept {stats['kept']:,} of {stats['rows_read']:,} POIs "
                  f"(dropped: {dropped}) in {stats['files']} part file(s)")
+    if stats["kept"] == 0:
+        raise PoiInputError(_nothing_kept(stats, grid, ctx.cfg.pois))
     return stats
+
+
+def _nothing_kept(stats: dict[str, Any], grid: RasterGrid, pcfg: PoisSection) -> str:
+    """Why no POI is left, in the words a user can act on."""
+    paths = ", ".join(s.path for s in pcfg.sources)
+    if stats["rows_read"] == 0:
+        return f"pois: the POI sources hold no rows ({paths}); give a file with POIs"
+    d = stats["dropped"]
+    msg = (f"pois: none of the {stats['rows_read']:,} POIs was kept (dropped: "
+           + ", ".join(f"{k} {v:,}" for k, v in d.items() if v) + ")")
+    if d.get("outside_coverage") == stats["rows_read"] - sum(
+            v for k, v in d.items() if k != "outside_coverage"):
+        left, bottom, right, top = grid.bounds()
+        msg += (f". Every POI with coordinates lies outside the AE raster (x {left:,.0f}…"
+                f"{right:,.0f}, y {bottom:,.0f}…{top:,.0f} in its CRS): are longitude and "
+                "latitude swapped (pois.sources[].lon/lat), is pois.sources[].crs wrong, or do "
+                "the tiles cover another area?")
+    return msg
+
+
+def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
+    """What one pois task imports (geopandas, pyogrio) and holds: one partition of rows."""
+    import fsspec
+
+    rows = ctx.cfg.pois.partition_rows
+    biggest = 0
+    for src in ctx.cfg.pois.sources:  # a partition never holds more than its file
+        try:
+            fs, p = fsspec.core.url_to_fs(src.path)
+            biggest = max(biggest, int(fs.du(p)) if fs.isdir(p) else int(fs.size(p)))
+        except (OSError, ValueError):
+            biggest = max(biggest, rows * 1024)
+    part = min(rows * 2048, 8 * min(biggest, 64 * 2**20))  # pandas/shapely copies
+    return (["aether_scale.pois.stage", "geopandas", "dask_geopandas", "pyogrio"],
+            [(f"a partition (≤ {rows:,} rows)", part)], "lower pois.partition_rows")

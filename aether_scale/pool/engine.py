@@ -33,7 +33,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from ..cluster import InTask, active_client, n_task_slots
+from ..cluster import InTask, _PauseWatch, active_client, n_task_slots, result
 from ..config import BufferSpec
 from ..logs import Progress
 from ..stores.ledger import Ledger
@@ -304,12 +304,13 @@ def run_windowed(make: Any, ntask: int, *, window: int | None = None,
     while nxt < ntask and len(pending) < window:
         pending.append(submit(nxt))
         nxt += 1
+    watch = _PauseWatch(client)
     while pending:
         fut = pending.popleft()
         if isinstance(fut, Recorded):
             res = fut.load()
         else:
-            res = fut.result()
+            res = result(fut, watch)
             fut.release()
         if nxt < ntask:
             pending.append(submit(nxt))

@@ -62,6 +62,9 @@ def pool_triplets(
     ds = open_ae(ae_path, storage_options=so)
     table = PoiTable(pois_path, storage_options=so)
     pois = table.points()
+    if pois["poi_id"].size == 0:
+        raise ValueError(f"{pois_path} holds no POIs; rerun `aether-scale pois` with POI sources "
+                         "that lie on the AE raster")
     check_same_crs(table.crs, raster_crs(ds, where=ae_path), pois_path, ae_path)
     text = TextStore(text_path, storage_options=so)
     text_row = text.rows_of(pois["poi_id"])
@@ -114,9 +117,14 @@ def pool_triplets(
     dropped = stats["n_no_geometry"] + stats["n_outside_raster"] + n_no_ae + n_no_text
     if dropped + writer.n_written != stats["n_pois"]:  # pragma: no cover - internal invariant
         raise RuntimeError("pool: row accounting mismatch (bug)")
+    summary = (f"dropped: no geometry {stats['n_no_geometry']:,}, outside the raster "
+               f"{plan.n_outside:,}, no valid AE in a buffer {n_no_ae:,}, no text {n_no_text:,}")
     log.info(f"[pool] wrote {writer.n_written:,} of {stats['n_pois']:,} POIs as triplets; "
-             f"dropped: no geometry {stats['n_no_geometry']:,}, outside the raster "
-             f"{plan.n_outside:,}, no valid AE in a buffer {n_no_ae:,}, no text {n_no_text:,}")
+             f"{summary}")
+    if writer.n_written < 2:
+        raise ValueError(f"pool: {writer.n_written} triplet(s) from {stats['n_pois']:,} POIs "
+                         f"({summary}); training needs at least 2. The POIs must lie on valid "
+                         "AE pixels (nodata or outside the raster drops them)")
     return stats
 
 
@@ -127,3 +135,16 @@ def build(ctx) -> dict[str, Any]:
                          ctx.outputs["triplets.zarr"], ctx.cfg,
                          storage_options=ctx.storage_options,
                          ledger=ctx.ledger_path("triplets.zarr"))
+
+
+def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
+    """What one pool task imports and holds: an AE chunk (stored and decoded) and its
+    prefix-sum strip."""
+    from ..stores.raster import chunk_shape
+
+    cy, cx, cb = chunk_shape(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
+    strip = ctx.cfg.pool.block_mb * 2**20
+    return (["aether_scale.pool.stage"],
+            [(f"an ae.zarr chunk of {cy}×{cx} px", int(1.5 * cy * cx * cb)),
+             ("prefix-sum strip", int(1.5 * strip))],
+            "re-ingest with a smaller ingest.chunk_px, or lower pool.block_mb")

@@ -107,6 +107,13 @@ def build_regions(rasters: dict[str, str], pois_path: str | None, cfg: RunConfig
     for task in tasks:
         t0 = time.perf_counter()
         units, label_cols, buf, st = task_units(task, rc, crs)
+        source = rc.luc_points if task == "luc" else rc.sdm_units
+        if len(units) == 0:
+            why = ", ".join(f"{k[8:].replace('_', ' ')} {v:,}" for k, v in st.items()
+                            if k.startswith("dropped_") and v)
+            raise ValueError(f"regions.{'luc_points' if task == 'luc' else 'sdm_units'} "
+                             f"{source}: no usable unit in {st['rows']:,} rows (dropped: {why}); "
+                             "see regions.luc_label / regions.sdm_columns")
         feats, outside = {}, np.zeros(len(units), bool)
         for m, da in das.items():
             feats[m], out_m = _pool_units(da, units, buf)
@@ -117,6 +124,10 @@ def build_regions(rasters: dict[str, str], pois_path: str | None, cfg: RunConfig
             valid &= np.isfinite(arr).all(axis=1)
         st["dropped_outside_raster"] = int((outside & ~valid).sum())
         st["dropped_no_valid_pixel"] = int((~outside & ~valid).sum())
+        if not valid.any():
+            raise ValueError(f"regions: no {task} unit of {source} has a valid pixel in its "
+                             f"{buf:g} m buffer ({st['dropped_outside_raster']:,} outside the "
+                             "raster): do the label files cover the AE tiles (CRS, regions.crs)?")
         units = units.loc[valid].reset_index(drop=True)
         feats = {m: a[valid] for m, a in feats.items()}
         if pois is not None:
@@ -154,3 +165,15 @@ def build(ctx) -> dict[str, Any]:
     pois = ctx.reads.get("pois.parquet")
     return build_regions(rasters, pois, ctx.cfg, ctx.outputs["regions"],
                          storage_options=ctx.storage_options)
+
+
+def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
+    """What one regions task imports and holds: a raster chunk (AE or field) and its
+    prefix-sum strip."""
+    from ..stores.raster import chunk_shape
+
+    cy, cx, cb = chunk_shape(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
+    return (["aether_scale.regions.stage"],
+            [(f"a raster chunk of {cy}×{cx} px", int(1.5 * cy * cx * max(cb, 2 * 128))),
+             ("prefix-sum strip", int(1.5 * 32 * 2**20))],
+            "re-ingest with a smaller ingest.chunk_px")

@@ -256,6 +256,12 @@ def chunk_job(build: RasterBuild, i: int, j: int, fn: Callable[..., tuple[np.nda
     return build.commit(i, j, block, stats)
 
 
+def chunk_shape(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None
+                ) -> tuple[int, ...]:
+    """The chunk shape of a raster store's ``embedding`` (metadata only)."""
+    return tuple(int(c) for c in StoreRef.of(uri, storage_options).array(VARIABLE).chunks)
+
+
 def open_embedding(src: xr.DataArray | xr.Dataset | str | os.PathLike, *,
                    storage_options: Mapping[str, Any] | None = None) -> xr.DataArray:
     """The ``embedding`` DataArray ``(y, x, band|dim)`` of a store path/URL, Dataset or
@@ -304,6 +310,7 @@ def write_chunks(build: RasterBuild, job: Callable[[int, int, tuple[int, int, in
     giving the function and arguments that compute chunk ``(i, j)`` — then finish the
     store. Returns ``(records of every chunk, chunks computed now)``."""
     import dask
+    import dask.base
 
     from ..cluster import run_tasks
     from ..logs import Progress
@@ -315,10 +322,13 @@ def write_chunks(build: RasterBuild, job: Callable[[int, int, tuple[int, int, in
         log.info(f"[{label}] resuming: {len(grid) - len(todo)} of {len(grid)} chunks already "
                  "written")
     task = dask.delayed(chunk_job, pure=True)
+    # task keys name the store too: the same chunk of another build is another task
+    # (a cluster still holding an earlier run's result must not answer for this one)
+    tok = dask.base.tokenize(token, build.store, build.ledger)
     tasks = []
     for i, j in todo:
         fn, args = job(i, j, build.window(i, j))
-        tasks.append(task(build, i, j, fn, *args, dask_key_name=f"{label}-{token}-{i}-{j}"))
+        tasks.append(task(build, i, j, fn, *args, dask_key_name=f"{label}-{tok}-{i}-{j}"))
     with Progress(log, label, len(grid), "chunks", done=len(grid) - len(todo),
                   every_s=None if progress else float("inf")) as prog:
         run_tasks(tasks, progress=prog)

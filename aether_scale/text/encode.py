@@ -21,7 +21,7 @@ import numpy as np
 
 from ..cluster import active_client
 from ..config import TextSection
-from ..devices import resolve_device
+from ..devices import choose_threads, resolve_device
 from ..logs import Progress, get_logger
 from .cache import Lookup, TextCache, text_keys
 from .model import _encode, _encode_on_worker, load_text_model, model_identity
@@ -140,13 +140,22 @@ def _encode_missing(texts: Sequence[str], keys: np.ndarray, miss: np.ndarray, cf
                     cache: TextCache, mode: str, client: Any, prog: Progress) -> None:
     """Encode ``texts[miss]`` here or on the workers, appending to ``cache`` as they come."""
     if mode == "local":
+        import torch
+
         model = load_text_model(cfg.model, cfg.device)
-        for a in range(0, len(miss), cfg.flush_texts):
-            idx = miss[a : a + cfg.flush_texts]
-            vec = _encode(model, [texts[i] for i in idx], batch_size=cfg.batch_size,
-                          normalize=cfg.normalize)
-            cache.append(keys[idx], vec)
-            prog.advance(len(idx))
+        n, why = choose_threads(cfg.threads, key="text.threads")
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        prog.log.info(f"[text] encoding {len(miss):,} texts here; torch threads: {why}")
+        try:
+            for a in range(0, len(miss), cfg.flush_texts):
+                idx = miss[a : a + cfg.flush_texts]
+                vec = _encode(model, [texts[i] for i in idx], batch_size=cfg.batch_size,
+                              normalize=cfg.normalize)
+                cache.append(keys[idx], vec)
+                prog.advance(len(idx))
+        finally:
+            torch.set_num_threads(before)
     else:
         from distributed import as_completed
 

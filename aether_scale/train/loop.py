@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import TrainSection
-from ..devices import resolve_device
+from ..devices import choose_threads, resolve_device
 from ..loss import AetherLoss
 from ..model import (
     CHECKPOINT_NAME,
@@ -139,8 +139,10 @@ def train_model(
     device = resolve_device(cfg.device, key="train.device")
     shard = _init_distributed(device)
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    n_threads, why = choose_threads(cfg.threads, key="train.threads")
+    if device.type == "cpu":
+        torch.set_num_threads(n_threads)
+        say(f"[train] torch threads: {why}")
     try:
         with retained_heap(device.type == "cpu"):
             return _train(triplets_uri, cfg, out_dir, say=say, resume=resume,
@@ -164,6 +166,13 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     state: dict[str, Any] | None = None
     if resume and is_main and os.path.exists(last_path):
         state = _safe_load(last_path)
+        lacking = sorted({"ae_state_dict", "txt_state_dict", "optimizer", "rng", "loader",
+                          "epoch", "metrics"} - set(state))
+        if lacking:
+            raise CheckpointError(
+                f"{last_path} is not a resumable training state (it lacks {lacking}; train "
+                "writes last.pt with weights, optimizer and RNG state after every epoch): "
+                f"delete it to start over, or run the stage with --force")
     if shard.world_size > 1:
         import torch.distributed as dist
 

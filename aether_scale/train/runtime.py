@@ -13,9 +13,12 @@ from typing import Any
 import torch
 
 from ..config import TrainSection
+from ..devices import bf16_problem
 
-__all__ = ["compute_dtype", "make_optimizer", "retained_heap", "rng_state", "set_rng_state",
-           "write_json"]
+__all__ = ["compute_dtype", "make_optimizer", "retained_heap", "rng_state",
+           "set_rng_state", "write_json"]
+
+
 
 
 @contextlib.contextmanager
@@ -54,12 +57,11 @@ def compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], 
     """The GEMM operand dtype for ``train.precision`` (warns when bf16 is not native here)."""
     if cfg.precision == "float32":
         return torch.float32
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        say("[train] warning: this CPU has no native bfloat16 GEMMs (AVX512-BF16/AMX); "
-            "train.precision: bfloat16 will be slower than float32 here")
-    elif device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise ValueError(f"train.precision is bfloat16 but {torch.cuda.get_device_name(device)} "
-                         "has no native bf16 (compute capability < 8.0); use float32")
+    problem = bf16_problem(device, "train.precision")
+    if problem and problem[0] == "unsupported":
+        raise ValueError(problem[1])
+    if problem:
+        say(f"[train] warning: {problem[1]}")
     return torch.bfloat16
 
 
