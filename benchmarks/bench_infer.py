@@ -1,4 +1,4 @@
-"""Field inference throughput: aether_scale.field vs the reference approach, same raster, same run.
+"""Field inference throughput: aether_scale.infer vs the reference approach, same raster, same run.
 
 Reference approach (AETHER's inference script, re-implemented here from its
 description): ONE process reads the AE GeoTIFF in 512 × 512 px windows with
@@ -6,7 +6,7 @@ rasterio, de-quantises and L2-normalises each pixel, runs the projector in
 batches of 262,144 pixels (torch with all cores) and writes float32 LZW
 GeoTIFF windows (128 bands, BigTIFF).
 
-Ours: :func:`aether_scale.field.infer_field` over ``ae.zarr`` holding the same
+Ours: :func:`aether_scale.infer.infer_field` over ``ae.zarr`` holding the same
 codes, on a LocalCluster of 2 single-threaded workers with a memory limit
 whose total is smaller than the field it writes (float16 → ``field.zarr``),
 so the run also shows out-of-core completion. It runs once per
@@ -74,15 +74,16 @@ def block_codes(pool: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndar
 
 
 def write_inputs(d: str, size: int, pool: np.ndarray) -> tuple[str, str]:
-    """The same raster as a tiled int8 GeoTIFF (reference) and as ae.zarr (ours)."""
-    import dask.array as dsa
+    """The same raster as a tiled int8 GeoTIFF (reference) and as ae.zarr (ours).
+
+    ae.zarr is written by :func:`aether_scale.stores.ae.write_ae` (the ingest stage's
+    layout: 1024-px chunks, checksums, chunk index) from the codes held in memory."""
     import rasterio
-    import rioxarray  # noqa: F401
-    import xarray as xr
+    from rasterio.crs import CRS
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    from aether_scale import aef
+    from aether_scale.stores.ae import TargetGrid, write_ae
 
     tif = os.path.join(d, "ae.tif")
     transform = from_origin(500_000, 5_700_000, 10, 10)
@@ -94,21 +95,16 @@ def write_inputs(d: str, size: int, pool: np.ndarray) -> tuple[str, str]:
                 blk = block_codes(pool, r, min(r + WIN, size), c, min(c + WIN, size))
                 dst.write(np.moveaxis(blk, -1, 0), window=Window(c, r, blk.shape[1], blk.shape[0]))
     chunk = 1024
-    arr = dsa.map_blocks(
-        lambda block_info=None: block_codes(
-            pool, *block_info[None]["array-location"][0], *block_info[None]["array-location"][1]),
-        chunks=((chunk,) * (size // chunk), (chunk,) * (size // chunk), (64,)), dtype=np.int8,
-    )
-    x = 500_000 + 10 * np.arange(size) + 5.0
-    y = 5_700_000 - 10 * np.arange(size) - 5.0
-    da = xr.DataArray(arr, dims=("y", "x", "band"),
-                      coords={"y": y, "x": x, "band": list(aef.BAND_NAMES)})
-    ds = xr.Dataset({"embedding": da}).rio.write_crs("EPSG:32630")
+    codes = np.empty((size, size, 64), dtype=np.int8)
+    for r in range(0, size, chunk):
+        for c in range(0, size, chunk):
+            r1, c1 = min(r + chunk, size), min(c + chunk, size)
+            codes[r:r1, c:c1] = block_codes(pool, r, r1, c, c1)
+    # same grid as the GeoTIFF: pixel centres x = 500000 + 10 i + 5, y = 5700000 - 10 j - 5
+    grid = TargetGrid(CRS.from_epsg(32630).to_wkt(), 10.0, 500_000.0, 5_700_000.0, size, size)
     zpath = os.path.join(d, "ae.zarr")
-    import dask
-
-    with dask.config.set(scheduler="threads"):
-        ds.to_zarr(zpath, mode="w", consolidated=False)
+    write_ae(zpath, codes, grid, chunk_px=chunk)
+    del codes
     return tif, zpath
 
 
@@ -178,10 +174,10 @@ def reference_infer(tif: str, out_tif: str, model, *, max_seconds: float | None)
 def ours_infer(zpath: str, outs: dict[str, str], model, *, n_workers: int,
                memory_limit: str) -> dict[str, dict]:
     """infer_field once per precision ({precision: out path}) on one LocalCluster, with peak RSS."""
-    from aether_scale.field import infer_field
     from distributed import Client, LocalCluster
 
     from aether_scale.config import InferSection
+    from aether_scale.infer import infer_field
 
     t0 = time.perf_counter()
     res = {}
@@ -205,8 +201,9 @@ def ours_infer(zpath: str, outs: dict[str, str], model, *, n_workers: int,
 def agreement(ref_tif: str, field_zarr: str) -> dict:
     """Max |ours − reference| over the first window (ours is float16)."""
     import rasterio
-    from aether_scale.raster import open_embedding
     from rasterio.windows import Window
+
+    from aether_scale.stores.raster import open_embedding
 
     with rasterio.open(ref_tif) as src:
         ref = np.moveaxis(src.read(window=Window(0, 0, WIN, WIN)), 0, -1)
@@ -265,7 +262,7 @@ def main() -> None:
             "reference": {"approach": "1 process, rasterio 512-px windows, L2-normalise, projector "
                           "batches of 262,144 (torch, all cores), float32 LZW GeoTIFF windows",
                           **ref},
-            "ours": {p: {"approach": f"aether_scale.field.infer_field, LocalCluster {args.workers}"
+            "ours": {p: {"approach": f"aether_scale.infer.infer_field, LocalCluster {args.workers}"
                          f" × 1 thread, memory_limit {args.memory_limit}/worker, float16 "
                          f"field.zarr, projector GEMMs in {p}", **st} for p, st in runs.items()},
             "speedup": {p: round(st["pixels_per_s"] / ref["pixels_per_s"], 2)

@@ -167,10 +167,11 @@ def _with_load(fn, *args, **kwargs) -> dict:
 def check_output(out: Path, paths: list[str], tile_px: int, n_cols: int, n: int = 50) -> int:
     """Exact codes at random pixels of the ingested store vs the source tiles."""
     import rasterio
-    import xarray as xr
     from rasterio.windows import Window
 
-    ds = xr.open_zarr(str(out), mask_and_scale=False)
+    from aether_scale.stores.ae import open_ae
+
+    ds = open_ae(str(out))
     rng = np.random.default_rng(1)
     for _ in range(n):
         k = int(rng.integers(len(paths)))

@@ -17,7 +17,7 @@ Part 1 — throughput, same raster, same POIs, one run:
     Two stronger baselines of the same loop are reported too: ``isel`` on the
     decoded raster held in memory as an xarray DataArray, and plain numpy
     slicing of that array (both get the raster load for free).
-  * engine: :func:`aether_scale.pooling.pool_buffers` on the Zarr-backed array
+  * engine: :func:`aether_scale.pool.pool_buffers` on the Zarr-backed array
     (reading from disk included), all POIs, same square windows (and, for
     information, the paper's 50 m / 100 m circles), threaded scheduler.
   * the engine's vectors are checked against the reference's on the subset.
@@ -100,10 +100,10 @@ except ImportError:  # pragma: no cover - minimal stand-ins
 import dask  # noqa: E402
 import dask.array as dsa  # noqa: E402
 import xarray as xr  # noqa: E402
-from aether_scale.pooling import plan_pool, pool_buffers  # noqa: E402
 
 from aether_scale.aef import decode  # noqa: E402
 from aether_scale.config import BufferSpec  # noqa: E402
+from aether_scale.pool import plan_pool, pool_buffers  # noqa: E402
 
 SCRATCH = HERE / "scratch"
 PIX = 10.0

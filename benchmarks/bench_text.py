@@ -11,9 +11,10 @@ common pub/café names, a category list with a long tail, ~10% without a name):
    busy 2-core machine, so by default a random sample of rows is encoded and the
    full time is extrapolated from the measured rate (``--baseline-rows 0``
    encodes every row);
-2. **stage, cold cache** — ``run_text`` end to end (read ``pois.parquet``,
+2. **stage, cold cache** — ``run_stage("text", ...)`` end to end (read ``pois.parquet``,
    deduplicate, encode the distinct texts, write ``text.zarr``);
-3. **stage, rerun** — ``run_text(force=True)`` with the cache warm: no model calls;
+3. **stage, rerun** — ``run_stage("text", ..., force=True)`` with the cache warm: no
+   model calls;
 4. **local vs dask encoding** (the ``mode=auto`` rule) — the same fresh distinct
    texts encoded in-process and on a 2-worker LocalCluster (1 thread each),
    including worker model loading.
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from aether_scale import text as T
     from aether_scale.config import load_config
+    from aether_scale.pipeline import run_stage
+    from aether_scale.stores.text import TextStore
     from aether_scale.workspace import Workspace
 
     tmp = tempfile.mkdtemp(prefix="bench_text_")
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         with dask.config.set(scheduler="threads"), PeakRSS() as rss_stage:
             c0 = dict(T.MODEL_CALLS)
             t0 = time.perf_counter()
-            r1 = T.run_text(ws, cfg, force=True, )
+            r1 = run_stage("text", ws, cfg, force=True)
             dt1 = time.perf_counter() - t0
             calls1 = T.MODEL_CALLS["texts"] - c0["texts"]
         st = r1.stats
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         # 3. rerun with the cache warm
         c0 = dict(T.MODEL_CALLS)
         t0 = time.perf_counter()
-        r2 = T.run_text(ws, cfg, force=True)
+        r2 = run_stage("text", ws, cfg, force=True)
         dt2 = time.perf_counter() - t0
         result["stage_rerun"] = {
             "seconds": round(dt2, 3), "rows_per_s": round(n / dt2, 1),
@@ -226,12 +229,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['stage_rerun']['model_calls']}")
 
         # correctness: stage vectors equal plain encode on a few rows
-        import xarray as xr
-
-        emb = xr.open_zarr(ws.path("text.zarr")).embedding
+        store = TextStore(ws.path("text.zarr"))
         check = rng.choice(n, size=32, replace=False)
         ref = model.encode([texts[i] for i in check], normalize_embeddings=True)
-        result["max_abs_diff_vs_plain"] = float(np.abs(emb.values[np.sort(check)]
+        result["max_abs_diff_vs_plain"] = float(np.abs(store.take(store.rows_of(np.sort(check)))
                                                        - ref[np.argsort(check)]).max())
 
         # 4. local vs dask encoding of fresh texts (what mode=auto decides)

@@ -57,7 +57,8 @@ from _common import PeakRSS, machine_info, write_result  # noqa: E402
 from aether_scale.config import TrainSection  # noqa: E402
 from aether_scale.loss import symmetric_info_nce_reference  # noqa: E402
 from aether_scale.model import AEProj, TextProj  # noqa: E402
-from aether_scale.train import cosine_lr, train_model, write_triplets  # noqa: E402
+from aether_scale.stores.triplets import write_triplets  # noqa: E402
+from aether_scale.train import cosine_lr, train_model  # noqa: E402
 
 SCRATCH = HERE / "scratch"
 PAPER_GPU_S_PER_EPOCH = 502 / 100  # paper: 502 s for 100 epochs on a TITAN
@@ -73,7 +74,9 @@ def _cpu_seconds() -> float:
 def make_store(n: int, text_dim: int, chunk_rows: int, seed: int = 0) -> str:
     """Random unit-vector triplets as ``benchmarks/scratch/triplets-<n>.zarr`` (reused)."""
     path = SCRATCH / f"triplets-{n}-{text_dim}.zarr"
-    if (path / "zarr.json").exists():
+    # aether_chunks.json is written last: a store without it is unfinished, or one from
+    # before chunk indexes (rewritten)
+    if (path / "aether_chunks.json").exists():
         return str(path)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -85,6 +88,7 @@ def make_store(n: int, text_dim: int, chunk_rows: int, seed: int = 0) -> str:
 
     tmp = str(path) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
     write_triplets(tmp, base=unit((n, 64)), aug=unit((n, 64)), text=unit((n, text_dim)),
                    chunk_rows=chunk_rows)
     os.replace(tmp, path)
