@@ -79,33 +79,34 @@ are few, so AE beats POI-only baselines on LUC; since POI categories also
 follow land use (and resolve the physical ambiguity between residential
 density classes) the projector does not lose LUC accuracy.
 
-:mod:`.diagnostics` checks this without the real pipeline
-(``benchmarks/bench_synth.py`` records it). Default city (seed 0,
-``socio_trace`` 0.06), 400 training units; R² of the hidden 300 m social means
-(ridge) / NS-SeC KL(q‖p)×10³ (linear softmax head) / LUC macro-F1 (logistic,
-50 m), under the paper's random split and, in brackets, a 1 km-blocked split:
+:mod:`.diagnostics` checks this on a generated city with the pipeline's own pooling,
+text, trainer and field kernel, without a workspace (``benchmarks/bench_synth.py``
+records it). Default city (seed 0, ``socio_trace`` 0.06), 400 training units; R² of the
+hidden 300 m social means (ridge) / NS-SeC KL(q‖p)×10³ (linear softmax head) / LUC
+macro-F1 (logistic, 50 m), under the paper's random split and, in brackets, a
+1 km-blocked split:
 
 ============  ==============  ==============  ==============
 feature       social R²       SDM KL×10³      LUC F1
 ============  ==============  ==============  ==============
 raw AE        0.37 (0.03)     58 (73)         0.64 (0.60)
 POI counts    0.66 (0.61)     29 (30)         0.33 (0.31)
-AETHER-like   0.72 (0.54)     23 (30)         0.70 (0.62)
+AETHER        0.67 (0.43)     25 (31)         0.70 (0.62)
 constant      —               89 (86)         —
 ============  ==============  ==============  ==============
 
-("AETHER-like": :func:`.diagnostics.train_aether_like`, 50 m AE ↔ MiniLM POI
-text, InfoNCE, 30 epochs, applied per pixel and pooled.) With
-``socio_trace=0`` raw AE drops to 0.11 (−0.25) / KL 82, and the projector to
-0.52 (0.26) / KL 39: it still gains, by a second, realistic mechanism — every
+("AETHER": :func:`.diagnostics.train_aether_like`, the real projector and loss trained
+30 epochs on 50 m / 100 m pooled AE ↔ MiniLM POI text, applied per pixel and pooled.)
+With ``socio_trace=0`` raw AE drops to 0.11 (−0.25) / KL 82, and the projector to
+0.48 (−0.03) / KL 37: it still gains, by a second, realistic mechanism — every
 parcel has a unique physical fingerprint, so the projector partly memorises
 *where* each POI text occurs and interpolates it into the field — but the
 trace is what makes it generalise across blocks. :func:`.diagnostics.trace_probe`
 shows the trace at pixel level (held-out-parcel correlation 0.56 with the
 trace, −0.01 without). Raise ``socio_trace`` to let raw AE see more of ``s``.
 The real pipeline (``aether-scale demo``: ingest → … → evaluate, 30 epochs,
-5 seeds, MLP heads) on this city gave: SDM KL×10³ AE 36.1 ± 1.8 → AETHER
-24.7 ± 1.2 (−31 %; paper −24 %); LUC F1 AE 70.3 ± 1.2 → AETHER 72.3 ± 1.7
+5 seeds, MLP heads) on this city gives: SDM KL×10³ AE 36.1 ± 1.8 → AETHER
+24.3 ± 2.5 (−33 %; paper −24 %); LUC F1 AE 70.3 ± 1.2 → AETHER 72.9 ± 1.2
 (paper +4.1); TF-IDF / LDA LUC F1 31.2 / 28.3. (Unlike London, TF-IDF over POIs
 is about as good as AETHER on SDM here (KL 25.5): the POIs carry the social
 field strongly; lower ``poi_socio`` to weaken both.)
