@@ -288,8 +288,10 @@ def connect(cfg: ClusterSection) -> Iterator[Any | None]:
 
 
 class _QuietWorkerLogs(WorkerPlugin):
-    """Worker plugin: local worker processes log only errors (their memory warnings are
-    long single lines; the stage itself reports what matters, see :class:`_PauseWatch`)."""
+    """Worker plugin: local worker processes, which write to this terminal or log file
+    too, log only critical failures. Their memory warnings are long single lines, and at
+    shutdown a heartbeat racing the closing scheduler logs a traceback; what matters
+    reaches the client anyway (a task's error, :class:`_PauseWatch`, the memory check)."""
 
     idempotent = True
 
@@ -297,8 +299,9 @@ class _QuietWorkerLogs(WorkerPlugin):
         import logging
 
         for name in ("distributed", "distributed.worker", "distributed.worker.memory",
-                     "distributed.nanny", "distributed.core", "distributed.utils_perf"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+                     "distributed.nanny", "distributed.core", "distributed.comm",
+                     "distributed.utils_perf", "distributed.utils"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @contextlib.contextmanager
