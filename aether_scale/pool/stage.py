@@ -111,6 +111,7 @@ def pool_triplets(
         "counts": {k: v for k, v in stats.items() if not k.startswith("chunks_")},
         "layout": "rows = POIs in ae.zarr chunk order; base/aug = L2-normalised mean of de-quantised "
                   "valid AE codes in the buffer; text = text.zarr embedding of the same poi_id",
+        "text_encoder": text.encoder(),
     })
     stats["n_triplets"] = writer.n_written
     stats["seconds"] = round(time.perf_counter() - t0, 2)

@@ -54,6 +54,11 @@ class TextStore:
         self.chunk_rows = int(self._emb.chunks[0])
         self._last: tuple[int, np.ndarray] | None = None  # the chunk take() decoded last
 
+    def encoder(self) -> dict[str, Any]:
+        """What embedded the texts: ``{"model", "model_key", "dim", "normalize"}`` (the key
+        is :func:`aether_scale.text.model_identity`'s: same files, same key)."""
+        return {k: self.attrs.get(k) for k in ("model", "model_key", "dim", "normalize")}
+
     def rows_of(self, poi_id: np.ndarray) -> np.ndarray:
         """Row of each id in this store (−1 when it has no text vector). Raises
         ``ValueError`` when the store's ids repeat."""

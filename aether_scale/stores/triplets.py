@@ -92,6 +92,7 @@ class TripletStore:
         if n < 2:
             raise TripletStoreError(f"{self.uri}: {n} triplet(s); contrastive training needs ≥ 2")
         verify_store(self.ref, fix=_FIX)
+        self.attrs = dict(self.group.attrs)
         self.in_dim = int(self.base.shape[1])
         self.text_dim = int(self.text.shape[1])
         self.chunk_rows = int(self.base.chunks[0])

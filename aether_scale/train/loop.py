@@ -215,7 +215,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=gemm_dtype).to(device)
     if shard.world_size > 1:  # same initial weights on every rank, but each its own dropout masks
         torch.manual_seed(rank_seed(cfg.seed, shard.rank))
-    full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows}
+    full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows,
+                "text_encoder": store.attrs.get("text_encoder")}
     if state is not None:
         old, new = _learned_config(state.get("config", {})), _learned_config(full_cfg)
         if old != new:
