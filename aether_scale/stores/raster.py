@@ -119,13 +119,15 @@ def raster_crs(obj: xr.Dataset | xr.DataArray, *, where: str = "the raster",
 
 # --------------------------------------------------------------------------- reading
 def open_raster(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None,
-                producer: str, channel_dims: Sequence[str] = ("band", "dim")) -> xr.Dataset:
+                producer: str, channel_dims: Sequence[str] = ("band", "dim"),
+                variable: str = VARIABLE) -> xr.Dataset:
     """Open a raster store lazily, checked against the workspace contract and its index.
 
     Returns the Dataset with raw values (``mask_and_scale=False``: int8 codes stay
     codes), ``spatial_ref`` as a coordinate (``.rio`` works) and ``embedding`` backed by
     verified chunk reads. ``producer`` is the stage that writes the store (named in the
-    errors, with the command to run).
+    errors, with the command to run); ``variable`` the data variable (``embedding``
+    for AE and fields, ``similarity`` for query rasters).
 
     Raises ``FileNotFoundError`` when there is no store at ``uri``, ``ValueError`` when
     it cannot be read or breaks the contract, :class:`~.chunks.CorruptStoreError` when
@@ -149,21 +151,21 @@ def open_raster(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | 
                                 f"(`aether-scale {producer}`) first") from None
     except ValueError as e:  # a coordinate chunk failing its checksum lands here too
         raise CorruptStoreError(f"{path}: cannot be read as a Zarr store ({e}); {fix}") from None
-    if VARIABLE not in ds:
-        raise ValueError(f"{path}: no variable '{VARIABLE}' (found {list(ds.data_vars)}); "
+    if variable not in ds:
+        raise ValueError(f"{path}: no variable '{variable}' (found {list(ds.data_vars)}); "
                          f"expected the store written by the {producer} stage — {fix}")
-    emb = ds[VARIABLE]
+    emb = ds[variable]
     if emb.ndim != 3 or emb.dims[:2] != ("y", "x") or emb.dims[2] not in channel_dims:
-        raise ValueError(f"{path}: '{VARIABLE}' has dims {emb.dims}; expected ('y', 'x', C) with "
+        raise ValueError(f"{path}: '{variable}' has dims {emb.dims}; expected ('y', 'x', C) with "
                          f"C in {tuple(channel_dims)} — {fix}")
     gm = emb.attrs.get("grid_mapping") or emb.encoding.get("grid_mapping")
     for name in {gm or "spatial_ref", "spatial_ref"}:
         if name in ds.data_vars:  # Zarr round trips store the CRS as a variable: make it a coord
             ds = ds.set_coords(name)
-    data = checked_array(ref, VARIABLE, index, fix=fix)
+    data = checked_array(ref, variable, index, fix=fix)
     checked = xr.DataArray(data, dims=emb.dims, coords=emb.coords, attrs=emb.attrs)
     checked.encoding = dict(emb.encoding)
-    ds[VARIABLE] = checked
+    ds[variable] = checked
     return ds
 
 
@@ -173,7 +175,8 @@ class RasterBuild:
     """A raster store being built in a stage's work folder (picklable for dask workers).
 
     ``store`` is the store's location, ``ledger`` the folder recording its finished
-    chunks. Chunks are addressed by their spatial chunk index ``(i, j)`` (all channels
+    chunks, ``variable`` the data variable of dims ``(y, x, C)`` it builds. Chunks are
+    addressed by their spatial chunk index ``(i, j)`` (all channels
     are in one chunk).
     """
 
@@ -181,11 +184,13 @@ class RasterBuild:
     ledger: Ledger
     chunks: tuple[int, int, int] = field(default=(0, 0, 0))
     shape: tuple[int, int, int] = field(default=(0, 0, 0))
+    variable: str = VARIABLE
 
     @classmethod
-    def at(cls, uri: str, ledger_uri: str, storage_options: Mapping[str, Any] | None = None
-           ) -> RasterBuild:
-        return cls(StoreRef.of(uri, storage_options), Ledger.at(ledger_uri, storage_options))
+    def at(cls, uri: str, ledger_uri: str, storage_options: Mapping[str, Any] | None = None,
+           *, variable: str = VARIABLE) -> RasterBuild:
+        return cls(StoreRef.of(uri, storage_options), Ledger.at(ledger_uri, storage_options),
+                   variable=variable)
 
     def _meta(self) -> Ledger:
         return Ledger(StoreRef(self.ledger.ref.uri + ".meta", self.ledger.ref.options))
@@ -200,20 +205,21 @@ class RasterBuild:
         """
         meta = self._meta()
         rec = meta.done().get("template")
-        emb = template[VARIABLE]
+        emb = template[self.variable]
         chunks = tuple(int(c[0]) for c in emb.chunks)
         shape = tuple(int(s) for s in emb.shape)
         if rec is None or rec.get("token") != token:
             self.ledger.clear()  # records of another template (or none) are not this store's
             enc: dict[str, dict[str, Any]] = {
                 str(name): {"compressors": compressors()} for name in template.variables}
-            enc[VARIABLE].update(chunks=chunks, fill_value=fill_value)
+            enc[self.variable].update(chunks=chunks, fill_value=fill_value)
             with quiet_zarr():
                 template.to_zarr(self.store.uri, mode="w", compute=False, encoding=enc,
                                  consolidated=False, zarr_format=3,
                                  storage_options=self.store.storage_options)
             meta.record("template", {"token": token}, work=False)
-        return RasterBuild(self.store, self.ledger, chunks, shape)  # type: ignore[arg-type]
+        return RasterBuild(self.store, self.ledger, chunks, shape,  # type: ignore[arg-type]
+                           self.variable)
 
     def done(self) -> dict[str, dict[str, Any]]:
         """The chunks recorded so far: ``{"i.j.0": record}``."""
@@ -236,7 +242,7 @@ class RasterBuild:
         stored) and record it with ``stats``; returns the record."""
         if block is not None:
             r0, r1, c0, c1 = self.window(i, j)
-            self.store.array(VARIABLE, mode="r+")[r0:r1, c0:c1, :] = block
+            self.store.array(self.variable, mode="r+")[r0:r1, c0:c1, :] = block
         rec = {"empty": block is None, **stats}
         self.ledger.record(chunk_key((i, j, 0)), rec)
         return rec
@@ -244,7 +250,7 @@ class RasterBuild:
     def finish(self) -> dict[str, dict[str, Any]]:
         """Check every chunk is recorded, consolidate, write the index; returns the records."""
         records = self.done()
-        finish_store(self.store, tracked={VARIABLE: records})
+        finish_store(self.store, tracked={self.variable: records})
         return records
 
 

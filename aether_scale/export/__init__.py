@@ -1,0 +1,1 @@
+"""Taking results out of the workspace: Cloud Optimized GeoTIFFs and portable models."""
