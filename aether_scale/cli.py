@@ -17,7 +17,14 @@ import traceback
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, RunConfig, config_yaml, load_config, packaged_configs
+from .config import (
+    ConfigError,
+    RunConfig,
+    config_yaml,
+    load_config,
+    packaged_configs,
+    saved_config,
+)
 from .logs import get_logger, setup
 from .pipeline import ARTIFACTS, STAGES, producer, stage_names
 
@@ -102,6 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=stage_names(), help="stop after this stage")
     p.add_argument("--from", dest="start", choices=stage_names(), help="start at this stage")
 
+    p = sub.add_parser("query", help="where phrases fit the field: similarity rasters, top "
+                       "locations (GeoParquet, GeoJSON), PNG maps",
+                       description="Encode each phrase with the run's text encoder and text "
+                       "projector and compare it with every field pixel (one pass for all "
+                       "phrases). Writes <workspace>/queries/<name>/.")
+    p.add_argument("phrases", nargs="+", metavar="PHRASE", help='e.g. "a place of cafes"')
+    p.add_argument("-w", "--workspace", required=True)
+    _add_config(p)
+    p.add_argument("--name", help="output folder under queries/ (default: from the phrases)")
+    p.add_argument("--variant", default="", help="a train.variants model (default: the main one)")
+    p.add_argument("--top-k", type=int, help="locations per phrase (query.top_k)")
+    p.add_argument("--min-distance", type=float, metavar="METRES",
+                   help="locations at least this far apart (query.min_distance_m)")
+    p.add_argument("--no-maps", dest="maps", action="store_const", const=False, default=None,
+                   help="skip the PNG maps")
+    _add_verbosity(p, top=False)
+
     p = sub.add_parser("status", help="each stage: current, stale (and why) or missing",
                        description="Compare the workspace's manifests with the config (default: "
                        "the one its last run saved) without running anything.")
@@ -122,33 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- config
-def _saved_config(workspace: str | None) -> str | None:
-    """The config a workspace's last run saved (a local file path), if any."""
-    if not workspace:
-        return None
-    from .workspace import CONFIG_FILE
-
-    if "://" in workspace and not workspace.startswith("file://"):
-        import tempfile
-
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(workspace)
-        src = f"{root.rstrip('/')}/{CONFIG_FILE}"
-        if not fs.exists(src):
-            return None
-        d = tempfile.mkdtemp(prefix="aether-config-")
-        dst = os.path.join(d, CONFIG_FILE)
-        fs.get(src, dst)
-        return dst
-    p = os.path.join(workspace.removeprefix("file://"), CONFIG_FILE)
-    return p if os.path.exists(p) else None
-
-
 def _load(args: argparse.Namespace) -> RunConfig:
     path = args.config
     if path is None:
-        path = _saved_config(getattr(args, "workspace", None))
+        path = saved_config(getattr(args, "workspace", None))
         if path is not None:
             log.info(f"config: {path} (saved by the workspace's last run)")
     return load_config(path, args.overrides)
@@ -234,6 +235,8 @@ def _run(args: argparse.Namespace) -> int:
         print(out["summary"])
         return 0
     cfg = _load(args)
+    if args.command == "query":
+        return _query(args, cfg)
     if args.command == "config":
         print(config_yaml(cfg), end="")
         return 0
@@ -250,6 +253,29 @@ def _run(args: argparse.Namespace) -> int:
     ws.save_config(config_yaml(cfg, relative_to=ws.root if ws.is_local else None),
                    sys.argv[1:] or [args.command])
     run_stages(names, ws, cfg, force=args.force, wait=args.wait)
+    return 0
+
+
+def _query(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from .query import query
+
+    res = query(args.workspace, args.phrases, config=cfg, name=args.name, variant=args.variant,
+                top_k=args.top_k, min_distance_m=args.min_distance, maps=args.maps)
+    s = res.summary
+    print(f"{len(res.phrases)} phrase(s) over {s['pixels']:,} px in {s['seconds']['total']:.1f} s "
+          f"({s['pixels_per_s'] or 0:,.0f} px/s similarity); top {s['top_k']} locations "
+          f"≥ {s['min_distance_m']:g} m apart:")
+    for q, phrase in enumerate(res.phrases):
+        rows = res.top[res.top["query"] == q].head(3)
+        best = "; ".join(f"#{int(r.rank)} {r.similarity:.3f} at ({r.x:.0f}, {r.y:.0f})"
+                         for r in rows.itertuples())
+        print(f"  “{phrase}”: {best or 'no valid pixel'}")
+    crs = res.top.crs.to_string() if res.top.crs is not None else "the field's CRS"
+    print(f"coordinates in {crs}; outputs in {res.folder}:")
+    for k in ("similarity", "top.parquet", "top.geojson"):
+        print(f"  {k}: {s['outputs'][k]}")
+    if res.maps:
+        print(f"  maps: {', '.join(os.path.basename(m) for m in res.maps)}")
     return 0
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from .config import CONFIG_DIR, config_yaml, deep_merge, load_config
 from .logs import get_logger
+from .query.retrieval import retrieval_markdown
 
 __all__ = ["city_inputs", "run_demo"]
 
@@ -98,6 +99,19 @@ def run_demo(
                    len(table))
         lines += ["", *table[:cut], ""]
         lines.append(f"report (table, protocol, plots): {report}")
+    retrieval = _retrieval(ws, cfg, city, names)
+    if retrieval is not None:
+        md = retrieval_markdown(retrieval).splitlines()
+        lines += ["", *md[:9], f"per subcategory: {ws.path('queries/retrieval-eval/retrieval.md')}"]
     lines.append(f"workspace: {workspace}")
     return {"workspace": workspace, "results": results, "city": city,
-            "summary": "\n".join(lines)}
+            "retrieval": retrieval, "summary": "\n".join(lines)}
+
+
+def _retrieval(ws: Any, cfg: Any, city: dict[str, str], names: list[str]) -> dict | None:
+    """Text retrieval scored against the city's held-out POIs (when the field is there)."""
+    from .query.retrieval import evaluate_retrieval
+
+    if "infer" not in names or not ws.exists("field.zarr/aether_chunks.json"):
+        return None
+    return evaluate_retrieval(ws, cfg, city["pois"], city["pois_heldout"])

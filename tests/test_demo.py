@@ -17,13 +17,15 @@ def test_demo_runs_every_stage_then_resumes(tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO")
     ws = tmp_path / "demo"
     out = run_demo(str(ws), overrides=TINY_DEMO)
-    assert set(out) == {"workspace", "results", "city", "summary"}
+    assert set(out) == {"workspace", "results", "city", "retrieval", "summary"}
     assert out["workspace"] == str(ws)
     assert [r.stage for r in out["results"]] == stage_names()
     assert not any(r.skipped for r in out["results"])
     assert str(ws / "city") in out["city"]["pois"]  # the synthetic city lives in the workspace
     assert "| AETHER |" in out["summary"] and str(ws / "report" / "report.md") in out["summary"]
     assert "stages run: " + ", ".join(stage_names()) in out["summary"]
+    assert "| AETHER text query |" in out["summary"]  # text retrieval vs held-out POIs
+    assert out["retrieval"]["n_subcategories"] >= 20
 
     metrics = json.loads((ws / "report" / "metrics.json").read_text())
     for task, names in (("luc", ("f1", "precision", "recall")), ("sdm", ("kl", "l1", "chebyshev"))):

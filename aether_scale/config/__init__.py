@@ -33,6 +33,7 @@ from .sections import (
     PoiSource,
     PoisSection,
     PoolSection,
+    QuerySection,
     RegionsSection,
     RunConfig,
     Section,
@@ -50,6 +51,8 @@ __all__ = [
     "packaged_configs",
     "parse_override",
     "resolve_config_path",
+    "saved_config",
+    "workspace_config",
     *sections.__all__,
 ]
 
@@ -267,3 +270,34 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def saved_config(workspace: str | os.PathLike | None) -> str | None:
+    """The config a workspace's last run saved (``<workspace>/config.yaml``, fetched to a
+    local temporary file for an fsspec URL), or None when there is none."""
+    if not workspace:
+        return None
+    name = "config.yaml"  # aether_scale.workspace.CONFIG_FILE
+    workspace = str(workspace)
+    if "://" in workspace and not workspace.startswith("file://"):
+        import tempfile
+
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(workspace)
+        src = f"{root.rstrip('/')}/{name}"
+        if not fs.exists(src):
+            return None
+        dst = os.path.join(tempfile.mkdtemp(prefix="aether-config-"), name)
+        fs.get(src, dst)
+        return dst
+    p = os.path.join(workspace.removeprefix("file://"), name)
+    return p if os.path.exists(p) else None
+
+
+def workspace_config(workspace: str | os.PathLike | None, config: str | os.PathLike | None = None,
+                     overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """The run config for a command on ``workspace``: ``config`` (a file or shipped name)
+    when given, else the one the workspace's last run saved, else every default; then
+    ``overrides``."""
+    return load_config(config if config is not None else saved_config(workspace), overrides)

@@ -25,6 +25,7 @@ __all__ = [
     "PoiSource",
     "PoisSection",
     "PoolSection",
+    "QuerySection",
     "RegionsSection",
     "RunConfig",
     "Section",
@@ -360,6 +361,24 @@ class EvaluateSection(Section):
     plots: bool = True
 
 
+# --------------------------------------------------------------------------- query
+class QuerySection(Section):
+    """``aether-scale query``: phrases against the field (not a stage: run on demand)."""
+
+    top_k: int = Field(10, ge=1, le=10_000, description="locations per phrase")
+    min_distance_m: float = Field(
+        250.0, ge=0, description="each location is the best pixel within this distance "
+        "(square window); any two are farther apart")
+    maps: bool = Field(True, description="a PNG map per phrase")
+    map_px: int = Field(1400, ge=200, le=8000, description="longest edge of a map, pixels")
+    cluster: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: the configured cluster for non-local clusters or fields "
+        "over cluster_min_pixels; else threads in this process")
+    cluster_min_pixels: int = Field(100_000_000, ge=0)
+    threads: int | None = Field(None, ge=1, description="threads in this process; default: "
+                                "every core")
+
+
 # --------------------------------------------------------------------------- run config
 class RunConfig(Section):
     """The whole run: one section per stage."""
@@ -374,6 +393,7 @@ class RunConfig(Section):
     infer: InferSection = Field(default_factory=InferSection)
     regions: RegionsSection = Field(default_factory=RegionsSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    query: QuerySection = Field(default_factory=QuerySection)
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as a plain JSON-able dict (what stage manifests record)."""

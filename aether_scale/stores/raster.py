@@ -303,7 +303,7 @@ def ledger_folder(ledger: str | None) -> Iterator[str]:
         return
     tmp = tempfile.mkdtemp(prefix="aether-ledger-")
     try:
-        yield tmp
+        yield f"{tmp}/ledger"  # (a build keeps bookkeeping beside its ledger: inside tmp too)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

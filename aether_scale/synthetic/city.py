@@ -332,3 +332,18 @@ def generate_city(cfg: SynthSection | None = None) -> City:
     return City(cfg=cfg, transform=transform, crs=cfg.crs, landuse=landuse, morph=morph,
                 parcel=parcel, socio=socio, valid=valid, codes=codes, pois=pois, luc=luc,
                 units=units, prototypes=proto)
+
+
+#: the seed child of the held-out POIs (beyond the eight :func:`generate_city` spawns)
+HELDOUT_CHILD = 100
+
+
+def heldout_pois(city: City, n: int | None = None) -> pd.DataFrame:
+    """A second, independent POI survey of the same city (``n`` POIs, default as many as
+    the first): same generator, its own seed child, ids from 9,000,001. Truth for
+    retrieval evaluation — never a pipeline input."""
+    cfg = city.cfg if n is None else city.cfg.model_copy(update={"n_pois": int(n)})
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(HELDOUT_CHILD,)))
+    df = _pois(cfg, rng, city.landuse, city.socio, city.transform)
+    df["poi_id"] = df["poi_id"] - 1_000_000 + 9_000_000
+    return df

@@ -14,7 +14,7 @@ from rasterio.transform import Affine
 from .. import aef
 from ..config import SynthSection
 from . import vocab
-from .city import City, generate_city
+from .city import City, generate_city, heldout_pois
 
 NSSEC_COLUMNS = [f"ns-sec_{i}" for i in range(1, 10)]
 
@@ -68,12 +68,13 @@ def write_city(out_dir: str | os.PathLike, cfg: SynthSection | None = None) -> d
     """Generate the city for ``cfg`` and write it under ``out_dir``.
 
     Layout: ``ae/aef_synth_<row>_<col>.tif`` (AE tiles), ``pois.parquet``
-    (GeoParquet: poi_id, name, category, subcategory), ``luc_points.geojson``
+    (GeoParquet: poi_id, name, category, subcategory), ``pois_heldout.parquet`` (an
+    independent second draw, truth for retrieval evaluation), ``luc_points.geojson``
     (loc_id, landuse_id, landuse), ``sdm_units.geojson`` (unit_id, unit_name,
     ns-sec_1…9), ``truth.npz`` (hidden fields, see :func:`write_truth`) and
     ``city.json`` (config + class names). All vectors are in the AE CRS.
 
-    Returns paths keyed ``ae_tiles`` (a glob pattern), ``pois``, ``luc_points``,
+    Returns paths keyed ``ae_tiles`` (a glob pattern), ``pois``, ``pois_heldout``, ``luc_points``,
     ``sdm_units``, ``truth``, ``meta``. Raises ``OSError`` when ``out_dir``
     cannot be written.
     """
@@ -95,6 +96,10 @@ def write_city(out_dir: str | os.PathLike, cfg: SynthSection | None = None) -> d
     _write_geojson(luc, out / "luc_points.geojson")
     units = _points(city.units, ["unit_id", "unit_name", *NSSEC_COLUMNS], city.crs)
     _write_geojson(units, out / "sdm_units.geojson")
+
+    held = heldout_pois(city)
+    held = _points(held, ["poi_id", "name", "category", "subcategory"], city.crs)
+    held.to_parquet(out / "pois_heldout.parquet", index=False)
 
     write_truth(city, out / "truth.npz")
     meta = {
@@ -118,6 +123,7 @@ def city_paths(out_dir: str | os.PathLike) -> dict[str, str]:
     return {
         "ae_tiles": str(out / "ae" / "*.tif"),
         "pois": str(out / "pois.parquet"),
+        "pois_heldout": str(out / "pois_heldout.parquet"),
         "luc_points": str(out / "luc_points.geojson"),
         "sdm_units": str(out / "sdm_units.geojson"),
         "truth": str(out / "truth.npz"),
