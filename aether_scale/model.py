@@ -22,11 +22,18 @@ The reference layout (``ae_state_dict``, ``txt_state_dict``, ``epoch``,
 :func:`load_checkpoint` and written by :func:`export_reference`. Every load goes
 through ``torch.load(weights_only=True)``: a file holding an arbitrary pickled
 object is refused (:class:`CheckpointError`), never executed.
+
+A model bundle (:mod:`aether_scale.export.bundle`) holds ``model.safetensors``:
+``ae.<param>`` / ``txt.<param>`` float32 tensors and string metadata (``format``
+``aether_scale/bundle``, ``format_version``, dims, ``dropout``, and JSON strings
+``text_encoder``, ``config``, ``metrics``). :func:`load_checkpoint` reads a bundle
+folder or that file into the same layout, so a bundle works wherever a model folder does.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import pickle
@@ -40,6 +47,9 @@ from torch import nn
 FORMAT = "aether_scale/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 LAST_NAME = "last.pt"
+BUNDLE_WEIGHTS = "model.safetensors"
+BUNDLE_FORMAT = "aether_scale/bundle"
+BUNDLE_VERSION = "1"
 
 __all__ = [
     "AEProj",
@@ -211,16 +221,59 @@ def _safe_load(path: str) -> dict[str, Any]:
 
 
 def _resolve(path: str | os.PathLike) -> str:
-    """A model folder → its checkpoint.pt; a file path is returned as is."""
+    """A model folder → its checkpoint.pt (a bundle folder → its model.safetensors); a file
+    path is returned as is."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        p = os.path.join(path, CHECKPOINT_NAME)
-        if not os.path.exists(p):
-            raise CheckpointError(
-                f"model folder {path} has no {CHECKPOINT_NAME} (is it a finished 'train' output?)"
-            )
-        return p
+        for name in (CHECKPOINT_NAME, BUNDLE_WEIGHTS):
+            if os.path.exists(p := os.path.join(path, name)):
+                return p
+        raise CheckpointError(
+            f"model folder {path} has no {CHECKPOINT_NAME} (is it a finished 'train' output?) "
+            f"and no {BUNDLE_WEIGHTS} (a model bundle)")
     return path
+
+
+def _load_safetensors(path: str) -> dict[str, Any]:
+    """A bundle's ``model.safetensors`` → our layout (``source_format`` ``"safetensors"``)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    fix = ("re-export the bundle from its model folder "
+           "(aether_scale.export.bundle.export_model), or point at the model folder itself")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} could not be read as a safetensors file: "
+                              f"{e}; {fix}") from None
+    if meta.get("format") != BUNDLE_FORMAT or meta.get("format_version") != BUNDLE_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: metadata format {meta.get('format')!r} version "
+            f"{meta.get('format_version')!r}, expected {BUNDLE_FORMAT!r} version "
+            f"{BUNDLE_VERSION!r} (not an aether_scale model bundle, its metadata was stripped, "
+            f"or a newer version wrote it); {fix}")
+    try:
+        cfg, metrics = json.loads(meta.get("config", "{}")), json.loads(meta.get("metrics", "{}"))
+        cfg["text_encoder"] = json.loads(meta.get("text_encoder", "null"))
+        cfg["dropout"] = float(meta.get("dropout", cfg.get("dropout", 0.1)))
+        epoch = int(meta.get("epoch", -1))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: metadata config/metrics/text_encoder/dropout/"
+                              f"epoch is malformed ({e}); {fix}") from None
+    other = sorted(k for k in tensors if not k.startswith(("ae.", "txt.")))
+    if other:
+        raise CheckpointError(f"checkpoint {path}: tensors {other[:5]} are neither ae.<param> nor "
+                              f"txt.<param>; {fix}")
+    obj = {"format": FORMAT, "source_format": "safetensors",
+           "ae_state_dict": {k[3:]: v for k, v in tensors.items() if k.startswith("ae.")},
+           "txt_state_dict": {k[4:]: v for k, v in tensors.items() if k.startswith("txt.")},
+           "config": cfg, "epoch": epoch, "metrics": metrics,
+           "created_at": meta.get("created_at"), "bundle_metadata": meta}
+    _check_states(path, obj)
+    return obj
 
 
 def _config_from_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,13 +304,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load our checkpoint or a reference AETHER checkpoint, safely, on CPU.
 
     ``path`` may be a model folder (its ``checkpoint.pt``), one of our ``.pt``
-    files, or a reference ``.pth``. Returns our layout: ``format``,
-    ``ae_state_dict``, ``txt_state_dict``, ``config`` (with ``in_dim``,
-    ``hidden_dim``, ``out_dim``, ``text_dim``), ``epoch``, ``metrics``, plus
-    ``source_format`` (``"aether_scale/1"`` or ``"reference"``). Raises
-    :class:`CheckpointError` for missing files, unsafe pickles or unknown layouts.
+    files, a reference ``.pth``, or a model bundle (its folder or ``model.safetensors``).
+    Returns our layout: ``format``, ``ae_state_dict``, ``txt_state_dict``, ``config``
+    (with ``in_dim``, ``hidden_dim``, ``out_dim``, ``text_dim``), ``epoch``, ``metrics``,
+    plus ``source_format`` (``"aether_scale/1"``, ``"reference"`` or ``"safetensors"``).
+    Raises :class:`CheckpointError` for missing files, unsafe pickles or unknown layouts.
     """
     p = _resolve(path)
+    if p.endswith(".safetensors"):
+        return _load_safetensors(p)
     obj = _safe_load(p)
     fmt = obj.get("format")
     if fmt is not None and fmt != FORMAT:
