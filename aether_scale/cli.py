@@ -126,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the PNG maps")
     _add_verbosity(p, top=False)
 
+    p = sub.add_parser("export", help="the field, a similarity raster or an RGB rendering as a "
+                       "Cloud Optimized GeoTIFF; the model as a portable bundle",
+                       description="field/similarity/rgb → a band-first COG (overviews, band "
+                       "descriptions, nodata; validated with rio-cogeo) that GDAL and QGIS "
+                       "open; model → safetensors + model card + ONNX.")
+    p.add_argument("what", choices=["field", "similarity", "rgb", "model"])
+    p.add_argument("-w", "--workspace", required=True)
+    p.add_argument("-o", "--out", help="output file (folder for model; default: "
+                   "<workspace>/exports/…)")
+    p.add_argument("--variant", default="", help="a train.variants field/model")
+    p.add_argument("--query", help="the query (folder under queries/) for 'similarity'")
+    p.add_argument("--dtype", choices=["float32", "int8"],
+                   help="field: float32 (default) or int8 (an int8 field's codes as they are)")
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("MINX", "MINY", "MAXX", "MAXY"),
+                   help="export only this box (in the raster CRS unless --bbox-crs)")
+    p.add_argument("--bbox-crs", help="CRS of --bbox, e.g. EPSG:4326")
+    p.add_argument("--blocksize", type=int, help="COG tile edge (default 256 for the field, "
+                   "512 otherwise)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="model: skip ONNX")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_verbosity(p, top=False)
+
     p = sub.add_parser("status", help="each stage: current, stale (and why) or missing",
                        description="Compare the workspace's manifests with the config (default: "
                        "the one its last run saved) without running anything.")
@@ -234,6 +256,8 @@ def _run(args: argparse.Namespace) -> int:
                        force=args.force)
         print(out["summary"])
         return 0
+    if args.command == "export":
+        return _export(args)
     cfg = _load(args)
     if args.command == "query":
         return _query(args, cfg)
@@ -276,6 +300,22 @@ def _query(args: argparse.Namespace, cfg: RunConfig) -> int:
         print(f"  {k}: {s['outputs'][k]}")
     if res.maps:
         print(f"  maps: {', '.join(os.path.basename(m) for m in res.maps)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    res = export(args.workspace, args.what, args.out, variant=args.variant, query=args.query,
+                 dtype=args.dtype, bbox=args.bbox, bbox_crs=args.bbox_crs,
+                 blocksize=args.blocksize, onnx=args.onnx, overwrite=args.overwrite)
+    if args.what == "model":
+        print(f"model bundle: {res['path']} ({', '.join(sorted(os.listdir(res['path'])))})")
+        return 0
+    print(f"{res['path']}: {res['width']}×{res['height']} px, {res['bands']} band(s) "
+          f"{res['dtype']}, nodata {res['nodata']}, {res['crs']}; valid Cloud Optimized GeoTIFF "
+          f"(overviews {res.get('overviews')}), {res['bytes'] / 2**20:,.1f} MiB in "
+          f"{res['seconds']:.1f} s")
     return 0
 
 

@@ -289,3 +289,21 @@ def test_bundle_of_the_tiny_demo_records_its_workspace_and_reproduces_its_field(
     with pytest.raises(BundleError, match=r"text\.json: the workspace's texts were embedded by "
                                           r"encoder \w+, the model was trained on 0123456789"):
         export_model(model_dir, tmp_path / "other", workspace=ws, onnx=False)
+
+
+def test_a_bundle_on_object_storage_loads_like_a_model_folder(model_dir, tmp_path):
+    """stores.models.load_projector (what infer uses for URLs) finds model.safetensors in a
+    remote folder that has no checkpoint.pt."""
+    import fsspec
+
+    from aether_scale.stores.models import load_projector as load_remote
+
+    out = tmp_path / "bundle"
+    export_model(model_dir, out, onnx=False)
+    fs = fsspec.filesystem("memory")
+    fs.put(str(out / BUNDLE_WEIGHTS), f"/bundles/b1/{BUNDLE_WEIGHTS}")
+    x = F.normalize(torch.from_numpy(aef.decode(_codes(64, 1))), dim=1)
+    with torch.no_grad():
+        assert torch.equal(load_remote("memory://bundles/b1")(x), load_projector(model_dir)(x))
+    with pytest.raises(CheckpointError, match="no checkpoint.pt.*no model.safetensors"):
+        load_remote("memory://bundles/none")

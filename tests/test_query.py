@@ -255,3 +255,64 @@ def test_text_queries_beat_the_non_text_baseline(tmp_path):
     again = run_demo(str(tmp_path / "ws"), overrides=ov,
                      stages=["ingest", "pois", "text", "pool", "train", "infer"])
     assert again["retrieval"]["key"] == r["key"] and again["retrieval"]["rows"] == r["rows"]
+
+
+# --------------------------------------------------------------------------- export
+def test_exports_open_in_gis_tools(demo_ws, tmp_path):
+    """A query's top location lands on the same pixel and value in similarity.zarr and
+    in the exported COG read through rasterio; the field, RGB and bbox exports are valid
+    COGs with the field's grid; the model bundle's ONNX gives the field's values."""
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from aether_scale.export import ExportError, export
+
+    res = query(demo_ws, ["a place of parks"], name="parks", maps=False, progress=False)
+    best = res.top.iloc[0]
+    out = export(demo_ws, "similarity", tmp_path / "sim.tif", query="parks")
+    assert cog_validate(out["path"], quiet=True)[0]
+    with rasterio.open(out["path"]) as src:
+        assert src.count == 1 and src.descriptions[0] == "a place of parks"
+        assert src.crs.to_epsg() == res.top.crs.to_epsg()
+        row, col = src.index(best["x"], best["y"])
+        assert (row, col) == (best["row"], best["col"])
+        assert src.read(1)[row, col] == pytest.approx(best["similarity"], abs=0)
+        assert np.isnan(src.nodata)
+    fld = open_field(demo_ws / "field.zarr")["embedding"]
+    x0, y0 = float(fld["x"][100]), float(fld["y"][60])
+    box = (x0 - 5, y0 - 395, x0 + 595, y0 + 5)  # pixel edges: 60 px wide, 40 px tall
+    part = export(demo_ws, "field", tmp_path / "part.tif", bbox=box)
+    with rasterio.open(part["path"]) as src:
+        assert (src.width, src.height, src.count) == (60, 40, 128)
+        assert src.xy(0, 0) == pytest.approx((x0, y0))
+        np.testing.assert_array_equal(src.read()[:, 5, 7],
+                                      fld.values[65, 107].astype(np.float32))
+    rgb = export(demo_ws, "rgb", tmp_path / "rgb.tif")
+    with rasterio.open(rgb["path"]) as src:
+        assert src.count == 3 and src.dtypes[0] == "uint8" and src.nodata == 0
+    with pytest.raises(ExportError, match="does not intersect"):
+        export(demo_ws, "field", tmp_path / "no.tif", bbox=(0, 0, 10, 10))
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(demo_ws, "field", tmp_path / "part.tif", bbox=box)
+    with pytest.raises(ExportError, match="no query 'nope'"):
+        export(demo_ws, "similarity", tmp_path / "s.tif", query="nope")
+    with pytest.raises(ExportError, match="aether-scale infer"):
+        export(tmp_path, "field")
+    # the model bundle from the command line; its ONNX projector computes the field
+    env = {**os.environ, "AETHER_SCALE_NO_BAR": "1"}
+    p = subprocess.run([sys.executable, "-m", "aether_scale", "export", "model", "-w",
+                        str(demo_ws), "-o", str(tmp_path / "bundle")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    import onnxruntime as ort
+
+    from aether_scale.stores.ae import open_ae
+
+    codes = open_ae(demo_ws / "ae.zarr")["embedding"].values[60:62, 100:110].reshape(-1, 64)
+    sess = ort.InferenceSession(str(tmp_path / "bundle" / "ae_projector.onnx"),
+                                providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"ae": aef.decode(codes).astype(np.float32)})[0]
+    want = fld.values[60:62, 100:110].reshape(-1, 128).astype(np.float32)
+    np.testing.assert_allclose(got, want, atol=2e-3)  # the field is float16
+    card = json.loads((tmp_path / "bundle" / "model_card.json").read_text())
+    assert card["text_encoder"]["model_key"]

@@ -160,24 +160,25 @@ def render_maps(ws: Workspace, folder: str, sim: xr.DataArray, top: gpd.GeoDataF
         rgba = cmap(norm(np.where(finite, v, lo)))
         rgba[..., 3] = np.where(finite, 0.92 * np.clip(norm(v), 0, 1) ** 0.8, 0)
         aspect = (ny * abs(res_y)) / (nx * abs(res_x))
-        fig = plt.figure(figsize=(8.2, 8.2 * aspect + 1.3), dpi=130)
-        ax = fig.add_axes((0.07, 0.1, 0.78, 0.8))
+        fig, ax = plt.subplots(figsize=(8.0, min(14.0, 6.9 * aspect + 1.0)), dpi=120,
+                               layout="constrained")
+        ax.set_facecolor("white")  # no AE data: white
         if grey is not None:
-            ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=extent, interpolation="nearest")
-        else:
-            ax.set_facecolor("0.85")
+            ax.imshow(np.ma.masked_equal(grey, 0), cmap="gray", vmin=0, vmax=255, extent=extent,
+                      interpolation="nearest")
         ax.imshow(rgba, extent=extent, interpolation="nearest")
         sel = top[top["query"] == q]
-        ax.scatter(sel["x"], sel["y"], s=90, facecolors="none", edgecolors="cyan",
-                   linewidths=1.6, zorder=3)
+        ax.scatter(sel["x"], sel["y"], s=110, facecolors="none", edgecolors="cyan",
+                   linewidths=1.8, zorder=3)
         for _, row in sel.iterrows():
-            ax.annotate(str(int(row["rank"])), (row["x"], row["y"]), xytext=(6, 5),
-                        textcoords="offset points", color="cyan", fontsize=8, weight="bold",
+            ax.annotate(str(int(row["rank"])), (row["x"], row["y"]), xytext=(7, 6),
+                        textcoords="offset points", color="cyan", fontsize=9, weight="bold",
                         zorder=4)
         ax.set_xlim(left, right)
         ax.set_ylim(bottom, top_edge)
+        ax.ticklabel_format(useOffset=False, style="plain")
         unit = "m" if metres else "°"
-        ax.set_xlabel(f"x ({unit})", fontsize=8)
+        ax.set_xlabel(f"x ({unit}) · {_crs_label(crs)}", fontsize=8)
         ax.set_ylabel(f"y ({unit})", fontsize=8)
         ax.tick_params(labelsize=7)
         # scale bar: a round length of about a fifth of the width, lower left
@@ -185,25 +186,23 @@ def render_maps(ws: Workspace, folder: str, sim: xr.DataArray, top: gpd.GeoDataF
             float(np.mean(ys)))))
         bar_m = _nice(width_m / 5)
         bar = bar_m * (right - left) / width_m
-        x0, y0 = left + 0.04 * (right - left), bottom + 0.05 * (top_edge - bottom)
-        ax.add_patch(matplotlib.patches.Rectangle((x0, y0), bar, 0.012 * (top_edge - bottom),
-                                                  facecolor="white", edgecolor="black",
-                                                  zorder=5))
-        ax.text(x0 + bar / 2, y0 + 0.025 * (top_edge - bottom),
+        h = top_edge - bottom
+        x0, y0 = left + 0.04 * (right - left), bottom + 0.04 * h
+        ax.add_patch(matplotlib.patches.Rectangle((x0, y0), bar, 0.012 * h, facecolor="white",
+                                                  edgecolor="black", zorder=5))
+        ax.text(x0 + bar / 2, y0 + 0.022 * h,
                 f"{bar_m / 1000:g} km" if bar_m >= 1000 else f"{bar_m:g} m", ha="center",
-                va="bottom", fontsize=8, color="white", weight="bold", zorder=5)
-        ax.annotate("N", xy=(0.95, 0.95), xytext=(0.95, 0.85), xycoords="axes fraction",
-                    ha="center", va="center", fontsize=9, color="white", weight="bold",
-                    arrowprops={"arrowstyle": "-|>", "color": "white"}, zorder=5)
-        cax = fig.add_axes((0.87, 0.1, 0.025, 0.8))
-        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
-        cb.set_label("cosine similarity (block max)", fontsize=8)
+                va="bottom", fontsize=9, color="white", weight="bold", zorder=5,
+                bbox={"facecolor": "black", "alpha": 0.45, "edgecolor": "none", "pad": 1.5})
+        ax.annotate("N", xy=(0.95, 0.96), xytext=(0.95, 0.86), xycoords="axes fraction",
+                    ha="center", va="center", fontsize=10, color="white", weight="bold",
+                    arrowprops={"arrowstyle": "-|>", "color": "white", "lw": 1.5}, zorder=5)
+        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.85, pad=0.02)
+        cb.set_label("cosine similarity with the phrase (block max)", fontsize=8)
         cb.ax.tick_params(labelsize=7)
-        title = "\n".join(textwrap.wrap(f"“{phrase}”", 70)[:3])
-        fig.suptitle(title, fontsize=12, y=0.985, va="top")
-        fig.text(0.07, 0.935, f"AETHER field similarity · top {len(sel)} locations numbered · "
-                 f"1 map px = {s} × {abs(res_x):g} {unit}", fontsize=8, color="0.3")
-        fig.text(0.07, 0.03, _crs_label(crs), fontsize=8, color="0.3")
+        fig.suptitle("\n".join(textwrap.wrap(f"“{phrase}”", 64)[:3]), fontsize=12)
+        ax.set_title(f"AETHER field · top {len(sel)} locations numbered · map pixel = "
+                     f"{s * abs(res_x):g} {unit} · white: no AE data", fontsize=8, color="0.3")
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)

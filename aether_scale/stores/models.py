@@ -42,13 +42,19 @@ def load_projector(uri: str | os.PathLike, *, storage_options: Mapping[str, Any]
     uri = str(uri)
     if "://" not in uri:
         return load_local(uri)
+    from ..model import BUNDLE_WEIGHTS
+
     fs, root = _fs(uri, storage_options)
-    ck = f"{root.rstrip('/')}/{CHECKPOINT}" if fs.isdir(root) else root
-    if not fs.exists(ck):
+    if fs.isdir(root):  # a train output (checkpoint.pt) or a model bundle (model.safetensors)
+        ck = next((f"{root.rstrip('/')}/{n}" for n in (CHECKPOINT, BUNDLE_WEIGHTS)
+                   if fs.exists(f"{root.rstrip('/')}/{n}")), None)
+    else:
+        ck = root if fs.exists(root) else None
+    if ck is None:
         raise CheckpointError(f"model folder {uri} has no {CHECKPOINT} (is it a finished "
-                              "'train' output?)")
+                              f"'train' output?) and no {BUNDLE_WEIGHTS} (a model bundle)")
     with tempfile.TemporaryDirectory(prefix="aether-model-") as d:
-        local = os.path.join(d, CHECKPOINT)
+        local = os.path.join(d, os.path.basename(ck))
         fs.get(ck, local)
         return load_local(local)
 
