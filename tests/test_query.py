@@ -54,21 +54,31 @@ def test_phrases_are_checked():
 
 
 def _global_peaks(sim: np.ndarray, r: int, k: int) -> list[list[tuple[float, int, int]]]:
-    """Brute force on the whole raster: peaks of the (2r+1)² square, highest first, ties
-    broken like the product (first taken wins, equal neighbours within r dropped)."""
+    """Brute force on the whole raster: peaks of the (2r+1)² square, one per plateau
+    (its first pixel), highest first, ties by position; equal peaks within r of a
+    taken one dropped."""
+    from scipy.ndimage import label
+
     out = []
     for q in range(sim.shape[2]):
         s = np.where(np.isfinite(sim[:, :, q]), sim[:, :, q], -np.inf)
         peak = np.isfinite(s) & (s == maximum_filter(s, size=2 * r + 1, mode="constant",
                                                       cval=-np.inf))
-        rows, cols = np.nonzero(peak)
-        order = np.argsort(-s[rows, cols], kind="stable")
+        if r:
+            lab, _ = label(peak, structure=np.ones((3, 3)))
+        else:  # every pixel its own location
+            lab = np.zeros(peak.shape, dtype=np.int64)
+            lab[peak] = np.arange(1, int(peak.sum()) + 1)
+        firsts = {}
+        for rr, cc in zip(*np.nonzero(lab), strict=True):
+            firsts.setdefault(lab[rr, cc], (int(rr), int(cc)))
+        cands = sorted(((float(s[p]), p[0], p[1]) for p in firsts.values()),
+                       key=lambda c: (-c[0], c[1], c[2]))
         got: list[tuple[float, int, int]] = []
-        for i in order:
-            rr, cc = int(rows[i]), int(cols[i])
+        for v, rr, cc in cands:
             if any(abs(rr - a) <= r and abs(cc - b) <= r for _, a, b in got):
                 continue
-            got.append((float(s[rr, cc]), rr, cc))
+            got.append((v, rr, cc))
             if len(got) == k:
                 break
         out.append(got)
@@ -109,24 +119,25 @@ def test_top_locations_equal_whole_raster_peaks(tmp_path, tiny_field, r, k, per_
         assert stats["refills"] > 0
 
 
-def test_plateaus_give_separate_locations():
-    """Equal similarity over an area no wider than the window (a plateau) yields one
-    location for it, not one per pixel."""
-    from aether_scale.query.search import block_peaks
-
-    sim = np.zeros((20, 20, 1), dtype=np.float32)
-    sim[5:8, 5:8, 0] = 1.0
-    sim[15, 15, 0] = 0.5
-    peaks = block_peaks(sim, 2, 50, (False, False, False, False))[0]
-    assert peaks["value"][:9] == [1.0] * 9  # every pixel of the plateau is a peak ...
+def test_a_plateau_is_one_location():
+    """Connected pixels of equal similarity (identical field vectors) are one location,
+    even when the plateau is wider than the window."""
     import dask.array as dsa
     import xarray as xr
 
-    da = xr.DataArray(dsa.from_array(sim, chunks=(20, 20, 1)), dims=("y", "x", "query"))
-    got, _ = top_locations({"0.0.0": {"peaks": [peaks]}}, da, k=5, r=2, per_chunk=50)
-    # ... but the selection keeps one of them
-    assert [v for v, _, _ in got[0]][:2] == [1.0, 0.5]
-    assert sum(v == 1.0 for v, _, _ in got[0]) == 1
+    from aether_scale.query.search import block_peaks
+
+    sim = np.zeros((30, 30, 1), dtype=np.float32)
+    sim[5:15, 5:15, 0] = 1.0  # 10 × 10 plateau, window half-side 2
+    sim[25, 25, 0] = 0.5
+    sim[0, 29, 0] = 0.5  # an equal, separate peak: a location of its own
+    peaks = block_peaks(sim, 2, 50, (False, False, False, False))[0]
+    assert (peaks["value"][0], peaks["row"][0], peaks["col"][0]) == (1.0, 5, 5)
+    assert peaks["value"][1:3] == [0.5, 0.5] and peaks["value"].count(1.0) == 1
+    da = xr.DataArray(dsa.from_array(sim, chunks=(30, 30, 1)), dims=("y", "x", "query"))
+    got, _ = top_locations({"0.0.0": {"peaks": [peaks]}}, da, k=3, r=2, per_chunk=50)
+    assert got[0] == [(1.0, 5, 5), (0.5, 0, 29), (0.5, 25, 25)]
+    assert got[0] == _global_peaks(sim, 2, 3)[0]
 
 
 # --------------------------------------------------------------------------- workspace

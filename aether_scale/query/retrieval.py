@@ -200,12 +200,13 @@ def retrieval_markdown(out: Mapping[str, Any]) -> str:
         f"{n} subcategories with ≥ {out['min_pois']} training and held-out POIs; cells of "
         f"{out['cell_m']:g} m; a cell is positive when an independent held-out POI of the "
         "subcategory lies in it. Query: the subcategory's description without a name.", "",
-        f"| method | ROC AUC (mean) | P@{k} (mean) | subcategories won (AUC) |",
-        "|---|---|---|---|",
+        f"| method | ROC AUC (mean) | P@{k} (mean) | subcategories won: AUC | P@{k} |",
+        "|---|---|---|---|---|",
         f"| AETHER text query | {s['auc_aether']:.3f} | {s['p_aether']:.3f} | "
-        f"{s['auc_wins']} of {n} |",
+        f"{s['auc_wins']} of {n} | {s['p_wins']} of {n} |",
         f"| mean AE of training POIs (no text) | {s['auc_baseline']:.3f} | "
-        f"{s['p_baseline']:.3f} | {n - s['auc_wins']} of {n} |", "",
+        f"{s['p_baseline']:.3f} | {n - s['auc_wins']} of {n} | "
+        f"{n - s['p_wins'] - s['p_ties']} of {n} ({s['p_ties']} tied) |", "",
         f"| subcategory | train / held-out POIs | AUC text | AUC AE | P@{k} text | P@{k} AE |",
         "|---|---|---|---|---|---|",
     ]

@@ -9,7 +9,11 @@ a ledger — so a query runs out-of-core on any scheduler and a killed one resum
 **Top locations.** A location is a pixel whose similarity is the highest within the
 square of half-side ``r = min_distance / pixel`` around it (the peak rule of
 ``skimage.feature.peak_local_max``), so any two locations are more than
-``min_distance`` apart; the top ``k`` are the highest such peaks. Each task returns its
+``min_distance`` apart; the top ``k`` are the highest such peaks. A plateau (connected
+pixels of equal similarity, e.g. identical field vectors) is one location, at its first
+pixel in raster order; equal peaks within ``min_distance`` of a kept one are dropped
+(a plateau cut by a chunk edge can give one location per side when those are farther
+apart). Each task returns its
 chunk's best peaks per phrase, found with a separable maximum filter over the chunk.
 A peak within ``r`` of an edge shared with another chunk may be dominated by a pixel
 over that edge: :func:`top_locations` checks exactly those against the written
@@ -74,23 +78,31 @@ def block_peaks(sim: np.ndarray, r: int, m: int, neighbours: Sequence[bool]
     that edge; a peak within ``r`` of such an edge is flagged ``border`` (it may be
     dominated from across it). Returns ``[{"row", "col", "value", "border", "more"}]``
     (block coordinates, value-descending; ``more``: peaks were left out)."""
-    from scipy.ndimage import maximum_filter
+    from scipy.ndimage import label, maximum_filter
 
     h, w, k = sim.shape
     top, bottom, left, right = (bool(b) for b in neighbours)
+    eight = np.ones((3, 3), dtype=bool)
     out = []
     for q in range(k):
         s = sim[:, :, q]
         finite = np.isfinite(s)
         s = np.where(finite, s, -np.inf)
         peak = finite & (s == maximum_filter(s, size=2 * r + 1, mode="constant", cval=-np.inf))
-        rows, cols = np.nonzero(peak)
+        # adjacent peaks are equal when r ≥ 1 (each is the other's window maximum): a plateau is one
+        # connected component of the mask, represented by its first pixel in raster order
+        if r > 0:
+            lab, n = label(peak, structure=eight)
+            flat = lab.ravel()
+            at = np.flatnonzero(flat)
+            _, first = np.unique(flat[at], return_index=True)
+            rows, cols = np.divmod(at[first], w)
+        else:  # a 1-px window: every valid pixel is its own location
+            rows, cols = np.nonzero(peak)
+            n = rows.size
         vals = s[rows, cols]
-        more = rows.size > m
-        if more:
-            keep = np.argpartition(-vals, m - 1)[:m]
-            rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        order = np.argsort(-vals, kind="stable")
+        order = np.lexsort((cols, rows, -vals))[: m]  # value-descending, ties by position
+        more = n > m
         rows, cols, vals = rows[order], cols[order], vals[order]
         border = ((top & (rows < r)) | (bottom & (rows >= h - r))
                   | (left & (cols < r)) | (right & (cols >= w - r)))
@@ -180,6 +192,11 @@ class _Blocks:
         return best
 
 
+def _order(c: tuple[float, int, int, bool, tuple[int, int]]) -> tuple[float, int, int]:
+    """Candidates by similarity, highest first; equal ones by position (row, column)."""
+    return (-c[0], c[1], c[2])
+
+
 class _Candidates:
     """One phrase's peak candidates from every chunk, value-descending, with each
     chunk's floor (the lowest value it listed, when it left peaks out)."""
@@ -198,7 +215,7 @@ class _Candidates:
         rest += [(v, y0 + rr, x0 + cc, b, ij) for v, rr, cc, b in zip(
             peaks["value"], peaks["row"], peaks["col"], peaks["border"], strict=True)
             if (y0 + rr, x0 + cc) not in used]
-        rest.sort(key=lambda c: -c[0])
+        rest.sort(key=_order)
         self.items[start:] = rest
         if peaks["more"]:
             self.floor[ij] = peaks["value"][-1]
@@ -216,7 +233,7 @@ def _top_one(q: int, records: Mapping[str, Mapping[str, Any]], blocks: _Blocks, 
             ij = (int(key.split(".")[0]), int(key.split(".")[1]))
             cap[ij] = per_chunk
             cands.add(ij, rec["peaks"][q], len(cands.items))
-    cands.items.sort(key=lambda c: -c[0])
+    cands.items.sort(key=_order)
     accepted: list[tuple[float, int, int]] = []
     i = 0
     while len(accepted) < k and i < len(cands.items):
