@@ -140,6 +140,44 @@ def test_a_plateau_is_one_location():
     assert got[0] == _global_peaks(sim, 2, 3)[0]
 
 
+@pytest.mark.parametrize("r,k,per_chunk", [(2, 12, 2), (4, 10, 2)])
+def test_ties_spread_over_a_chunk_are_exact_and_spare_refills(r, k, per_chunk):
+    """Repeated field vectors give equal, unconnected peaks within ``r`` of each other
+    (here: twin peaks ``r`` apart, at random heights, over a quantised background).
+    Chunks list such ties beyond their quota (they do not count), so the result still
+    equals the whole-raster peaks, with fewer chunk re-reads."""
+    import dask.array as dsa
+    import xarray as xr
+
+    from aether_scale.query import search
+
+    rng = np.random.default_rng(r)
+    sim = rng.integers(0, 3, size=(96, 96, 2)).astype(np.float32) / 10  # ties below 0.3
+    step = 2 * r + 3
+    for y in range(1, 96, step):
+        for x in range(1, 96 - r, 2 * step):
+            sim[y, x] = sim[y, x + r] = 0.5 + rng.random(2)  # a twin: equal, r apart
+    sim[rng.random(sim.shape) < 0.02] = np.nan
+    da = xr.DataArray(dsa.from_array(sim, chunks=(32, 32, 2)), dims=("y", "x", "query"))
+
+    def records(listing):
+        old, search._listing = search._listing, listing
+        try:
+            return {f"{i}.{j}.0": {"peaks": search.block_peaks(
+                sim[32 * i:32 * i + 32, 32 * j:32 * j + 32], r, per_chunk,
+                (i > 0, i < 2, j > 0, j < 2))} for i in range(3) for j in range(3)}
+        finally:
+            search._listing = old
+
+    want = _global_peaks(sim, r, k)
+    got, stats = top_locations(records(search._listing), da, k=k, r=r, per_chunk=per_chunk)
+    assert got == want and all(len(g) == k for g in got)
+    plain, plain_stats = top_locations(records(lambda rows, cols, r, m: min(rows.size, m)),
+                                       da, k=k, r=r, per_chunk=per_chunk)
+    assert plain == want  # exact either way: the quota only changes the work done
+    assert stats["refills"] < plain_stats["refills"]
+
+
 # --------------------------------------------------------------------------- workspace
 @pytest.fixture(scope="module")
 def demo_ws(tiny_demo, tmp_path_factory):

@@ -41,6 +41,25 @@ log = get_logger("query")
 ROWS_PER_BATCH = 32  # field rows per GEMM: 512-px rows → 16k pixels, a few MB of float32
 
 
+class _Float32:
+    """A reused float32 batch buffer filled from float16 rows by torch's vectorised
+    conversion (about 7× numpy's ``astype`` here, which dominated the pass)."""
+
+    def __init__(self, n: int, d: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.buf = torch.empty((n, d), dtype=torch.float32)
+
+    def fill(self, rows: np.ndarray) -> np.ndarray:
+        out = self.buf[: rows.shape[0]]
+        if not rows.flags.writeable:  # torch will not wrap a read-only array: numpy converts
+            np.copyto(out.numpy(), rows)
+            return out.numpy()
+        out.copy_(self.torch.from_numpy(np.ascontiguousarray(rows)))
+        return out.numpy()
+
+
 def block_similarity(block: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, int]:
     """Cosine similarity of each pixel of a field block ``(h, w, dim)`` (float16/32 with
     NaN nodata, or int8 AEF-sqrt codes with −128) with each row of ``vectors``
@@ -54,11 +73,14 @@ def block_similarity(block: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray
     flat = block.reshape(-1, d)
     n_valid = 0
     step = ROWS_PER_BATCH * w
+    buf = _Float32(min(step, flat.shape[0]), d) if flat.dtype == np.float16 else None
     for p0 in range(0, flat.shape[0], step):
         b = flat[p0:p0 + step]
         if b.dtype == np.int8:
             px = aef.decode_fast(b)
             px[np.any(b == aef.NODATA, axis=1)] = np.nan
+        elif buf is not None:
+            px = buf.fill(b)
         else:
             px = b.astype(np.float32)
         # a nodata pixel (any NaN component) has a NaN norm, and so NaN similarities
@@ -71,8 +93,9 @@ def block_similarity(block: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray
 
 def block_peaks(sim: np.ndarray, r: int, m: int, neighbours: Sequence[bool]
                 ) -> list[dict[str, list]]:
-    """Per phrase, the ``m`` highest peaks of a similarity block ``(h, w, k)``: pixels
-    that are the maximum of the ``(2r+1)²`` square around them *within the block*.
+    """Per phrase, the ``m`` highest peaks of a similarity block ``(h, w, k)`` (and the
+    equal ones within ``r`` listed among them, :func:`_listing`): pixels that are the
+    maximum of the ``(2r+1)²`` square around them *within the block*.
 
     ``neighbours``: (above, below, left, right) — whether another chunk lies across
     that edge; a peak within ``r`` of such an edge is flagged ``border`` (it may be
@@ -101,8 +124,10 @@ def block_peaks(sim: np.ndarray, r: int, m: int, neighbours: Sequence[bool]
             rows, cols = np.nonzero(peak)
             n = rows.size
         vals = s[rows, cols]
-        order = np.lexsort((cols, rows, -vals))[: m]  # value-descending, ties by position
-        more = n > m
+        order = np.lexsort((cols, rows, -vals))  # value-descending, ties by position
+        take = _listing(rows[order], cols[order], r, m)
+        more = n > take
+        order = order[:take]
         rows, cols, vals = rows[order], cols[order], vals[order]
         border = ((top & (rows < r)) | (bottom & (rows >= h - r))
                   | (left & (cols < r)) | (right & (cols >= w - r)))
@@ -110,6 +135,27 @@ def block_peaks(sim: np.ndarray, r: int, m: int, neighbours: Sequence[bool]
                     "value": [float(v) for v in vals], "border": border.tolist(),
                     "more": bool(more)})
     return out
+
+
+def _listing(rows: np.ndarray, cols: np.ndarray, r: int, m: int) -> int:
+    """How many of a chunk's ordered peaks to list so that ``m`` of them are not within
+    ``r`` of an earlier listed one. Two peaks that close are equal (each lies in the
+    other's window), so on fields with repeated vectors most of the first ``m`` would be
+    ties the global pass drops; they stay listed (the pass decides exactly) but do not
+    count, which spares re-reading the chunk for more. At most ``8 m`` are listed."""
+    n = rows.size
+    if r == 0 or n <= m:
+        return min(n, m)
+    kept_r: list[int] = []
+    kept_c: list[int] = []
+    for t in range(min(n, 8 * m)):
+        y, x = int(rows[t]), int(cols[t])
+        if not any(abs(y - a) <= r and abs(x - b) <= r for a, b in zip(kept_r, kept_c)):
+            kept_r.append(y)
+            kept_c.append(x)
+            if len(kept_r) == m:
+                return t + 1
+    return min(n, 8 * m)
 
 
 def _query_chunk(region: InTask, vectors: np.ndarray, r: int, m: int,
@@ -199,12 +245,12 @@ def _order(c: tuple[float, int, int, bool, tuple[int, int]]) -> tuple[float, int
 
 class _Candidates:
     """One phrase's peak candidates from every chunk, value-descending, with each
-    chunk's floor (the lowest value it listed, when it left peaks out)."""
+    chunk's floor (the order key of the last peak it listed, when it left peaks out)."""
 
     def __init__(self, cy: int, cx: int) -> None:
         self.cy, self.cx = cy, cx
         self.items: list[tuple[float, int, int, bool, tuple[int, int]]] = []
-        self.floor: dict[tuple[int, int], float] = {}
+        self.floor: dict[tuple[int, int], tuple[float, int, int]] = {}
 
     def add(self, ij: tuple[int, int], peaks: Mapping[str, list], start: int = 0) -> None:
         """Add chunk ``ij``'s peaks, replacing its candidates from position ``start`` on
@@ -217,8 +263,8 @@ class _Candidates:
             if (y0 + rr, x0 + cc) not in used]
         rest.sort(key=_order)
         self.items[start:] = rest
-        if peaks["more"]:
-            self.floor[ij] = peaks["value"][-1]
+        if peaks["more"]:  # what it left out comes after its last listed peak
+            self.floor[ij] = (-peaks["value"][-1], y0 + peaks["row"][-1], x0 + peaks["col"][-1])
         else:
             self.floor.pop(ij, None)
 
@@ -238,8 +284,8 @@ def _top_one(q: int, records: Mapping[str, Mapping[str, Any]], blocks: _Blocks, 
     i = 0
     while len(accepted) < k and i < len(cands.items):
         v, row, col, border, _ = cands.items[i]
-        # a chunk that listed only its best peaks may hide one as high as this one
-        short = [ij for ij, f in cands.floor.items() if f >= v]
+        # a chunk that listed only its best peaks may hide one ahead of this one
+        short = [ij for ij, f in cands.floor.items() if f < (-v, row, col)]
         if short:
             for ij in short:
                 cap[ij] *= 16
