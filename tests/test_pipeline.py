@@ -128,9 +128,9 @@ def test_status_current_then_stale_with_the_reason_then_runtime_keys_change_noth
 
     lam = {r.stage: r for r in status(ws, load_config(saved, ["train.lam=0.5"]))}
     assert [s for s in stage_names() if lam[s].state != "current"] == \
-        ["train", "infer", "regions", "evaluate"]
+        ["train", "infer", "regions", "baselines", "evaluate"]
     assert lam["train"].why == ["train.lam changed: 0.2 → 0.5"]
-    for s in ("infer", "regions", "evaluate"):
+    for s in ("infer", "regions", "baselines", "evaluate"):
         assert any("train.lam changed: 0.2 → 0.5" in w for w in lam[s].why), lam[s].why
 
     knobs = ["infer.threads=1", "infer.batch_pixels=2048", "pool.block_mb=64",
@@ -142,7 +142,7 @@ def test_status_current_then_stale_with_the_reason_then_runtime_keys_change_noth
     assert "train.lam changed: 0.2 → 0.5" in out
     rows = json.loads(_cli("status", "-w", str(tiny_demo["workspace"]), "--json", "--set",
                            "train.lam=0.5").stdout)
-    assert [r["state"] for r in rows] == ["current"] * 4 + ["stale"] * 4
+    assert [r["state"] for r in rows] == ["current"] * 4 + ["stale"] * 5
 
 
 def test_a_copied_workspace_is_current_and_its_run_skips_every_stage(tiny_demo, tmp_path):

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import sections
 from .sections import (
+    BaselinesSection,
     BufferSpec,
     ClusterSection,
     EvaluateSection,

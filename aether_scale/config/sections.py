@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "BaselinesSection",
     "BufferSpec",
     "ClusterSection",
     "EvaluateSection",
@@ -361,6 +362,37 @@ class EvaluateSection(Section):
     plots: bool = True
 
 
+# --------------------------------------------------------------------------- baselines
+class BaselinesSection(Section):
+    """The trained baselines of Table 1 (``aether_scale.baselines``): CaLLiPer+, a
+    Space2Vec-style coordinate encoder, Place2Vec and Doc2Vec."""
+
+    methods: list[Literal["calliper", "space2vec", "place2vec", "doc2vec"]] = Field(
+        default_factory=lambda: ["calliper", "space2vec", "place2vec", "doc2vec"],
+        description="which baselines to train; [] = none")
+    dim: int = Field(128, ge=2, description="location-encoder embedding width (AETHER's)")
+    n_scales: int = Field(32, ge=1, description="wavelengths of the sinusoidal encoding")
+    min_scale_m: float = Field(10.0, gt=0, description="shortest wavelength, metres")
+    max_scale_m: float = Field(20_000.0, gt=0, description="longest wavelength, metres")
+    hidden: int = Field(256, ge=1)
+    layers: int = Field(2, ge=1)
+    epochs: int = Field(20, ge=1, description="location-encoder training epochs")
+    batch_size: int = Field(512, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    tau: float = Field(0.07, gt=0, description="CaLLiPer+ InfoNCE temperature")
+    context_m: float = Field(100.0, gt=0, description="Space2Vec: the POI-type mix within "
+                             "this distance of a POI is its target")
+    type_column: str = Field("subcategory", description="pois.parquet column of the POI type "
+                             "(Space2Vec targets, Place2Vec tokens)")
+    word_dim: int = Field(64, ge=2, description="Place2Vec / Doc2Vec vector width")
+    neighbours: int = Field(10, ge=1, description="Place2Vec: nearest POIs paired with each")
+    word_epochs: int = Field(5, ge=1, description="Place2Vec skip-gram epochs")
+    doc_epochs: int = Field(40, ge=1, description="Doc2Vec epochs")
+    seed: int = 0
+    device: str = Field("auto", description="torch device of the location encoders")
+    threads: int | None = Field(None, ge=1)
+
+
 # --------------------------------------------------------------------------- query
 class QuerySection(Section):
     """``aether-scale query``: phrases against the field (not a stage: run on demand)."""
@@ -392,6 +424,7 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     infer: InferSection = Field(default_factory=InferSection)
     regions: RegionsSection = Field(default_factory=RegionsSection)
+    baselines: BaselinesSection = Field(default_factory=BaselinesSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     query: QuerySection = Field(default_factory=QuerySection)
 

@@ -35,7 +35,8 @@ SCALE: dict[str, tuple[float, str]] = {
 }
 COLUMNS = [("luc", "f1"), ("luc", "precision"), ("luc", "recall"),
            ("sdm", "kl"), ("sdm", "l1"), ("sdm", "chebyshev")]
-METHOD_ORDER = ["TF-IDF", "LDA", "AE", "AETHER", "AETHER_noaug"]
+METHOD_ORDER = ["TF-IDF", "LDA", "Space2Vec", "Place2Vec", "Doc2Vec", "CaLLiPer+", "AE",
+                "AETHER", "AETHER_noaug"]
 METHOD_LABEL = {"AE": "AlphaEarth (AE)", "AETHER": "AETHER", "AETHER_noaug": "AETHER (w/o aug)"}
 
 
@@ -51,6 +52,10 @@ def method_label(m: str) -> str:
 PAPER_TABLE1: dict[str, tuple[float, ...]] = {
     "TF-IDF": (31.7, 31.8, 33.3, 52.0, 24.4, 72.8),
     "LDA": (29.2, 31.5, 30.4, 58.0, 25.9, 77.7),
+    "Space2Vec": (27.8, 29.6, 28.9, 50.0, 23.6, 71.2),
+    "Place2Vec": (32.4, 35.1, 32.7, 46.1, 22.8, 68.1),
+    "Doc2Vec": (32.7, 34.9, 33.8, 47.5, 23.1, 68.9),
+    "CaLLiPer+": (37.6, 41.3, 37.8, 37.4, 19.4, 58.3),
     "AE": (56.6, 58.3, 57.3, 43.2, 21.7, 65.9),
     "AETHER": (60.7, 61.4, 60.7, 33.0, 18.8, 56.2),
     "AETHER_noaug": (60.5, 60.5, 60.1, 34.1, 19.1, 57.2),
@@ -107,11 +112,19 @@ def _findings(metrics: dict[str, Any]) -> list[str]:
     if ae_f1 is not None and ath_f1 is not None:
         out.append(f"- LUC F1: AETHER {ath_f1 * 1e2:.1f} vs AE {ae_f1 * 1e2:.1f} "
                    f"({(ath_f1 - ae_f1) * 1e2:+.1f} points; paper +4.1)")
-    for b in ("TF-IDF", "LDA"):
+    for b in ("TF-IDF", "LDA", "Space2Vec", "Place2Vec", "Doc2Vec", "CaLLiPer+"):
         bf = mean("luc", b, "f1")
         if ae_f1 is not None and bf is not None:
             out.append(f"- LUC F1: AE {ae_f1 * 1e2:.1f} vs {b} {bf * 1e2:.1f} "
                        f"({'AE ahead' if ae_f1 > bf else 'AE NOT ahead'})")
+    cal_kl = mean("sdm", "CaLLiPer+", "kl")
+    if cal_kl is not None and ae_kl is not None:
+        out.append(f"- SDM KL: CaLLiPer+ {cal_kl * 1e3:.1f} vs AE {ae_kl * 1e3:.1f} "
+                   f"({'CaLLiPer+ ahead' if cal_kl < ae_kl else 'CaLLiPer+ NOT ahead'}; paper: "
+                   "CaLLiPer+ 37.4 ahead of AE 43.2)")
+    if cal_kl is not None and ath_kl is not None:
+        out.append(f"- SDM KL: AETHER {ath_kl * 1e3:.1f} vs CaLLiPer+ {cal_kl * 1e3:.1f} "
+                   f"({(ath_kl - cal_kl) / cal_kl * 100:+.1f} %; paper −11.8 %)")
     return out
 
 
@@ -176,6 +189,12 @@ def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any]
         "- LUC: cross-entropy, macro P/R/F1. SDM: softmax head, soft cross-entropy; "
         "KL(q‖p), L1, Chebyshev averaged over test units.",
         "- TF-IDF / LDA: bags of POI categories/subcategories within each unit's buffer.",
+        "- CaLLiPer+ / Space2Vec: a multi-scale sinusoidal location encoder + MLP, trained on "
+        "the POIs (CaLLiPer+: InfoNCE against the POI texts with names; Space2Vec: the POI-type "
+        "mix around each POI, no text); a unit's feature is the encoder's mean over 13 points "
+        "in its buffer (`baselines/`).",
+        "- Place2Vec: skip-gram type vectors from nearest-neighbour POI pairs, averaged over the "
+        "unit's POIs; Doc2Vec: PV-DBOW vectors of the unit's POI-token documents (gensim).",
         "",
         "## Paper (London) for reference",
         "",

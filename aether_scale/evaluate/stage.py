@@ -1,6 +1,7 @@
 """The ``evaluate`` stage: ``regions/`` → ``report/`` (metrics.json, report.md, plots).
 
-Every feature method the region tables hold (AE, AETHER and each variant) and the
+Every feature method the region tables hold (AE, AETHER and each variant), the trained
+baselines of ``baselines/`` (CaLLiPer+, Space2Vec, Place2Vec, Doc2Vec) and the
 POI-only baselines go through the protocol of :mod:`.protocol` with the same splits
 and seeds; :mod:`.report` writes the Table-1-shaped report. Reads and writes go
 through the workspace filesystem, so the stage runs on fsspec workspaces too.
@@ -23,16 +24,22 @@ from .report import write_report
 __all__ = ["build", "show_report", "task_inputs"]
 
 
-def task_inputs(regions: RegionTable, task: str, cfg: EvaluateSection
+def task_inputs(regions: RegionTable, task: str, cfg: EvaluateSection,
+                baselines: tuple[str, Any] | None = None
                 ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
-    """``(features by method, labels, info)`` of one task: the region table's features
-    plus the configured POI baselines (LDA as a function of the seed)."""
+    """``(features by method, labels, info)`` of one task: the region table's features,
+    the trained baselines in ``baselines`` (``(uri, filesystem)`` of ``baselines/``) and
+    the configured POI baselines (LDA as a function of the seed)."""
     table, feats, meta = regions.read(task)
     if task == "luc":
         y = table["label"].to_numpy()
     else:
         y = table[meta["labels"]].to_numpy(np.float64)
     features: dict[str, Any] = dict(feats)
+    if baselines is not None:
+        from ..baselines import read_features
+
+        features.update(read_features(baselines[0], task, table, baselines[1]))
     if cfg.baselines and "poi_tokens" in table.columns:
         counts, _vocab = bags_to_matrix(list(table["poi_tokens"]), list(table["poi_counts"]))
         if "tfidf" in cfg.baselines:
@@ -65,7 +72,8 @@ def build(ctx) -> dict[str, Any]:
             ctx.log.warning(f"[evaluate] {task}: no units in regions/ (regions.{task}_* not set) "
                             "— skipped")
             continue
-        features, y, info[task] = task_inputs(regions, task, ec)
+        trained = (ctx.reads["baselines"], ws.fs) if "baselines" in ctx.reads else None
+        features, y, info[task] = task_inputs(regions, task, ec, trained)
         metrics[task] = evaluate_task(task, features, y, ec, log=ctx.log.info)
     if not metrics:
         raise ValueError("no task could be evaluated: regions/ has neither luc nor sdm "

@@ -70,6 +70,9 @@ ARTIFACTS: dict[str, Artifact] = {a.name: a for a in (
              "aether_scale.stores.field", per_variant=True, marker="aether_chunks.json"),
     Artifact("regions", "luc.parquet, sdm.parquet: GeoParquet units, labels, features",
              "aether_scale.stores.regions"),
+    Artifact("baselines", "CaLLiPer+, Space2Vec, Place2Vec, Doc2Vec unit features: a folder "
+             "per method (a .npy per task, meta.json, the encoder)",
+             "aether_scale.baselines.stage"),
     Artifact("report", "metrics.json, report.md, plots", "aether_scale.evaluate.report",
              marker="metrics.json"),
 )}
@@ -153,9 +156,13 @@ STAGES: tuple[Stage, ...] = (
           input_keys=("luc_points", "sdm_units", "sdm_table"),
           externals=_stage_fn("regions", "external_inputs"),
           memory=_stage_fn("regions", "worker_memory"), version=2),
+    Stage("baselines", "CaLLiPer+, Space2Vec, Place2Vec, Doc2Vec → baselines/", "baselines",
+          _stage_fn("baselines", "build"), reads=("pois.parquet", "regions"),
+          optional_reads=("text.zarr",), writes=("baselines",),
+          runtime_keys=frozenset({"device", "threads"}), cluster=False),
     Stage("evaluate", "the paper's Table 1 protocol → report/", "evaluate",
           _stage_fn("evaluate", "build"), reads=("regions",),
-          optional_reads=("ae.zarr", "field.zarr", "model"), writes=("report",),
+          optional_reads=("ae.zarr", "field.zarr", "model", "baselines"), writes=("report",),
           cluster=False, version=2, on_skip=_stage_fn("evaluate", "show_report")),
 )
 

@@ -150,7 +150,7 @@ def _listing(rows: np.ndarray, cols: np.ndarray, r: int, m: int) -> int:
     kept_c: list[int] = []
     for t in range(min(n, 8 * m)):
         y, x = int(rows[t]), int(cols[t])
-        if not any(abs(y - a) <= r and abs(x - b) <= r for a, b in zip(kept_r, kept_c)):
+        if not any(abs(y - a) <= r and abs(x - b) <= r for a, b in zip(kept_r, kept_c, strict=True)):
             kept_r.append(y)
             kept_c.append(x)
             if len(kept_r) == m:
