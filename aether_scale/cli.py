@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _add_verbosity(p, top=False)
 
+    p = sub.add_parser("sweep", help="the paper's sensitivity studies: λ, radii, training "
+                       "fraction or any overrides, each point a train variant",
+                       description="Run (or resume) the sweep that the config's `sweep:` "
+                       "section describes on a workspace where the pipeline has run; points "
+                       "run as parallel dask tasks, each reusing every stage output it does "
+                       "not change. Writes <workspace>/sweeps/<name>/.")
+    p.add_argument("-w", "--workspace", required=True)
+    p.add_argument("-c", "--config", help="a YAML with a `sweep:` section (a file or a shipped "
+                   "name, e.g. paper-sweeps); its other sections override every point")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set 'sweep.lam=[0, 0.2, 0.5]' --set train.epochs=10")
+    _add_verbosity(p, top=False)
+
     p = sub.add_parser("status", help="each stage: current, stale (and why) or missing",
                        description="Compare the workspace's manifests with the config (default: "
                        "the one its last run saved) without running anything.")
@@ -258,6 +271,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         return _export(args)
+    if args.command == "sweep":
+        from .sweep import sweep
+
+        out = sweep(args.workspace, args.config, args.overrides)
+        print(out["markdown"])
+        print(f"sweep results: {os.path.join(args.workspace, 'sweeps', out['name'])}")
+        return 0
     cfg = _load(args)
     if args.command == "query":
         return _query(args, cfg)

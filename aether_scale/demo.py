@@ -103,9 +103,24 @@ def run_demo(
     if retrieval is not None:
         md = retrieval_markdown(retrieval).splitlines()
         lines += ["", *md[:9], f"per subcategory: {ws.path('queries/retrieval-eval/retrieval.md')}"]
+    swept = _sweep(workspace, cfg, names)
+    if swept is not None:
+        md = [ln for ln in swept["markdown"].splitlines() if not ln.startswith("![")]
+        lines += ["", *md[2:], f"sweep report and plots: "
+                  f"{os.path.join(workspace, 'sweeps', swept['name'], 'sweep.md')}"]
     lines.append(f"workspace: {workspace}")
     return {"workspace": workspace, "results": results, "city": city,
-            "retrieval": retrieval, "summary": "\n".join(lines)}
+            "retrieval": retrieval, "sweep": swept, "summary": "\n".join(lines)}
+
+
+def _sweep(workspace: str, cfg: Any, names: list[str]) -> dict | None:
+    """The demo's small sensitivity study (``sweep:`` in demo.yaml; ``--set
+    'sweep.lam=[]'`` skips it) once the pipeline has run through evaluate."""
+    from .sweep import plan_points, sweep
+
+    if "evaluate" not in names or not plan_points(cfg.sweep):
+        return None
+    return sweep(workspace)
 
 
 def _retrieval(ws: Any, cfg: Any, city: dict[str, str], names: list[str]) -> dict | None:

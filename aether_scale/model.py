@@ -5,7 +5,10 @@
 
     h   = proj(x) + sigmoid(gate) * shortcut(x)      proj = Linear(64,256)-ReLU-Linear(256,128)
     h   = h / ||h||                                  shortcut = Linear(64,128), gate init −4
-    out = post_mlp(h) / ||post_mlp(h)||              post_mlp = Linear(128,256)-GELU-Dropout-Linear(256,128)
+    out = post_mlp(h) / ||post_mlp(h)||              post_mlp = Linear(128,H)-GELU-Dropout-Linear(H,128)
+
+with the reference's options: the post-MLP width ``H`` (``hidden``), no gate, an
+identity shortcut when the output is 64-d.
 
 :class:`TextProj` is one ``Linear(384,128)`` followed by L2 normalisation.
 
@@ -50,6 +53,8 @@ LAST_NAME = "last.pt"
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_FORMAT = "aether_scale/bundle"
 BUNDLE_VERSION = "1"
+#: the reference AEProj's first-layer width (fixed in its code; ``hidden`` is the post-MLP's)
+REFERENCE_PROJ_DIM = 256
 
 __all__ = [
     "AEProj",
@@ -60,6 +65,8 @@ __all__ = [
     "load_projector",
     "load_text_projector",
     "export_reference",
+    "ae_layout",
+    "projector_from",
     "FORMAT",
 ]
 
@@ -103,8 +110,12 @@ def drop_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
 class AEProj(nn.Module):
     """AlphaEarth projector f_θ: (n, 64) pooled, L2-normalised AE → (n, 128) unit vectors.
 
-    Exactly the reference ``AEProj`` (same parameter names and shapes), so
-    reference checkpoints load with ``strict=True``.
+    Exactly the reference ``AEProj`` (same parameter names and shapes), so every
+    reference checkpoint layout loads with ``strict=True``: ``proj_dim`` is the first
+    layer's width (always 256 in the reference), ``hidden_dim`` the post-MLP's (the
+    reference's ``hidden``), ``use_gate=False`` drops the gate (``h = proj(x) +
+    shortcut(x)``), and the shortcut is the identity when ``in_dim == out_dim``. The
+    reference trains with no dropout (``p_drop=0.0``), the default here too.
     """
 
     def __init__(
@@ -112,16 +123,22 @@ class AEProj(nn.Module):
         in_dim: int = 64,
         hidden_dim: int = 256,
         out_dim: int = 128,
-        dropout: float = 0.1,
+        dropout: float = 0.0,
         gate_init: float = -4.0,
+        *,
+        proj_dim: int = 256,
+        use_gate: bool = True,
     ) -> None:
         super().__init__()
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
+        self.proj_dim, self.use_gate = proj_dim, bool(use_gate)
         self.proj = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
+            nn.Linear(in_dim, proj_dim), nn.ReLU(), nn.Linear(proj_dim, out_dim)
         )
-        self.shortcut = nn.Linear(in_dim, out_dim)
-        self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.shortcut: nn.Module = (nn.Linear(in_dim, out_dim) if in_dim != out_dim
+                                    else nn.Identity())
+        if self.use_gate:
+            self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.post_mlp = nn.Sequential(
             nn.Linear(out_dim, hidden_dim),
             nn.GELU(),
@@ -131,9 +148,26 @@ class AEProj(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` (n, in_dim) to L2-normalised (n, out_dim)."""
-        h = self.proj(x) + torch.sigmoid(self.gate) * self.shortcut(x)
+        res = self.shortcut(x)
+        h = self.proj(x) + (torch.sigmoid(self.gate) * res if self.use_gate else res)
         h = F.normalize(h, dim=-1)
         return F.normalize(self.post_mlp(h), dim=-1)
+
+    def layout(self) -> dict[str, Any]:
+        """The architecture's free choices (what a checkpoint needs to rebuild it)."""
+        return {"in_dim": self.in_dim, "proj_dim": self.proj_dim, "hidden_dim": self.hidden_dim,
+                "out_dim": self.out_dim, "use_gate": self.use_gate,
+                "shortcut": "linear" if isinstance(self.shortcut, nn.Linear) else "identity"}
+
+
+def ae_layout(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """An ``AEProj`` state dict's layout (as :meth:`AEProj.layout`), read off its shapes."""
+    return {"in_dim": int(sd["proj.0.weight"].shape[1]),
+            "proj_dim": int(sd["proj.0.weight"].shape[0]),
+            "hidden_dim": int(sd["post_mlp.0.weight"].shape[0]),
+            "out_dim": int(sd["proj.2.weight"].shape[0]),
+            "use_gate": "gate" in sd,
+            "shortcut": "linear" if "shortcut.weight" in sd else "identity"}
 
 
 class TextProj(nn.Module):
@@ -258,7 +292,7 @@ def _load_safetensors(path: str) -> dict[str, Any]:
     try:
         cfg, metrics = json.loads(meta.get("config", "{}")), json.loads(meta.get("metrics", "{}"))
         cfg["text_encoder"] = json.loads(meta.get("text_encoder", "null"))
-        cfg["dropout"] = float(meta.get("dropout", cfg.get("dropout", 0.1)))
+        cfg["dropout"] = float(meta.get("dropout", cfg.get("dropout", 0.0)))
         epoch = int(meta.get("epoch", -1))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path}: metadata config/metrics/text_encoder/dropout/"
@@ -283,10 +317,14 @@ def _config_from_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
     ae = obj["ae_state_dict"]
     txt = obj["txt_state_dict"]
     temps = obj.get("temps") or {}
+    lay = ae_layout(ae)
     cfg: dict[str, Any] = {
-        "in_dim": int(ae["proj.0.weight"].shape[1]),
-        "hidden_dim": int(ae["proj.0.weight"].shape[0]),
-        "out_dim": int(ae["proj.2.weight"].shape[0]),
+        "in_dim": lay["in_dim"],
+        "proj_dim": lay["proj_dim"],
+        "hidden_dim": lay["hidden_dim"],
+        "out_dim": lay["out_dim"],
+        "use_gate": lay["use_gate"],
+        "dropout": 0.0,  # the reference never sets p_drop
         "text_dim": int(txt["proj.weight"].shape[1]),
         "tau_poi": temps.get("tau_xt", model.get("tau_xt")),
         "tau_ae": temps.get("tau_ii", model.get("tau_img")),
@@ -349,10 +387,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-#: the parameters every AE / text projector state dict must hold (AEProj / TextProj)
-_AE_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias", "shortcut.weight",
-            "shortcut.bias", "gate", "post_mlp.0.weight", "post_mlp.0.bias", "post_mlp.3.weight",
-            "post_mlp.3.bias")
+#: the parameters every AE / text projector state dict must hold (AEProj / TextProj); the
+#: gate and a linear shortcut are optional (the reference's use_gate=False, 64-d output)
+_AE_KEYS = ("proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias",
+            "post_mlp.0.weight", "post_mlp.0.bias", "post_mlp.3.weight", "post_mlp.3.bias")
 _TXT_KEYS = ("proj.weight", "proj.bias")
 
 
@@ -377,14 +415,25 @@ def _check_states(path: str, obj: Mapping[str, Any]) -> None:
                 "a lower train.lr) — a field from these weights would be all NaN")
 
 
-def _dims(ck: Mapping[str, Any]) -> dict[str, int]:
-    ae, txt = ck["ae_state_dict"], ck["txt_state_dict"]
-    return {
-        "in_dim": int(ae["proj.0.weight"].shape[1]),
-        "hidden_dim": int(ae["proj.0.weight"].shape[0]),
-        "out_dim": int(ae["proj.2.weight"].shape[0]),
-        "text_dim": int(txt["proj.weight"].shape[1]),
-    }
+def _dims(ck: Mapping[str, Any]) -> dict[str, Any]:
+    return {**ae_layout(ck["ae_state_dict"]),
+            "text_dim": int(ck["txt_state_dict"]["proj.weight"].shape[1])}
+
+
+def projector_from(ck: Mapping[str, Any], path: str | os.PathLike = "") -> AEProj:
+    """The ``AEProj`` of a loaded checkpoint (its layout from the weights, strict load)."""
+    d = _dims(ck)
+    cfg = ck.get("config") or {}
+    ae = AEProj(d["in_dim"], d["hidden_dim"], d["out_dim"], dropout=float(cfg.get("dropout", 0.0)),
+                proj_dim=d["proj_dim"], use_gate=d["use_gate"])
+    if (d["shortcut"] == "identity") != (d["in_dim"] == d["out_dim"]):
+        raise CheckpointError(f"checkpoint {path}: a {d['shortcut']} shortcut with in_dim "
+                              f"{d['in_dim']} and out_dim {d['out_dim']} is no AEProj layout")
+    try:
+        ae.load_state_dict(ck["ae_state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: ae_state_dict does not fit AEProj: {e}") from None
+    return ae
 
 
 def load_projector(path: str | os.PathLike) -> AEProj:
@@ -394,15 +443,7 @@ def load_projector(path: str | os.PathLike) -> AEProj:
     ``.pth`` files; loads with ``strict=True`` (a missing or unexpected
     parameter is an error, not a silent partial load).
     """
-    ck = load_checkpoint(path)
-    d = _dims(ck)
-    cfg = ck.get("config") or {}
-    ae = AEProj(d["in_dim"], d["hidden_dim"], d["out_dim"], dropout=float(cfg.get("dropout", 0.1)))
-    try:
-        ae.load_state_dict(ck["ae_state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: ae_state_dict does not fit AEProj: {e}") from None
-    return ae.eval()
+    return projector_from(load_checkpoint(path), path).eval()
 
 
 def load_text_projector(path: str | os.PathLike) -> TextProj:
@@ -436,6 +477,11 @@ def export_reference(
     )
     cfg = dict(ck.get("config") or {})
     d = _dims(ck)
+    if d["proj_dim"] != REFERENCE_PROJ_DIM:
+        raise CheckpointError(
+            f"export_reference: this model's first layer is {d['proj_dim']} wide; the reference "
+            f"AEProj always builds a {REFERENCE_PROJ_DIM}-wide one (its load_head would fail): "
+            f"retrain with train.proj_dim={REFERENCE_PROJ_DIM} to export for the reference code")
     m = ck.get("metrics") or {}
     best = m.get("best") if isinstance(m.get("best"), Mapping) else m
     ref: dict[str, Any] = {

@@ -27,6 +27,8 @@ TINY_DEMO = [
     "train.epochs=3",
     "evaluate.seeds=[0, 1]",
     "evaluate.max_epochs=60",
+    "sweep.lam=[0, 0.9]",  # the demo's λ study, two points
+    "sweep.overrides={train.epochs: 2}",
 ]
 
 NY, NX, CHUNK = 70, 90, 32  # 3 × 3 chunks, ragged at the far edges

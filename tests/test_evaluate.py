@@ -278,3 +278,27 @@ def test_run_evaluate_on_memory_workspace_matches_local(tmp_path, caplog):
         assert "| AETHER |" in skipped_log  # the stored report's table, shown on a skipped rerun
     finally:
         mem.fs.rm(mem.root.rsplit("/", 1)[0], recursive=True)
+
+
+def test_paired_differences_against_ae_by_hand():
+    from aether_scale.evaluate.report import format_paired, paired
+
+    metrics = {"sdm": {"AE": {"kl": [0.040, 0.036, 0.038]},
+                       "AETHER": {"kl": [0.030, 0.027, 0.0285]},
+                       "TF-IDF": {"kl": [0.041, 0.035, 0.038]}},
+               "luc": {"AE": {"f1": [0.70, 0.72, 0.71]}, "AETHER": {"f1": [0.73, 0.74, 0.72]}}}
+    r = paired(metrics, "sdm", "AETHER")
+    d = np.array([25.0, 25.0, 25.0])  # (AE − AETHER) / AE, in %
+    assert r["per_seed"] == pytest.approx(d) and r["std"] == pytest.approx(0.0, abs=1e-9)
+    assert r["beyond_noise"]
+    t = paired(metrics, "sdm", "TF-IDF")
+    dd = (np.array([0.040, 0.036, 0.038]) - [0.041, 0.035, 0.038]) / [0.040, 0.036, 0.038] * 100
+    half = 4.302652729911275 * dd.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert t["mean"] == pytest.approx(dd.mean()) and t["ci95"][1] == pytest.approx(dd.mean() + half)
+    assert not t["beyond_noise"]
+    f = paired(metrics, "luc", "AETHER")
+    assert f["per_seed"] == pytest.approx([3.0, 2.0, 1.0])
+    assert paired(metrics, "luc", "TF-IDF") is None
+    md = format_paired(metrics)
+    assert "| TF-IDF | – |" in md and "(within noise)" in md.split("TF-IDF")[1]
+    assert "+25.0 ± 0.0" in md

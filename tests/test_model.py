@@ -159,9 +159,14 @@ def test_malformed_checkpoints_get_clear_errors(tmp_path) -> None:
         load_checkpoint(p)
     ae, txt = _trained_like()
     sd = dict(ae.state_dict())
-    sd.pop("gate")
+    sd.pop("post_mlp.3.weight")  # (a missing gate is a layout: the reference's use_gate=False)
     torch.save({"ae_state_dict": sd, "txt_state_dict": txt.state_dict()}, p)
-    with pytest.raises(CheckpointError, match="gate"):
+    with pytest.raises(CheckpointError, match="post_mlp.3.weight"):
+        load_projector(p)
+    sd = dict(ae.state_dict())
+    sd.pop("shortcut.bias")  # half a shortcut fits no layout
+    torch.save({"ae_state_dict": sd, "txt_state_dict": txt.state_dict()}, p)
+    with pytest.raises(CheckpointError, match="shortcut"):
         load_projector(p)
 
 
@@ -188,3 +193,79 @@ def test_cpu_dropout_matches_dropout_semantics():
     assert torch.equal(d(x), x)
     # no parameters: the reference state-dict layout is unchanged
     assert list(Dropout(0.5).state_dict()) == []
+
+
+# --------------------------------------------------------------------------- reference layouts
+def _reference_state(hidden: int, gate: bool, out: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An AE state dict as the reference's AEProj(d_out=out, hidden=hidden, use_gate=gate)
+    names and shapes it: a 256-wide first layer whatever ``hidden``, no shortcut weights
+    when the output is 64-d (an identity), no gate when use_gate=False."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"proj.0.weight": (256, 64), "proj.0.bias": (256,), "proj.2.weight": (out, 256),
+              "proj.2.bias": (out,), "post_mlp.0.weight": (hidden, out),
+              "post_mlp.0.bias": (hidden,), "post_mlp.3.weight": (out, hidden),
+              "post_mlp.3.bias": (out,)}
+    if out != 64:
+        shapes |= {"shortcut.weight": (out, 64), "shortcut.bias": (out,)}
+    if gate:
+        shapes["gate"] = (1,)
+    return {k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def _reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The reference projector's arithmetic, written out from its documented formula."""
+    main = F.linear(F.relu(F.linear(x, sd["proj.0.weight"], sd["proj.0.bias"])),
+                    sd["proj.2.weight"], sd["proj.2.bias"])
+    res = F.linear(x, sd["shortcut.weight"], sd["shortcut.bias"]) if "shortcut.weight" in sd else x
+    h = main + (torch.sigmoid(sd["gate"]) * res if "gate" in sd else res)
+    h = F.normalize(h, dim=-1)
+    post = F.linear(F.gelu(F.linear(h, sd["post_mlp.0.weight"], sd["post_mlp.0.bias"])),
+                    sd["post_mlp.3.weight"], sd["post_mlp.3.bias"])
+    return F.normalize(post, dim=-1)
+
+
+@pytest.mark.parametrize("hidden,gate,out", [(256, True, 128), (512, True, 128), (512, False, 128),
+                                             (128, False, 128), (256, True, 64)])
+def test_every_reference_layout_loads_and_exports_back(tmp_path, hidden, gate, out) -> None:
+    """Reference checkpoints of any hidden width, with or without the gate (and with the
+    identity shortcut of a 64-d output) load strictly and give the reference's outputs;
+    export_reference writes them back as the reference's load_head reads them (it takes
+    out_dim from proj.2, hidden from post_mlp.0 and the gate from the key's presence)."""
+    sd = _reference_state(hidden, gate, out)
+    txt = {"proj.weight": 0.1 * torch.randn(out, 384), "proj.bias": torch.zeros(out)}
+    src = tmp_path / "ref.pth"
+    torch.save({"ae_state_dict": sd, "txt_state_dict": txt, "epoch": 9,
+                "hyper_parameters": {"model": {"hidden_dim": hidden, "out_dim": out}}}, src)
+    ae = load_projector(src)
+    assert ae.layout() == {"in_dim": 64, "proj_dim": 256, "hidden_dim": hidden, "out_dim": out,
+                           "use_gate": gate, "shortcut": "identity" if out == 64 else "linear"}
+    x = _x()
+    torch.testing.assert_close(ae(x), _reference_forward(sd, x), rtol=1e-6, atol=1e-6)
+    back = tmp_path / "back.pth"
+    export_reference(load_checkpoint(src), back)
+    raw = torch.load(back, weights_only=True)
+    assert raw["ae_state_dict"].keys() == sd.keys()
+    assert all(torch.equal(raw["ae_state_dict"][k], sd[k]) for k in sd)
+    r = raw["ae_state_dict"]
+    assert (r["proj.2.weight"].shape[0], r["post_mlp.0.weight"].shape[0], "gate" in r) == \
+        (out, hidden, gate)
+    assert raw["hyper_parameters"]["model"]["hidden_dim"] == hidden
+
+
+def test_a_first_layer_the_reference_cannot_build_is_not_exported(tmp_path) -> None:
+    ae, txt = AEProj(proj_dim=128), TextProj()
+    p = tmp_path / "ck.pt"
+    save_checkpoint(p, ae, txt, config={"in_dim": 64, "text_dim": 384, "proj_dim": 128},
+                    epoch=0)
+    assert load_projector(p).layout()["proj_dim"] == 128  # ours loads it
+    with pytest.raises(CheckpointError, match="train.proj_dim=256"):
+        export_reference(p)
+
+
+def test_the_defaults_are_the_reference_training_config() -> None:
+    from aether_scale.config import TrainSection
+
+    t = TrainSection()
+    assert (t.dropout, t.proj_dim, t.hidden_dim, t.use_gate, t.val_fraction) == \
+        (0.0, 256, 256, True, 0.0)
+    assert AEProj().post_mlp[2].p == 0.0

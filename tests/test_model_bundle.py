@@ -207,8 +207,9 @@ def test_a_safetensors_file_without_our_metadata_or_keys_is_refused(model_dir, t
         load_checkpoint(plain)
     meta = {"format": "aether_scale/bundle", "format_version": "1"}
     part = tmp_path / "part.safetensors"
-    save_file({k: v for k, v in tensors.items() if k != "ae.gate"}, part, metadata=meta)
-    with pytest.raises(CheckpointError, match=r"part\.safetensors: ae_state_dict lacks \['gate'\]"):
+    save_file({k: v for k, v in tensors.items() if k != "ae.proj.0.bias"}, part, metadata=meta)
+    with pytest.raises(CheckpointError,
+                       match=r"part\.safetensors: ae_state_dict lacks \['proj\.0\.bias'\]"):
         load_projector(part)
     odd = tmp_path / "odd.safetensors"
     save_file({**tensors, "head.w": torch.zeros(2)}, odd, metadata=meta)

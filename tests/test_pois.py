@@ -380,6 +380,17 @@ def test_template_variants():
     d = build_descriptions(ready, template="{name}", template_no_name="", append_name=False,
                            index=idx)
     assert d[0] == "A place of retail, a type of shops."
+    # descriptions that already hold the name (the reference's "…, named X." format, any
+    # case) are not named twice, and are flagged for the stage's count
+    named = {"name": s("Costa", "Boots", "Tesco"), "category": None, "subcategory": None,
+             "description": s("A place of cafes, named Costa.", "A place of shops, named BOOTS.",
+                              "A place of supermarkets.")}
+    flags = np.zeros(3, dtype=bool)
+    d = build_descriptions(named, template="{name}", template_no_name="", index=idx,
+                           named=flags)
+    assert list(d) == ["A place of cafes, named Costa.", "A place of shops, named BOOTS.",
+                       "A place of supermarkets, named Tesco."]
+    assert flags.tolist() == [True, True, False]
 
 
 def test_clean_text_rules():

@@ -21,7 +21,7 @@ from aether_scale.train import (
     cosine_lr,
     train_model,
 )
-from aether_scale.train.loader import Shard, subsample_rows
+from aether_scale.train.loader import Shard, split_rows, subsample_rows
 from aether_scale.train.stage import train_jobs
 from aether_scale.workspace import Workspace
 
@@ -199,6 +199,40 @@ def test_noaug_and_train_fraction(store, tmp_path) -> None:
     assert np.array_equal(a, b) and len(np.unique(a)) == 300
     assert not np.array_equal(a, subsample_rows(1000, 0.3, 1))
     assert subsample_rows(1000, 1.0, 0) is None
+
+
+def test_validation_split_selects_the_checkpoint_and_epochs_are_kept(store, tmp_path) -> None:
+    """train.val_fraction holds triplets out and picks the checkpoint on their L_AP (the
+    reference's val_ratio); save_every keeps periodic checkpoints."""
+    out = tmp_path / "m"
+    s = train_model(store, small_cfg(epochs=4, val_fraction=0.2, save_every=2), str(out),
+                    log=None)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_triplets"] == 800 and m["n_triplets_val"] == 200 and m["selected_on"] == "val_L_AP"
+    vals = [e["val_L_AP"] for e in m["epochs"]]
+    assert all(np.isfinite(vals)) and m["best_epoch"] == int(np.argmin(vals)) == s["best_epoch"]
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == m["best_epoch"]
+    assert sorted(p.name for p in out.glob("epoch_*.pt")) == ["epoch_0002.pt", "epoch_0004.pt"]
+    assert load_checkpoint(out / "epoch_0002.pt")["epoch"] == 1
+    tr, va = split_rows(1000, 0.5, 0.2, 0)
+    assert len(va) == 200 and len(tr) == 400 and not set(tr) & set(va)
+    assert split_rows(1000, 0.3, 0.0, 0)[1] is None
+    assert np.array_equal(split_rows(1000, 0.3, 0.0, 0)[0], subsample_rows(1000, 0.3, 0))
+
+
+@pytest.mark.parametrize("kw", [{"use_gate": False}, {"hidden_dim": 512}, {"out_dim": 64}])
+def test_reference_layouts_train_and_export(store, tmp_path, kw) -> None:
+    """Layouts off the fused path (no gate, identity shortcut) and wider post-MLPs train,
+    load with their layout, and export to the reference format."""
+    from aether_scale.model import export_reference
+
+    out = tmp_path / "m"
+    s = train_model(store, small_cfg(epochs=2, **kw), str(out), log=None)
+    assert np.isfinite(s["best_L_AP"])
+    lay = load_projector(out).layout()
+    assert lay["proj_dim"] == 256 and all(lay[k] == v for k, v in kw.items())
+    ref = export_reference(out / "checkpoint.pt")
+    assert ("gate" in ref["ae_state_dict"]) == lay["use_gate"]
 
 
 def test_cosine_schedule_ends_at_the_final_fraction() -> None:

@@ -38,6 +38,7 @@ from .sections import (
     RegionsSection,
     RunConfig,
     Section,
+    SweepSection,
     SynthSection,
     TextSection,
     TrainSection,

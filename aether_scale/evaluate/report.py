@@ -26,7 +26,7 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 __all__ = ["format_table", "write_report", "plot_metrics", "plot_fields", "plot_loss",
-           "PAPER_TABLE1", "SCALE", "METHOD_ORDER"]
+           "PAPER_TABLE1", "SCALE", "METHOD_ORDER", "format_paired", "paired"]
 
 # metric → (scale, column title)
 SCALE: dict[str, tuple[float, str]] = {
@@ -85,6 +85,50 @@ def format_table(metrics: dict[str, Any]) -> str:
     for m in _methods(metrics):
         cells = [_cell(metrics.get(t, {}).get(m, {}).get(k), SCALE[k][0]) for t, k in COLUMNS]
         lines.append(f"| {method_label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(metrics: dict[str, Any], task: str, method: str, base: str = "AE"
+           ) -> dict[str, Any] | None:
+    """Per-seed paired difference of ``method`` against ``base`` on ``task``'s main metric
+    (same split in each seed): LUC F1 in points (method − base), SDM KL as the relative
+    gain in % ((base − method) / base; positive = better). Mean, std, the 95 % t
+    interval of the mean, and whether it excludes 0. None without both methods."""
+    from scipy import stats
+
+    key = "f1" if task == "luc" else "kl"
+    a = metrics.get(task, {}).get(method, {}).get(key)
+    b = metrics.get(task, {}).get(base, {}).get(key)
+    if not a or not b or len(a) != len(b):
+        return None
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = (a - b) * 100 if task == "luc" else (b - a) / b * 100
+    n = len(d)
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
+    lo, hi = float(d.mean()) - half, float(d.mean()) + half
+    return {"mean": float(d.mean()), "std": sd, "ci95": [lo, hi], "seeds": n,
+            "per_seed": [float(v) for v in d], "beyond_noise": bool(n > 1 and (lo > 0 or hi < 0))}
+
+
+def format_paired(metrics: dict[str, Any]) -> str:
+    """Markdown table of :func:`paired` for every method against AE (both tasks)."""
+    head = ("| Model vs AE (same split per seed) | LUC F1 − AE, points [95 % CI] | "
+            "SDM KL gain over AE, % [95 % CI] |")
+    lines = [head, "|---|---:|---:|"]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        lo, hi = r["ci95"]
+        tag = "" if r["beyond_noise"] else " (within noise)"
+        return f"{r['mean']:+.1f} ± {r['std']:.1f} [{lo:+.1f}, {hi:+.1f}]{tag}"
+
+    for m in _methods(metrics):
+        if m == "AE":
+            continue
+        lines.append(f"| {method_label(m)} | {cell(paired(metrics, 'luc', m))} | "
+                     f"{cell(paired(metrics, 'sdm', m))} |")
     return "\n".join(lines)
 
 
@@ -174,6 +218,15 @@ def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any]
         "",
         table,
         "",
+        "## Paired differences against AE",
+        "",
+        "Per seed, each method and AE are scored on the same test units; the difference is "
+        "taken per seed, then summarised: mean ± std over seeds and the 95 % t interval of "
+        "the mean. \"Within noise\": the interval includes 0 — the seeds cannot tell the "
+        "method from AE.",
+        "",
+        format_paired(metrics),
+        "",
         "## Findings checked",
         "",
         *(_findings(metrics) or ["- (not enough methods to compare)"]),
@@ -204,7 +257,7 @@ def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any]
     if figs:
         md += ["## Plots", ""] + [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figs]
     fs.pipe_file(_join(out_dir, "report.md"), ("\n".join(md) + "\n").encode("utf-8"))
-    return table + "\n" + "\n".join(_findings(metrics))
+    return table + "\n\n" + format_paired(metrics) + "\n" + "\n".join(_findings(metrics))
 
 
 # --------------------------------------------------------------------------- plots

@@ -36,6 +36,7 @@ from ..model import (
     BUNDLE_WEIGHTS,
     CHECKPOINT_NAME,
     CheckpointError,
+    ae_layout,
     load_checkpoint,
     load_projector,
     load_text_projector,
@@ -172,9 +173,12 @@ def _card(ck: Mapping[str, Any], hist: list, src: str, name: str, variant: str,
           ws: Workspace | None) -> dict[str, Any]:
     cfg = dict(ck.get("config") or {})
     ae, txt = ck["ae_state_dict"], ck["txt_state_dict"]
-    i, h = int(ae["proj.0.weight"].shape[1]), int(ae["proj.0.weight"].shape[0])
-    o, td = int(ae["proj.2.weight"].shape[0]), int(txt["proj.weight"].shape[1])
-    p = float(cfg.get("dropout", 0.1))
+    lay = ae_layout(ae)
+    i, f, h, o = lay["in_dim"], lay["proj_dim"], lay["hidden_dim"], lay["out_dim"]
+    td = int(txt["proj.weight"].shape[1])
+    p = float(cfg.get("dropout", 0.0))
+    gate = "sigmoid(gate)·shortcut(x)" if lay["use_gate"] else "shortcut(x)"
+    short = f"Linear({i},{o})" if lay["shortcut"] == "linear" else "identity"
     te = cfg.get("text_encoder")
     m = ck.get("metrics") or {}
     best = m.get("best") if isinstance(m.get("best"), Mapping) else (m or None)
@@ -185,10 +189,11 @@ def _card(ck: Mapping[str, Any], hist: list, src: str, name: str, variant: str,
         "source": {"checkpoint": os.path.abspath(src), "source_format": ck.get("source_format"),
                    "epoch": ck.get("epoch"), "checkpoint_created_at": ck.get("created_at")},
         "architecture": {
-            "ae_projector": {"class": "AEProj", "in_dim": i, "hidden_dim": h, "out_dim": o,
-                             "dropout": p, "sigmoid_gate": float(torch.sigmoid(ae["gate"])),
-                             "formula": [f"h = proj(x) + sigmoid(gate)·shortcut(x); proj = Linear("
-                                         f"{i},{h})-ReLU-Linear({h},{o}), shortcut = Linear({i},{o})",
+            "ae_projector": {"class": "AEProj", **lay, "dropout": p,
+                             "sigmoid_gate": (float(torch.sigmoid(ae["gate"]))
+                                              if lay["use_gate"] else None),
+                             "formula": [f"h = proj(x) + {gate}; proj = Linear("
+                                         f"{i},{f})-ReLU-Linear({f},{o}), shortcut = {short}",
                                          "h = h / ‖h‖",
                                          f"out = post_mlp(h) / ‖post_mlp(h)‖; post_mlp = Linear({o},"
                                          f"{h})-GELU-Dropout({p})-Linear({h},{o})"]},
@@ -315,7 +320,8 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
         a, td = card["architecture"]["ae_projector"], card["architecture"]["text_projector"]
         meta = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "name": name,
-                "in_dim": str(a["in_dim"]), "hidden_dim": str(a["hidden_dim"]),
+                "in_dim": str(a["in_dim"]), "proj_dim": str(a["proj_dim"]),
+                "hidden_dim": str(a["hidden_dim"]), "use_gate": str(a["use_gate"]).lower(),
                 "out_dim": str(a["out_dim"]), "dropout": str(a["dropout"]),
                 "text_dim": str(td["in_dim"]),
                 "text_encoder": json.dumps(ck["config"].get("text_encoder")),

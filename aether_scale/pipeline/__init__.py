@@ -43,7 +43,7 @@ from .registry import (
     stage_names,
     train_variants,
 )
-from .run import StageContext, check_ready, run_stage, run_stages
+from .run import StageContext, check_ready, is_current, run_stage, run_stages
 from .status import StageStatus, status
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "external_input",
     "flatten",
     "is_complete",
+    "is_current",
     "learned_config",
     "plan",
     "producer",

@@ -52,7 +52,9 @@ def runtime_config(st: Stage, cfg: RunConfig) -> dict[str, Any]:
 def _train_legacy(sec: dict[str, Any]) -> dict[str, Any]:
     # keys added after the first release, at the value that reproduces the older behaviour,
     # stay out of the key (checkpoints and workspaces from before them stay current)
-    return {k: v for k, v in sec.items() if not (k == "precision" and v == "float32")}
+    from ..config.sections import TRAIN_LEGACY_DEFAULTS as old
+
+    return {k: v for k, v in sec.items() if not (k in old and v == old[k])}
 
 
 _LEGACY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"train": _train_legacy}

@@ -144,7 +144,7 @@ STAGES: tuple[Stage, ...] = (
           memory=_stage_fn("pool", "worker_memory"), version=2),
     Stage("train", "train the AETHER projector (and train.variants) → model/", "train",
           _stage_fn("train", "build"), reads=("triplets.zarr",), writes=("model",),
-          runtime_keys=frozenset({"device", "threads", "prefetch", "in_memory"}),
+          runtime_keys=frozenset({"device", "threads", "prefetch", "in_memory", "save_every"}),
           cluster=False, version=2, ranks="aether_scale.train.stage"),
     Stage("infer", "projector over every AE pixel → field.zarr (one per model)", "infer",
           _stage_fn("infer", "build"), reads=("ae.zarr", "model"), writes=("field.zarr",),

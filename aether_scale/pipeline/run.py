@@ -16,7 +16,7 @@ from ..workspace import StageResult, Work, Workspace
 from .keys import StagePlan, available, plan
 from .registry import ARTIFACTS, Stage, is_complete, producer, stage
 
-__all__ = ["StageContext", "check_ready", "run_stage", "run_stages"]
+__all__ = ["StageContext", "check_ready", "is_current", "run_stage", "run_stages"]
 
 @dataclass
 class StageContext:
@@ -150,6 +150,11 @@ def run_stages(names: Sequence[str], ws: Workspace | str, cfg: RunConfig, *,
             session.require(st.needs_cluster(cfg) and (force or not _current(st, ws, cfg)))
             results.append(run_stage(name, ws, cfg, force=force, wait=wait))
     return results
+
+
+def is_current(name: str, ws: Workspace, cfg: RunConfig) -> bool:
+    """Whether stage ``name`` would be skipped if it ran now on ``ws`` with ``cfg``."""
+    return _current(stage(name), ws, cfg)
 
 
 def _current(st: Stage, ws: Workspace, cfg: RunConfig) -> bool:

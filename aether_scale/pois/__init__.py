@@ -37,7 +37,9 @@ Bad rows. Every row ends in exactly one bucket of the manifest's
 Repairs that keep the row, counted in ``stats["repaired"]``:
 ``non_point`` (lines/polygons/multi-geometries → ``shapely.point_on_surface``, a
 point guaranteed inside the shape) and ``encoding`` (a CSV byte sequence that is
-not valid in the declared encoding is decoded as cp1252 / latin-1). Every text
+not valid in the declared encoding is decoded as cp1252 / latin-1), and
+``already_named`` (a ready description that already says "named <name>", the
+reference's "…, named X." format, does not get ", named X." a second time). Every text
 field is Unicode NFC-normalised, control and zero-width characters become
 spaces, runs of whitespace collapse to one, and ends are trimmed.
 

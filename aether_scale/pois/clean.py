@@ -108,13 +108,17 @@ def build_descriptions(
     template_no_name: str,
     append_name: bool = True,
     index: pd.Index,
+    named: np.ndarray | None = None,
 ) -> pd.Series:
     """Descriptions for one partition from already-cleaned role columns.
 
     ``cols`` maps ``name``/``category``/``subcategory``/``description`` to a string
     Series (missing = NA) or None when the role is not mapped. A row with a ready
     description uses it (plus ``", named <name>."`` when ``append_name`` and a name
-    exists — a trailing period of the description is dropped first); otherwise the
+    exists — a trailing period of the description is dropped first — unless the
+    description already says ``"named <name>"`` (any case), as the reference's own POI
+    format ``"…, named X."`` does: those rows are left as they are and flagged True in ``named``, a bool
+    array the caller passes to count them); otherwise the
     template when a name exists, else ``template_no_name``. Missing template fields
     other than ``name`` make the description NA (the row is dropped as ``empty_text``).
     """
@@ -129,8 +133,16 @@ def build_descriptions(
     if ready is not None:
         r = ready
         if append_name:
-            named = r.str.replace(r"[\s.]+$", "", regex=True) + ", named " + name + "."
-            r = named.where(has_name & r.notna(), r)
+            both = (has_name & r.notna()).to_numpy()
+            holds = np.zeros(len(r), dtype=bool)
+            if both.any():  # "named <name>" already in the text (any case): not twice
+                holds[both] = [f"named {n}".casefold() in d.casefold() for n, d in zip(
+                    name[both].to_numpy(dtype=object), r[both].to_numpy(dtype=object),
+                    strict=True)]
+            if named is not None:
+                named |= holds
+            plus = r.str.replace(r"[\s.]+$", "", regex=True) + ", named " + name + "."
+            r = plus.where(pd.Series(both & ~holds, index=r.index), r)
         # ready description first; the template fills rows that have none
         out = r.where(r.notna(), out)
     return out.mask(out.str.len() == 0)

@@ -105,8 +105,9 @@ def _prepare(
             repaired |= rep.to_numpy()
         else:
             cols[role] = None
+    already_named = np.zeros(n, dtype=bool)
     desc = build_descriptions(cols, template=template, template_no_name=template_no_name,
-                              append_name=spec.append_name, index=pdf.index)
+                              append_name=spec.append_name, index=pdf.index, named=already_named)
     drop(desc.isna().to_numpy(), "empty_text")
 
     # reproject and locate in the AE grid
@@ -144,6 +145,7 @@ def _prepare(
     out["_row"] = np.arange(n, dtype=np.int64)
     out["_non_point"] = non_point
     out["_repaired"] = repaired
+    out["_named"] = already_named
     return out
 
 
@@ -164,6 +166,7 @@ def _part_stats(part: pd.DataFrame) -> dict[str, int]:
         out[name] = int((r == code).sum())
     out["non_point"] = int(part["_non_point"].to_numpy()[r == _KEEP].sum())
     out["encoding"] = int(part["_repaired"].to_numpy()[r == _KEEP].sum())
+    out["already_named"] = int(part["_named"].to_numpy()[r == _KEEP].sum())
     return out
 
 

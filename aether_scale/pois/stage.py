@@ -159,7 +159,8 @@ def process_pois(pcfg: PoisSection, grid: RasterGrid, out_path: str) -> dict[str
         "rows_read": total["rows"],
         "kept": kept,
         "dropped": dropped,
-        "repaired": {"non_point": total["non_point"], "encoding": total["encoding"]},
+        "repaired": {"non_point": total["non_point"], "encoding": total["encoding"],
+                     "already_named": total["already_named"]},
         "sources": [
             {"path": s.path, "rows_read": per_source[s.index]["rows"],
              "kept": per_source[s.index]["rows"]
@@ -189,8 +190,13 @@ def build(ctx) -> dict[str, Any]:
     grid = raster_grid(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
     stats = process_pois(ctx.cfg.pois, grid, ctx.outputs["pois.parquet"])
     dropped = ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items() if v) or "none"
+    fixed = {"non_point": "non-point geometries → a point on them",
+             "encoding": "bad bytes decoded as cp1252", "already_named":
+             "descriptions already naming the POI, name not appended again"}
+    repaired = "; ".join(f"{fixed[k]} {v:,}" for k, v in stats["repaired"].items() if v)
     ctx.log.info(f"[pois] kept {stats['kept']:,} of {stats['rows_read']:,} POIs "
-                 f"(dropped: {dropped}) in {stats['files']} part file(s)")
+                 f"(dropped: {dropped}) in {stats['files']} part file(s)"
+                 + (f"; repaired: {repaired}" if repaired else ""))
     if stats["kept"] == 0:
         raise PoiInputError(_nothing_kept(stats, grid, ctx.cfg.pois))
     return stats

@@ -58,6 +58,21 @@ def subsample_rows(n: int, fraction: float, seed: int) -> np.ndarray | None:
     return np.sort(rng.choice(n, size=min(k, n), replace=False))
 
 
+def split_rows(n: int, train_fraction: float, val_fraction: float, seed: int
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(train rows or None for all, validation rows or None)``: ``val_fraction`` of the
+    rows held out (fixed ``seed``), then ``train_fraction`` of the rest. Without a
+    validation part this is :func:`subsample_rows` (the same rows as before)."""
+    if val_fraction <= 0:
+        return subsample_rows(n, train_fraction, seed), None
+    k = max(1, int(round(val_fraction * n)))
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x7A1])
+    val = np.sort(rng.choice(n, size=min(k, n - 2), replace=False))
+    rest = np.setdiff1d(np.arange(n), val, assume_unique=True)
+    sub = subsample_rows(rest.size, train_fraction, seed)
+    return (rest if sub is None else rest[sub]), val
+
+
 # --------------------------------------------------------------------------- batching plans
 @dataclass(frozen=True)
 class Shard:

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..config import TrainSection
+from ..config.sections import TRAIN_LEGACY_DEFAULTS
 from ..devices import choose_threads, resolve_device
 from ..loss import AetherLoss
 from ..model import (
@@ -57,7 +58,7 @@ from ..model import (
 from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
 from .fused import fused_ae_forward, fused_text_forward
-from .loader import InMemoryBatches, Shard, StreamingBatches, subsample_rows
+from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
     compute_dtype,
     make_optimizer,
@@ -71,11 +72,8 @@ __all__ = ["cosine_lr", "train_model"]
 
 METRICS_NAME = "metrics.json"
 # Config keys that do not change what is learned (may differ on resume).
-_RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory"})
-# Learned keys added after the first release, with the value that reproduces the older
-# behaviour: left out of comparisons and hashes at that value, so checkpoints and
-# workspaces from before them stay resumable and current.
-_LEGACY_DEFAULTS = {"precision": "float32"}
+_RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory", "save_every"})
+_LEGACY_DEFAULTS = TRAIN_LEGACY_DEFAULTS
 
 
 def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
@@ -106,6 +104,34 @@ class _Heads(nn.Module):
         with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=low):
             z, z_t = self.ae(x), self.txt(t)
         return z.float(), z_t.float()
+
+
+@torch.no_grad()
+def _validate(heads: _Heads, val: InMemoryBatches, cfg: TrainSection, *, use_aug: bool
+              ) -> dict[str, float]:
+    """The held-out triplets' mean losses in eval mode (no dropout), over fixed batches of
+    ``val.batch_size`` rows in store order, one process (every rank gets the same)."""
+    was = heads.training
+    heads.eval()
+    loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=use_aug)
+    sums = np.zeros(3)
+    nb = 0
+    b = val.batch_size
+    for a in range(0, max(val.n - b + 1, 1), b):
+        base, text = val.base[a:a + b], val.text[a:a + b]
+        if use_aug:
+            z, z_p = heads(torch.cat((base, val.aug[a:a + b])), text)
+            z_b, z_a = z.split(base.shape[0])
+        else:
+            (z_b, z_p), z_a = heads(base, text), None
+        out = loss_fn(z_b, z_a, z_p)
+        sums += [float(out.loss), float(out.L_AE) if out.L_AE is not None else 0.0,
+                 float(out.L_AP)]
+        nb += 1
+    heads.train(was)
+    m = sums / max(nb, 1)
+    return {"val_loss": float(m[0]), "val_L_AE": float(m[1]) if use_aug else None,
+            "val_L_AP": float(m[2])}
 
 
 def _learned_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +208,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
 
     # ---- data
     store = TripletStore(triplets_uri, storage_options=storage_options, need_aug=cfg.use_aug)
-    rows = subsample_rows(store.n, cfg.train_fraction, cfg.seed)
+    rows, val_rows = split_rows(store.n, cfg.train_fraction, cfg.val_fraction, cfg.seed)
     n_rows = store.n if rows is None else len(rows)
     if state is not None:
         kind = state["loader"]
@@ -209,10 +235,16 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
 
     # ---- model, optimizer, loss
     torch.manual_seed(cfg.seed)
-    ae = AEProj(store.in_dim, cfg.hidden_dim, cfg.out_dim, dropout=cfg.dropout, gate_init=cfg.gate_init)
+    ae = AEProj(store.in_dim, cfg.hidden_dim, cfg.out_dim, dropout=cfg.dropout,
+                gate_init=cfg.gate_init, proj_dim=cfg.proj_dim, use_gate=cfg.use_gate)
     txt = TextProj(store.text_dim, cfg.out_dim)
     gemm_dtype = compute_dtype(cfg, device, say)
-    heads = _Heads(ae, txt, fused=device.type == "cpu", compute_dtype=gemm_dtype).to(device)
+    # the fused CPU kernels cover the gated, linear-shortcut layout; others run the modules
+    fused = device.type == "cpu" and cfg.use_gate and isinstance(ae.shortcut, nn.Linear)
+    heads = _Heads(ae, txt, fused=fused, compute_dtype=gemm_dtype).to(device)
+    val = (InMemoryBatches(store, batch_size=min(cfg.batch_size, len(val_rows)), rows=val_rows,
+                           seed=cfg.seed, device=device) if val_rows is not None else None)
+    select = "val_L_AP" if val is not None else "L_AP"
     if shard.world_size > 1:  # same initial weights on every rank, but each its own dropout masks
         torch.manual_seed(rank_seed(cfg.seed, shard.rank))
     full_cfg = {**cfg_dict, "in_dim": store.in_dim, "text_dim": store.text_dim, "n_triplets": n_rows,
@@ -258,6 +290,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     # What this run was: recorded in metrics.json and returned to the stage's manifest.
     run_info = {
         "n_triplets": n_rows,
+        "n_triplets_val": 0 if val is None else val.n,
+        "selected_on": select,
         "n_triplets_store": store.n,
         "device": str(device),
         "precision": cfg.precision,
@@ -313,8 +347,10 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 "lr_end": cosine_lr(step, total_steps, cfg.lr, cfg.lr_final_frac),
                 "seconds": round(time.perf_counter() - t0, 4),
             }
+            if val is not None:
+                rec.update(_validate(heads, val, cfg, use_aug=cfg.use_aug))
             history.append(rec)
-            improved = best is None or rec["L_AP"] < best["L_AP"]
+            improved = best is None or rec[select] < best[select]
             if improved:
                 best = dict(rec)
             rng = rng_state(device)
@@ -331,10 +367,16 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                                     metrics={"best": best, "epochs": history})
                 save_checkpoint(last_path, ae, txt, config=full_cfg, epoch=epoch,
                                 metrics={"best": best, "epochs": history}, extra=extra)
+                if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                    save_checkpoint(os.path.join(out_dir, f"epoch_{epoch + 1:04d}.pt"), ae, txt,
+                                    config=full_cfg, epoch=epoch,
+                                    metrics={"best": best, "epochs": history})
                 write_json(metrics_path, metrics_doc())
             ae_s = f" L_AE {rec['L_AE']:.4f}" if rec["L_AE"] is not None else ""
+            val_s = f" val L_AP {rec['val_L_AP']:.4f}" if val is not None else ""
             say(f"[train] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f}{ae_s} "
-                f"L_AP {rec['L_AP']:.4f} lr {lr:.2e} {rec['seconds']:.2f} s" + (" *" if improved else ""))
+                f"L_AP {rec['L_AP']:.4f}{val_s} lr {lr:.2e} {rec['seconds']:.2f} s"
+                + (" *" if improved else ""))
     finally:
         batches.close()
     if is_main and not os.path.exists(metrics_path) and history:
@@ -342,6 +384,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     return {
         "best_epoch": best["epoch"] if best else None,
         "best_L_AP": best["L_AP"] if best else None,
+        "best_val_L_AP": best.get("val_L_AP") if best else None,
         "epochs_run": cfg.epochs - start_epoch,
         "resumed_from_epoch": start_epoch if state is not None else None,
         **run_info,
