@@ -17,7 +17,9 @@ def test_demo_runs_every_stage_then_resumes(tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO")
     ws = tmp_path / "demo"
     out = run_demo(str(ws), overrides=TINY_DEMO)
-    assert set(out) == {"workspace", "results", "city", "retrieval", "summary"}
+    assert set(out) == {"workspace", "results", "city", "retrieval", "sweep", "summary"}
+    assert [p["state"] for p in out["sweep"]["points"]] == ["ran", "ran"]  # the λ study
+    assert "## Metric vs λ" in out["summary"] and "| 0.9 |" in out["summary"]
     assert out["workspace"] == str(ws)
     assert [r.stage for r in out["results"]] == stage_names()
     assert not any(r.skipped for r in out["results"])
@@ -45,6 +47,7 @@ def test_demo_runs_every_stage_then_resumes(tmp_path, caplog, monkeypatch):
     assert all(r.skipped for r in again["results"])
     assert caplog.text.count("up to date (manifest matches) — skipped") == len(stage_names())
     assert "stages run: none (all current)" in again["summary"]
+    assert [p["state"] for p in again["sweep"]["points"]] == ["reused", "reused"]
     assert "already written for this config" in caplog.text  # the city is not rewritten
 
 

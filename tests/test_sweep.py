@@ -55,6 +55,7 @@ def test_the_demo_sweep_borrowed_what_it_did_not_change(tiny_demo):
         assert set(m["sdm"]) == {"AE", "AETHER"}
     md = (root / "sweep.md").read_text()
     assert "| 0.9 |" in md and (root / "lam.png").stat().st_size > 10_000
+    assert doc["seeds"] == [0, 1] and "over seeds [0, 1];" in md
     log = tiny_demo["log"].read_text()
     assert "[sweep] lam-0.9: ran train, infer, regions, evaluate" in log
 

@@ -77,14 +77,16 @@ def _curve(points: list[Point], results: Mapping[str, Any], ae: dict, path: str,
 
 def write_sweep_report(root: str, cfg: RunConfig, points: Sequence[Point],
                        results: Mapping[str, Any], failed: Mapping[str, str], *,
-                       seconds: float) -> dict[str, Any]:
-    """Write ``root/sweep.json``, ``root/sweep.md`` and the plots; return the summary."""
+                       seconds: float, seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """Write ``root/sweep.json``, ``root/sweep.md`` and the plots; return the summary.
+    ``seeds``: the evaluation seeds of the points (``sweep.overrides`` may change them)."""
+    seeds = list(seeds if seeds is not None else cfg.evaluate.seeds)
     os.makedirs(root, exist_ok=True)
     ae: dict[str, tuple[float, float] | None] = {}
     for task, key, _s, _l in METRICS:
         ae[task] = next((s for p in points if p.id in results
                          if (s := _stat(results[p.id]["metrics"], task, key, "AE"))), None)
-    doc = {"name": cfg.sweep.name, "seeds": cfg.evaluate.seeds, "seconds": round(seconds, 1),
+    doc = {"name": cfg.sweep.name, "seeds": seeds, "seconds": round(seconds, 1),
            "ae": {t: ({"mean": s[0], "std": s[1]} if s else None) for t, s in ae.items()},
            "points": [{"id": p.id, "study": p.study, "value": p.value, "overrides": p.overrides,
                        "state": ("failed" if p.id in failed else
@@ -97,7 +99,7 @@ def write_sweep_report(root: str, cfg: RunConfig, points: Sequence[Point],
                                    for t, _k, _s, _l in METRICS} if p.id in results else None}
                       for p in points]}
     md = [f"# Sweep `{cfg.sweep.name}`", "",
-          f"AETHER at each point, mean ± std over seeds {cfg.evaluate.seeds}; LUC F1 ×10², "
+          f"AETHER at each point, mean ± std over seeds {seeds}; LUC F1 ×10², "
           "SDM KL ×10³. AE does not depend on the projector: "
           f"LUC F1 {_cell(ae['luc'], 1e2)}, SDM KL {_cell(ae['sdm'], 1e3)}.", ""]
     figs = []

@@ -222,7 +222,8 @@ def sweep(workspace: str, config: str | None = None, overrides: Sequence[str] | 
                 failed[p.id] = f"{type(e).__name__}: {e}"
                 log.error(f"[sweep] {p.id} failed: {failed[p.id]} (log: {root}/{p.id}/sweep.log)")
     summary = write_sweep_report(root, cfg, points, results, failed,
-                                 seconds=time.perf_counter() - t0)
+                                 seconds=time.perf_counter() - t0,
+                                 seeds=cfgs[points[0].id].evaluate.seeds)
     if failed:
         raise SweepError(f"{len(failed)} of {len(points)} sweep point(s) failed: "
                          f"{', '.join(sorted(failed))}; the others are in {root}/sweep.json. "
