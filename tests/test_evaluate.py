@@ -302,3 +302,16 @@ def test_paired_differences_against_ae_by_hand():
     md = format_paired(metrics)
     assert "| TF-IDF | – |" in md and "(within noise)" in md.split("TF-IDF")[1]
     assert "+25.0 ± 0.0" in md
+
+
+def test_heads_in_processes_give_the_same_numbers():
+    """evaluate.workers fits heads in processes; every head is seeded and single-threaded,
+    so the metrics equal the in-process run exactly."""
+    good, noise, y = _luc_data()
+    feats = {"good": good, "noise": noise, "lda": lambda s: good + 0.01 * s}
+    serial = evaluate_task("luc", feats, y, FAST)
+    assert evaluate_task("luc", feats, y, FAST, workers=2) == serial
+    rng = np.random.default_rng(3)
+    q = rng.dirichlet(np.ones(4), size=120)
+    sdm = {"q": np.log(q + 1e-3), "noise": rng.normal(size=(120, 4))}
+    assert evaluate_task("sdm", sdm, q, FAST, workers=2) == evaluate_task("sdm", sdm, q, FAST)

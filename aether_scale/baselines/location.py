@@ -150,6 +150,18 @@ def _fit(model: nn.Module, params: Sequence[nn.Parameter], step: Callable[..., t
     return losses, samples
 
 
+def _run(enc: LocationEncoder, both: nn.Module, read: Callable[[int, int], tuple[np.ndarray, ...]],
+         step: Callable[..., torch.Tensor], *, n: int, chunk_rows: int, batch_size: int,
+         epochs: int, lr: float, seed: int, device: str, log: Callable[[str], None] | None,
+         what: str) -> TrainResult:
+    """Train ``both`` (the encoder and its head) on streamed batches; the encoder on CPU."""
+    t0 = time.perf_counter()
+    losses, samples = _fit(both, list(both.parameters()), step,
+                           lambda rng: _batches(n, chunk_rows, read, batch_size, rng),
+                           epochs=epochs, lr=lr, seed=seed, device=device, log=log, what=what)
+    return TrainResult(enc.cpu(), losses, time.perf_counter() - t0, samples)
+
+
 def train_calliper(xy: np.ndarray, text_read: Callable[[int, int], np.ndarray], chunk_rows: int,
                    *, text_dim: int, encoder: dict[str, Any], epochs: int, batch_size: int,
                    lr: float, tau: float, seed: int, device: str = "cpu",
@@ -177,12 +189,8 @@ def train_calliper(xy: np.ndarray, text_read: Callable[[int, int], np.ndarray], 
         z_txt = F.normalize(head(t.float()), dim=1)
         return symmetric_info_nce(z_loc, z_txt, tau)
 
-    t0 = time.perf_counter()
-    losses, samples = _fit(both, list(both.parameters()), step,
-                           lambda rng: _batches(n, chunk_rows, read, batch_size, rng),
-                           epochs=epochs, lr=lr, seed=seed, device=device, log=log,
-                           what="CaLLiPer+")
-    return TrainResult(enc.cpu(), losses, time.perf_counter() - t0, samples)
+    return _run(enc, both, read, step, n=n, chunk_rows=chunk_rows, batch_size=batch_size,
+                epochs=epochs, lr=lr, seed=seed, device=device, log=log, what="CaLLiPer+")
 
 
 def category_targets(xy: np.ndarray, codes: np.ndarray, n_classes: int, radius_m: float
@@ -224,9 +232,5 @@ def train_space2vec(xy: np.ndarray, targets: Callable[[int, int], np.ndarray], n
     def step(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return -(q * F.log_softmax(head(enc(p)), dim=1)).sum(1).mean()
 
-    t0 = time.perf_counter()
-    losses, samples = _fit(both, list(both.parameters()), step,
-                           lambda rng: _batches(n, chunk_rows, read, batch_size, rng),
-                           epochs=epochs, lr=lr, seed=seed, device=device, log=log,
-                           what="Space2Vec")
-    return TrainResult(enc.cpu(), losses, time.perf_counter() - t0, samples)
+    return _run(enc, both, read, step, n=n, chunk_rows=chunk_rows, batch_size=batch_size,
+                epochs=epochs, lr=lr, seed=seed, device=device, log=log, what="Space2Vec")

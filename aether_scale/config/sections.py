@@ -378,6 +378,8 @@ class EvaluateSection(Section):
         "the head converges — on the demo city that made AE's SDM KL vary ±7 % across seeds"
     )
     weight_decay: float = Field(0.0, ge=0)
+    workers: int | None = Field(None, ge=1, description="processes fitting heads at once "
+                                "(the same numbers for any count); default: every core")
     lda_topics: int = Field(20, ge=2)
     plots: bool = True
 

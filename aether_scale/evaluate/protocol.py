@@ -170,6 +170,19 @@ def train_head(
     return torch.softmax(out, dim=1).numpy().astype(np.float64)
 
 
+def _one(task: str, x: np.ndarray, y: np.ndarray, split: Split, cfg: EvaluateSection,
+         seed: int) -> dict[str, float]:
+    """One method on one seed's split: standardise on train, fit the head, score test."""
+    xs = standardize(np.asarray(x, dtype=np.float64), split.train)
+    pred = train_head(task, xs, y, split, cfg, seed)
+    return luc_metrics(y[split.test], pred) if task == "luc" else sdm_metrics(y[split.test], pred)
+
+
+def _one_threaded(*args: object) -> dict[str, float]:
+    torch.set_num_threads(1)  # tiny heads: one thread is fastest and makes runs reproducible
+    return _one(*args)  # type: ignore[arg-type]
+
+
 def evaluate_task(
     task: str,
     features: dict[str, np.ndarray | Callable[[int], np.ndarray]],
@@ -177,12 +190,15 @@ def evaluate_task(
     cfg: EvaluateSection,
     *,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, dict[str, list[float]]]:
     """Run the protocol for one task: ``{method: {metric: [value per seed]}}``.
 
     ``features`` maps a method to its (n, d) array, or to a function of the
     seed returning it (seed-dependent features such as LDA). ``y``: LUC class
     labels (any integers; mapped to 0…C−1) or SDM (n, B) distributions.
+    ``workers`` > 1 fits the (method, seed) heads in that many processes; every head
+    runs on one thread from its own seed, so the numbers are the same either way.
     """
     n = len(y)
     if task == "luc":
@@ -190,23 +206,37 @@ def evaluate_task(
     else:
         y = np.asarray(y, dtype=np.float64)
     out: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS[task]} for m in features}
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny heads: one thread is fastest and makes runs reproducible
-    try:
-        for seed in cfg.seeds:
-            split = make_split(n, seed, cfg.test_fraction, cfg.val_fraction)
-            for method, feat in features.items():
-                x = feat(seed) if callable(feat) else feat
-                if x.shape[0] != n:
-                    raise ValueError(f"{task}/{method}: {x.shape[0]} feature rows for {n} units")
-                xs = standardize(np.asarray(x, dtype=np.float64), split.train)
-                pred = train_head(task, xs, y, split, cfg, seed)
-                m = (luc_metrics(y[split.test], pred) if task == "luc"
-                     else sdm_metrics(y[split.test], pred))
-                for k, v in m.items():
-                    out[method][k].append(v)
-            if log:
-                log(f"[evaluate] {task}: seed {seed} done")
-    finally:
-        torch.set_num_threads(torch_threads)
+    jobs = []
+    for seed in cfg.seeds:
+        split = make_split(n, seed, cfg.test_fraction, cfg.val_fraction)
+        for method, feat in features.items():
+            x = feat(seed) if callable(feat) else feat
+            if x.shape[0] != n:
+                raise ValueError(f"{task}/{method}: {x.shape[0]} feature rows for {n} units")
+            jobs.append((seed, method, (task, x, y, split, cfg, seed)))
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_one_threaded, *args) for _s, _m, args in jobs]
+            results = []
+            for i, f in enumerate(futs):
+                results.append(f.result())
+                if log and (i + 1) % len(features) == 0:
+                    log(f"[evaluate] {task}: seed {jobs[i][0]} done")
+    else:
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = []
+            for i, (_s, _m, args) in enumerate(jobs):
+                results.append(_one(*args))
+                if log and (i + 1) % len(features) == 0:
+                    log(f"[evaluate] {task}: seed {jobs[i][0]} done")
+        finally:
+            torch.set_num_threads(torch_threads)
+    for (_seed, method, _args), m in zip(jobs, results, strict=True):
+        for k, v in m.items():
+            out[method][k].append(v)
     return out

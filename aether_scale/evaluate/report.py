@@ -237,6 +237,7 @@ def write_report(out_dir: str, metrics: dict[str, Any], run_info: dict[str, Any]
         f"- Splits: random per seed, test {cfg.get('test_fraction')}, validation "
         f"{cfg.get('val_fraction')}, rest train — identical for every method.",
         f"- Head: {cfg.get('head')} (hidden {cfg.get('hidden_dim')}), Adam lr {cfg.get('lr')}, "
+        f"{'full batch' if not cfg.get('batch_size') else 'minibatches of ' + str(cfg.get('batch_size'))}, "
         f"early stopping on validation loss (patience {cfg.get('patience')}, "
         f"≤ {cfg.get('max_epochs')} epochs); features standardised on train.",
         "- LUC: cross-entropy, macro P/R/F1. SDM: softmax head, soft cross-entropy; "

@@ -58,6 +58,17 @@ def task_inputs(regions: RegionTable, task: str, cfg: EvaluateSection,
     return features, y, info
 
 
+def _workers(ec: EvaluateSection) -> int:
+    import os
+
+    if ec.workers is not None:
+        return ec.workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def build(ctx) -> dict[str, Any]:
     """Run the protocol on every task the region tables hold; write ``report/``."""
     ec = ctx.cfg.evaluate
@@ -74,7 +85,8 @@ def build(ctx) -> dict[str, Any]:
             continue
         trained = (ctx.reads["baselines"], ws.fs) if "baselines" in ctx.reads else None
         features, y, info[task] = task_inputs(regions, task, ec, trained)
-        metrics[task] = evaluate_task(task, features, y, ec, log=ctx.log.info)
+        metrics[task] = evaluate_task(task, features, y, ec, log=ctx.log.info,
+                                      workers=_workers(ec))
     if not metrics:
         raise ValueError("no task could be evaluated: regions/ has neither luc nor sdm "
                          "(set regions.luc_points and/or regions.sdm_units)")

@@ -163,7 +163,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", "the paper's Table 1 protocol → report/", "evaluate",
           _stage_fn("evaluate", "build"), reads=("regions",),
           optional_reads=("ae.zarr", "field.zarr", "model", "baselines"), writes=("report",),
-          cluster=False, version=2, on_skip=_stage_fn("evaluate", "show_report")),
+          runtime_keys=frozenset({"workers"}), cluster=False, version=2, on_skip=_stage_fn("evaluate", "show_report")),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}
