@@ -304,9 +304,12 @@ def test_paired_differences_against_ae_by_hand():
     assert "+25.0 ± 0.0" in md
 
 
-def test_heads_in_processes_give_the_same_numbers():
+def test_heads_in_processes_give_the_same_numbers(monkeypatch):
     """evaluate.workers fits heads in processes; every head is seeded and single-threaded,
     so the metrics equal the in-process run exactly."""
+    from aether_scale.evaluate import protocol
+
+    monkeypatch.setattr(protocol, "PARALLEL_MIN_WORK", 0)  # these tiny tasks too
     good, noise, y = _luc_data()
     feats = {"good": good, "noise": noise, "lda": lambda s: good + 0.01 * s}
     serial = evaluate_task("luc", feats, y, FAST)
@@ -315,3 +318,26 @@ def test_heads_in_processes_give_the_same_numbers():
     q = rng.dirichlet(np.ones(4), size=120)
     sdm = {"q": np.log(q + 1e-3), "noise": rng.normal(size=(120, 4))}
     assert evaluate_task("sdm", sdm, q, FAST, workers=2) == evaluate_task("sdm", sdm, q, FAST)
+
+
+def _evaluate_in_daemon(q) -> None:
+    from aether_scale.evaluate import protocol
+
+    protocol.PARALLEL_MIN_WORK = 0
+    good, noise, y = _luc_data()
+    q.put(evaluate_task("luc", {"good": good, "noise": noise}, y, FAST, workers=2))
+
+
+def test_a_daemonic_process_fits_its_heads_itself():
+    """A dask worker under its nanny is daemonic and may not start processes (a sweep
+    point's evaluate runs there): the heads are fitted in-process, same numbers."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_evaluate_in_daemon, args=(q,), daemon=True)
+    p.start()
+    got = q.get(timeout=300)
+    p.join(60)
+    good, noise, y = _luc_data()
+    assert got == evaluate_task("luc", {"good": good, "noise": noise}, y, FAST)

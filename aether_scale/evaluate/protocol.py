@@ -49,6 +49,9 @@ __all__ = [
 
 METRICS = {"luc": ("f1", "precision", "recall"), "sdm": ("kl", "l1", "chebyshev")}
 KL_EPS = 1e-8  # floor on predicted probabilities in KL(q‖p)
+#: units × heads below which heads are fitted in this process even with workers > 1 (a
+#: worker process pays ~2 s to import torch; tiny heads are done sooner than that)
+PARALLEL_MIN_WORK = 50_000
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,9 @@ def evaluate_task(
     ``features`` maps a method to its (n, d) array, or to a function of the
     seed returning it (seed-dependent features such as LDA). ``y``: LUC class
     labels (any integers; mapped to 0…C−1) or SDM (n, B) distributions.
-    ``workers`` > 1 fits the (method, seed) heads in that many processes; every head
-    runs on one thread from its own seed, so the numbers are the same either way.
+    ``workers`` > 1 fits the (method, seed) heads in that many processes (when units ×
+    heads ≥ :data:`PARALLEL_MIN_WORK`); every head runs on one thread from its own seed,
+    so the numbers are the same either way.
     """
     n = len(y)
     if task == "luc":
@@ -214,8 +218,12 @@ def evaluate_task(
             if x.shape[0] != n:
                 raise ValueError(f"{task}/{method}: {x.shape[0]} feature rows for {n} units")
             jobs.append((seed, method, (task, x, y, split, cfg, seed)))
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
+    import multiprocessing as mp
+
+    # a daemonic process (a dask worker under its nanny, e.g. a sweep point) may not
+    # start children: its heads are fitted here
+    if (workers > 1 and len(jobs) > 1 and n * len(jobs) >= PARALLEL_MIN_WORK
+            and not mp.current_process().daemon):
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
