@@ -86,7 +86,7 @@ def test_a_killed_sweep_resumes_and_other_radii_pool_their_own(tiny_demo, tmp_pa
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     first = {d.parent.parent.name: d.stat().st_mtime_ns for d in root.glob("*/report/metrics.json")}
-    assert 1 <= len(first) < 4
+    assert 0 < len(first) < 4  # killed after some, not all, points finished
     out = subprocess.run(_sweep_cmd(ws, *over), env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
