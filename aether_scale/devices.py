@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["DeviceError", "bf16_problem", "choose_threads", "resolve_device"]
+__all__ = ["DeviceError", "bf16_problem", "choose_threads", "local_cores", "resolve_device"]
 
 
 class DeviceError(ValueError):
@@ -66,6 +66,12 @@ def resolve_device(spec: str, *, key: str) -> Any:
 _BUSY_PERCENT = 50.0
 
 
+def local_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 def choose_threads(requested: int | None, *, key: str) -> tuple[int, str]:
     """Torch intra-op threads for work in this process, and why.
 
@@ -75,8 +81,7 @@ def choose_threads(requested: int | None, *, key: str) -> tuple[int, str]:
     busy: 2.3 s/epoch with 2 threads, 0.9 s with 1; idle, 2 threads are 1.5× faster than
     1). The state of the cores is sampled once, for 0.2 s.
     """
-    n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    n_cores = local_cores()
     if requested:
         return int(requested), f"{key}={requested}"
     try:

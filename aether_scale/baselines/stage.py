@@ -120,14 +120,10 @@ class _Inputs:
                 raise ValueError(f"{self.ctx.reads['pois.parquet']}: no column {col!r} (found "
                                  f"{t.columns}) — set baselines.type_column to the POI type "
                                  "column, or drop space2vec/place2vec from baselines.methods")
-            df = t.frame(["poi_id", col])
-            g = df.geometry
-            bad = g.isna() | g.is_empty
-            x = np.where(bad, np.nan, g.x.where(~bad).to_numpy(np.float64, na_value=np.nan))
-            y = np.where(bad, np.nan, g.y.where(~bad).to_numpy(np.float64, na_value=np.nan))
-            self._pois = {"poi_id": df["poi_id"].to_numpy(np.int64), "xy": np.c_[x, y],
-                          "type": df[col].astype("string").to_numpy(dtype=object,
-                                                                    na_value=None)}
+            pts = t.points()  # ids and coordinates (NaN where none), checked
+            types = t.dataset.to_table(columns=[col]).column(col)  # same rows, same order
+            self._pois = {"poi_id": pts["poi_id"], "xy": np.c_[pts["x"], pts["y"]],
+                          "type": np.asarray(types.cast("string").to_pylist(), dtype=object)}
         return self._pois
 
 

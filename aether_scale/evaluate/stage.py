@@ -59,14 +59,9 @@ def task_inputs(regions: RegionTable, task: str, cfg: EvaluateSection,
 
 
 def _workers(ec: EvaluateSection) -> int:
-    import os
+    from ..devices import local_cores
 
-    if ec.workers is not None:
-        return ec.workers
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return ec.workers if ec.workers is not None else local_cores()
 
 
 def build(ctx) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,16 +20,12 @@ import numpy as np
 
 from ..cluster import active_client
 from ..config import TextSection
-from ..devices import choose_threads, resolve_device
+from ..devices import choose_threads, local_cores, resolve_device
 from ..logs import Progress, get_logger
 from .cache import Lookup, TextCache, text_keys
 from .model import _encode, _encode_on_worker, load_text_model, model_identity
 
 __all__ = ["choose_mode", "embed_texts", "encode_unique"]
-
-def _local_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
 
 def _local_addresses() -> set[str]:
     import socket
@@ -82,7 +77,7 @@ def choose_mode(cfg: TextSection, n_new: int, client: Any = None) -> tuple[str, 
         return "local", f"local device {here} is faster than CPU workers"
     workers = client.nthreads()  # {address: threads}
     remote = sum(t for a, t in workers.items() if not _is_this_machine(a))
-    local = _local_cores()
+    local = local_cores()
     if remote > 1.5 * local:
         return "dask", f"workers on other machines have {remote} threads vs {local} local cores"
     return "local", (f"dask workers add no cores ({remote} remote threads vs {local} local "
