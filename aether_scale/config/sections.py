@@ -1,10 +1,15 @@
 """The config schema: one pydantic section per stage, every field with its default.
 
 ``RunConfig`` holds one section per stage (``cluster``, ``synth``, ``ingest``,
-``pois``, ``text``, ``pool``, ``train``, ``infer``, ``regions``, ``evaluate``). Sections
-forbid unknown keys and validate on assignment; descriptions here are what
-``aether-scale config`` shows a user. Loading, overrides and errors are in
-:mod:`aether_scale.config`.
+``pois``, ``text``, ``pool``, ``train``, ``infer``, ``regions``, ``baselines``,
+``evaluate``) and per on-demand command (``query``, ``sweep``). Sections forbid unknown
+keys and validate on assignment; descriptions here are what ``aether-scale config``
+shows a user. Loading, overrides and errors are in :mod:`aether_scale.config`.
+
+The module is longer than the project's ~400-line guide on purpose: it is the one
+place where every config key, its default and its check are found, in data-flow
+order (it holds no logic beyond the validators); splitting it by stage would scatter
+the schema a user reads top to bottom.
 """
 
 from __future__ import annotations
