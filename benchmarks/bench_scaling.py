@@ -412,14 +412,24 @@ def capture_tasks():
             return fn(*a, **kw)
         return wrapper
 
+    import aether_scale.stores.raster as raster_mod
+
     saved = (cluster_mod.run_tasks, ingest_mod.write_chunks, infer_mod.write_chunks)
+    # should raster.py ever import run_tasks at module level, replace that name too: the
+    # real one would wait forever on a scheduler without workers
+    raster_had = "run_tasks" in vars(raster_mod)
+    raster_saved = vars(raster_mod).get("run_tasks")
     cluster_mod.run_tasks = fake_run_tasks
+    if raster_had:
+        raster_mod.run_tasks = fake_run_tasks
     ingest_mod.write_chunks = timed(saved[1])
     infer_mod.write_chunks = timed(saved[2])
     try:
         yield box
     finally:
         cluster_mod.run_tasks, ingest_mod.write_chunks, infer_mod.write_chunks = saved
+        if raster_had:
+            raster_mod.run_tasks = raster_saved
 
 
 def write_sparse_tiles(folder: Path, size: int, tile: int) -> list[str]:
