@@ -42,7 +42,12 @@ def city_inputs(city: dict[str, str]) -> dict[str, Any]:
 
 def _city(city_dir: str, synth: Any) -> dict[str, str]:
     """The city's files: the ones already in ``city_dir`` when they were written for the
-    same ``synth`` section, else freshly written."""
+    same ``synth`` section, else freshly written. On object storage (``city_dir`` a URL)
+    the city is written to a local folder and uploaded, as a user's inputs would be."""
+    from .storage import is_url
+
+    if is_url(city_dir):
+        return _remote_city(city_dir, synth)
     from .synthetic import write_city
     from .synthetic.io import city_paths
 
@@ -75,13 +80,16 @@ def run_demo(
     "summary" (the closing text: Table 1, where the report is)}``.
     """
     from .pipeline import run_stages, stage_names
+    from .storage import is_url
     from .workspace import Workspace
 
-    workspace = os.path.abspath(workspace or "demo-out")
+    workspace = workspace or "demo-out"
+    if not is_url(workspace):
+        workspace = os.path.abspath(workspace)
     t0 = time.perf_counter()
     demo = yaml.safe_load(DEMO_CONFIG.read_text()) or {}
     base = load_config(config, overrides, data=demo)
-    city = _city(os.path.join(workspace, "city"), base.synth)
+    city = _city(f"{workspace.rstrip('/')}/city", base.synth)
     cfg = load_config(config, overrides, data=deep_merge(demo, city_inputs(city)))
     ws = Workspace(workspace)
     ws.save_config(config_yaml(cfg, relative_to=workspace),
@@ -91,9 +99,9 @@ def run_demo(
     results = run_stages(names, ws, cfg, force=force)
     ran = ", ".join(r.stage for r in results if not r.skipped) or "none (all current)"
     lines = [f"demo finished in {time.perf_counter() - t0:.0f} s; stages run: {ran}"]
-    report = os.path.join(workspace, "report", "report.md")
-    if os.path.exists(report):
-        md = Path(report).read_text()
+    report = ws.path("report/report.md")
+    if ws.fs.exists(report):
+        md = ws.fs.cat_file(report).decode()
         table = [ln for ln in md.splitlines() if ln.startswith("|")]
         cut = next((i for i, ln in enumerate(table[1:], 1) if ln.startswith("| Model (paper")),
                    len(table))
@@ -103,7 +111,10 @@ def run_demo(
     if retrieval is not None:
         md = retrieval_markdown(retrieval).splitlines()
         lines += ["", *md[:9], f"per subcategory: {ws.path('queries/retrieval-eval/retrieval.md')}"]
-    swept = _sweep(workspace, cfg, names)
+    swept = _sweep(workspace, cfg, names) if ws.is_local else None
+    if not ws.is_local and "evaluate" in names and cfg.sweep.lam:
+        log.warning("[demo] the λ study is skipped: sweeps need a local workspace (their "
+                    "points link the parent's stores)")
     if swept is not None:
         md = [ln for ln in swept["markdown"].splitlines() if not ln.startswith("![")]
         lines += ["", *md[2:], f"sweep report and plots: "
@@ -121,6 +132,37 @@ def _sweep(workspace: str, cfg: Any, names: list[str]) -> dict | None:
     if "evaluate" not in names or not plan_points(cfg.sweep):
         return None
     return sweep(workspace)
+
+
+def _remote_city(url: str, synth: Any) -> dict[str, str]:
+    import tempfile
+
+    import fsspec
+
+    from .synthetic.io import city_paths
+
+    fs, root = fsspec.core.url_to_fs(url)
+    remote = {k: f"{url.rstrip('/')}/{os.path.basename(p) if k != 'ae_tiles' else 'ae/*.tif'}"
+              for k, p in city_paths("/").items()}
+    try:
+        meta = json.loads(fs.cat_file(f"{root}/city.json"))
+        if meta.get("config") == synth.model_dump(mode="json"):
+            log.info(f"[demo] synthetic city: {url} (already written for this config)")
+            return remote
+    except (OSError, ValueError):
+        pass
+    with tempfile.TemporaryDirectory(prefix="aether-city-") as tmp:
+        _city(tmp, synth)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        t0 = time.perf_counter()
+        meta_file = city_paths(tmp)["meta"]
+        files = [os.path.join(d, f) for d, _, fs_ in os.walk(tmp) for f in fs_
+                 if os.path.join(d, f) != meta_file]
+        fs.put(files, [f"{root}/{os.path.relpath(f, tmp)}" for f in files])
+        fs.put_file(meta_file, f"{root}/city.json")  # last: marks the upload complete
+        log.info(f"[demo] synthetic city uploaded to {url} in {time.perf_counter() - t0:.1f} s")
+    return remote
 
 
 def _retrieval(ws: Any, cfg: Any, city: dict[str, str], names: list[str]) -> dict | None:

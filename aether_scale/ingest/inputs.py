@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .. import aef
+from .. import aef, storage
 
 _TILE_EXTENSIONS = (".tif", ".tiff", ".vrt", ".gtiff", ".cog")
 _GDAL_ENV = {
@@ -32,8 +32,9 @@ def resolve_tiles(patterns: Sequence[str]) -> list[str]:
     """Expand tile paths, globs and folders into an ordered list of files.
 
     A folder contributes its ``*.tif``, ``*.tiff`` and ``*.vrt`` files (sorted);
-    a glob contributes its matches (sorted); a URL (``s3://…``, ``/vsicurl/…``)
-    is kept as is. Input order is kept (it matters for ``overlap='first'/'last'``)
+    a glob contributes its matches (sorted); a URL (``s3://…``) names its object, a URL
+    glob or prefix its matching objects (through fsspec, as the workspace; see
+    :mod:`aether_scale.storage`); a GDAL ``/vsi…`` path is kept as is. Input order is kept (it matters for ``overlap='first'/'last'``)
     and duplicates are dropped.
 
     Raises :class:`IngestError` when nothing is given, when a glob or folder
@@ -49,8 +50,16 @@ def resolve_tiles(patterns: Sequence[str]) -> list[str]:
     out: list[str] = []
     for pat in patterns:
         pat = str(pat)
-        if "://" in pat or pat.startswith("/vsi"):
-            found = [pat]
+        if pat.startswith("/vsi"):
+            found = [pat]  # GDAL's own virtual file systems: GDAL resolves them
+        elif storage.is_url(pat):
+            found = storage.expand(pat, _TILE_EXTENSIONS)
+            if not found:
+                raise IngestError(
+                    f"ingest.tiles: {pat} matches no tile (no object, no match of the glob, "
+                    "or a prefix holding no .tif/.tiff/.vrt): fix the URL, or check the "
+                    "storage credentials and endpoint (AWS_* / FSSPEC_* variables)"
+                )
         elif any(ch in pat for ch in "*?["):
             found = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
             found = [f for f in found if os.path.isfile(f)]
@@ -74,7 +83,7 @@ def resolve_tiles(patterns: Sequence[str]) -> list[str]:
             found = [pat]
         else:
             raise IngestError(f"ingest.tiles: {pat} does not exist (fix the path in the config)")
-        out.extend(os.path.abspath(f) if "://" not in f and not f.startswith("/vsi") else f
+        out.extend(f if storage.is_url(f) or f.startswith("/vsi") else os.path.abspath(f)
                    for f in found)
     return list(dict.fromkeys(out))  # drop repeats, keep first-seen order
 
@@ -100,6 +109,12 @@ class TileInfo:
         return self.transform[4] > 0
 
 
+def _remote_failure(e: BaseException) -> bool:
+    from rasterio.errors import RasterioError
+
+    return isinstance(e, (RasterioError, OSError)) and not isinstance(e, FileNotFoundError)
+
+
 def inspect_tile(path: str) -> TileInfo:
     """Read one tile's header and check it is an AlphaEarth raster.
 
@@ -107,18 +122,23 @@ def inspect_tile(path: str) -> TileInfo:
     opened as a raster, has no CRS, does not have 64 bands, has a dtype other
     than int8/float32/float64, or a rotated/sheared geotransform.
     """
-    import rasterio
     from rasterio.errors import RasterioError
 
+    def header() -> tuple:
+        with storage.open_raster_file(path, **_GDAL_ENV) as src:
+            # a remote tile's GDAL names are per-process handles: the URL is the file
+            files = (path,) if storage.is_url(path) else (tuple(src.files) or (path,))
+            return (src.count, src.crs, src.transform, set(src.dtypes), src.nodata,
+                    tuple(src.descriptions), src.width, src.height, files,
+                    int(src.block_shapes[0][0]) if src.block_shapes else 256)
+
     try:
-        with rasterio.Env(**_GDAL_ENV), rasterio.open(path) as src:
-            count, crs, tr = src.count, src.crs, src.transform
-            dtypes = set(src.dtypes)
-            nodata = src.nodata
-            descriptions = tuple(src.descriptions)
-            width, height = src.width, src.height
-            files = tuple(src.files) or (path,)
-            block_rows = int(src.block_shapes[0][0]) if src.block_shapes else 256
+        # GDAL reports a remote read's failure as its own I/O error (a reset connection
+        # becomes "No such file or directory"): every failure of a URL that exists
+        # (resolve_tiles checked) is worth a retry
+        (count, crs, tr, dtypes, nodata, descriptions, width, height, files,
+         block_rows) = (storage.with_retries(header, what=path, is_transient=_remote_failure)
+                        if storage.is_url(path) else header())
     except (RasterioError, OSError) as e:
         raise IngestError(
             f"{path}: cannot be read as a raster ({e}). Check that it is a GeoTIFF/COG/VRT that "

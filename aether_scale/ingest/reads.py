@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from .. import aef
+from .. import aef, storage
 from .grid import TargetGrid, _Placement, _same_crs
 from .inputs import _GDAL_ENV, IngestError, TileInfo
 
@@ -246,7 +246,6 @@ def _read_block_codes(
     placements: Sequence[_Placement], grid: TargetGrid, r0: int, r1: int, c0: int, c1: int,
     overlap: OverlapRule,
 ) -> tuple[np.ndarray, np.ndarray]:
-    import rasterio
     from rasterio.errors import RasterioError
 
     h, w = r1 - r0, c1 - c0
@@ -255,51 +254,53 @@ def _read_block_codes(
     if not placements:
         return block, valid
     owner = np.full((h, w), -1, np.int16)  # which placement wrote a pixel (for error messages)
-    with rasterio.Env(**_GDAL_ENV):
-        for k, p in enumerate(placements):
-            try:
-                with rasterio.open(p.tile.path) as src:
-                    # int8 aligned tiles: one read for the whole block; else bounded strips
-                    if p.aligned and p.tile.dtype == "int8":
-                        strips = [(r0, r1)]
-                    else:
-                        values = _STRIP_VALUES * (4 if p.tile.dtype == "int8" else 1)
-                        strips = _strips(r0, r1, w, values)
-                    for s0, s1 in strips:
-                        sub = block[s0 - r0:s1 - r0]
-                        old_valid = valid[s0 - r0:s1 - r0]
-                        sub_owner = owner[s0 - r0:s1 - r0]
-                        if not old_valid.any():
-                            # nothing valid here yet (all −128): read straight into the block
-                            new_valid = _read_into(src, p, grid, s0, s1, c0, c1, sub)
-                            if new_valid is not None:
-                                old_valid |= new_valid
-                                sub_owner[new_valid] = k
-                            continue
-                        tmp = np.full_like(sub, aef.NODATA)
-                        new_valid = _read_into(src, p, grid, s0, s1, c0, c1, tmp)
-                        if new_valid is None:
-                            continue
-                        both = new_valid & old_valid
-                        take = new_valid & ~old_valid
-                        if both.any():
-                            if overlap == "error":
-                                differ = both & (tmp != sub).any(axis=-1)
-                                if differ.any():
-                                    _raise_overlap(placements, sub_owner, differ, p, grid,
-                                                   s0, c0)
-                            elif overlap == "last":
-                                take = new_valid
-                        sub[take] = tmp[take]
-                        old_valid |= take
-                        sub_owner[take] = k
-            except IngestError:
-                raise
-            except (RasterioError, OSError) as e:
-                raise IngestError(
-                    f"{p.tile.path}: reading pixels failed ({e}). The file is probably truncated "
-                    "or corrupt: re-download or re-export it"
-                ) from None
+    for k, p in enumerate(placements):
+        try:
+            with storage.open_raster_file(p.tile.path, **_GDAL_ENV) as src:
+                # int8 aligned tiles: one read for the whole block; else bounded strips
+                if p.aligned and p.tile.dtype == "int8":
+                    strips = [(r0, r1)]
+                else:
+                    values = _STRIP_VALUES * (4 if p.tile.dtype == "int8" else 1)
+                    strips = _strips(r0, r1, w, values)
+                for s0, s1 in strips:
+                    sub = block[s0 - r0:s1 - r0]
+                    old_valid = valid[s0 - r0:s1 - r0]
+                    sub_owner = owner[s0 - r0:s1 - r0]
+                    if not old_valid.any():
+                        # nothing valid here yet (all −128): read straight into the block
+                        new_valid = _read_into(src, p, grid, s0, s1, c0, c1, sub)
+                        if new_valid is not None:
+                            old_valid |= new_valid
+                            sub_owner[new_valid] = k
+                        continue
+                    tmp = np.full_like(sub, aef.NODATA)
+                    new_valid = _read_into(src, p, grid, s0, s1, c0, c1, tmp)
+                    if new_valid is None:
+                        continue
+                    both = new_valid & old_valid
+                    take = new_valid & ~old_valid
+                    if both.any():
+                        if overlap == "error":
+                            differ = both & (tmp != sub).any(axis=-1)
+                            if differ.any():
+                                _raise_overlap(placements, sub_owner, differ, p, grid,
+                                               s0, c0)
+                        elif overlap == "last":
+                            take = new_valid
+                    sub[take] = tmp[take]
+                    old_valid |= take
+                    sub_owner[take] = k
+        except IngestError:
+            raise
+        except (RasterioError, OSError) as e:
+            err = IngestError(
+                f"{p.tile.path}: reading pixels failed ({e}). The file is probably truncated "
+                "or corrupt: re-download or re-export it"
+            )
+            # a remote read may fail in passing (the chunk task retries it, counted)
+            err.transient = storage.is_url(p.tile.path) and not isinstance(e, FileNotFoundError)
+            raise err from None
     return block, valid
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from .. import aef
 from ..logs import get_logger
 from ..stores import ae as ae_store
-from ..stores.raster import RasterBuild, ledger_folder, write_chunks
+from ..stores.raster import RasterBuild, count_retries, ledger_folder, write_chunks
 from ..workspace import stable_hash
 from .grid import TargetGrid, _Placement, plan_grid
 from .inputs import IngestError, inspect_tile, resolve_tiles
@@ -118,6 +118,7 @@ def ingest_tiles(
         "valid_pixels": int(n_valid),
         "nodata_pixels": int(n_px - n_valid),
         "nonfinite_pixels_masked": n_nonfinite,
+        "retries": count_retries(records),  # transient remote read/write failures retried
         "bytes": int(nbytes),
         "seconds": round(seconds, 3),
         "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds > 0 else None,
@@ -156,6 +157,9 @@ def build(ctx) -> dict[str, Any]:
              f"({stats['chunks_computed']} computed, {stats['chunks_resumed']} resumed); valid "
              f"{stats['valid_pixels']:,}, nodata {stats['nodata_pixels']:,} px; "
              f"{stats['tiles']} tiles ({stats['tiles_reprojected']} reprojected)")
+    if stats["retries"]:
+        log.warning(f"[ingest] {stats['retries']} transient read/write failure(s) were retried "
+                    "(counted in the manifest)")
     if stats["nonfinite_pixels_masked"]:
         log.warning(f"[ingest] {stats['nonfinite_pixels_masked']:,} pixels held an infinite "
                     "value and were masked as nodata (counted in the manifest)")

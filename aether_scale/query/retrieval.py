@@ -94,8 +94,7 @@ def evaluate_retrieval(ws: Workspace, cfg: RunConfig, train_pois: str, heldout_p
     """Score text queries against the mean-AE baseline per subcategory (see the module
     docstring); writes ``queries/retrieval-eval/retrieval.{json,md}`` and returns the
     result (``rows`` per subcategory, ``summary`` macro means and wins)."""
-    import geopandas as gpd
-
+    from .. import storage
     from ..pipeline import ARTIFACTS
     from ..stores.ae import open_ae
     from ..stores.raster import locate_pixels
@@ -114,8 +113,8 @@ def evaluate_retrieval(ws: Workspace, cfg: RunConfig, train_pois: str, heldout_p
         if old.get("key") == key:
             log.info(f"[query] retrieval evaluation: current ({folder}/retrieval.md)")
             return old
-    train = gpd.read_parquet(train_pois)
-    held = gpd.read_parquet(heldout_pois)
+    train = storage.read_vector(train_pois)
+    held = storage.read_vector(heldout_pois)
     store = TripletStore(ws.path("triplets.zarr"), need_aug=False,
                          storage_options=ws.storage_options or None)
     ids = store.ids()

@@ -19,6 +19,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from .. import storage
 from ..config import RegionsSection
 
 __all__ = ["load_luc_units", "load_sdm_units", "read_sdm_table", "task_units"]
@@ -26,7 +27,7 @@ __all__ = ["load_luc_units", "load_sdm_units", "read_sdm_table", "task_units"]
 
 def _read_vector(path: str, crs_fallback: str | None, what: str) -> gpd.GeoDataFrame:
     try:
-        gdf = gpd.read_file(path) if not str(path).endswith(".parquet") else gpd.read_parquet(path)
+        gdf = storage.read_vector(str(path))
     except Exception as e:  # noqa: BLE001 - any reader failure is reported with the file
         raise ValueError(f"{what} {path}: could not be read as a vector file ({e})") from None
     if gdf.crs is None:

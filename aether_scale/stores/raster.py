@@ -257,9 +257,24 @@ class RasterBuild:
 def chunk_job(build: RasterBuild, i: int, j: int, fn: Callable[..., tuple[np.ndarray | None, dict]],
               *args: Any) -> dict[str, Any]:
     """Dask task body: ``fn(*args)`` computes chunk ``(i, j)`` → ``(block or None, stats)``;
-    the chunk is written and recorded here, on the worker."""
-    block, stats = fn(*args)
-    return build.commit(i, j, block, stats)
+    the chunk is written and recorded here, on the worker.
+
+    A transient failure of a remote read or write (:func:`aether_scale.storage.transient`)
+    is retried with back-off; the record counts the retries (``retries``), which the
+    stages sum into their manifests (:func:`count_retries`)."""
+    from .. import storage
+
+    what = f"{build.store.name} chunk {i}.{j}"
+    n0 = storage.retry_count()
+    block, stats = storage.with_retries(lambda: fn(*args), what=what)
+    return storage.with_retries(
+        lambda: build.commit(i, j, block, {**stats, "retries": storage.retry_count() - n0}),
+        what=what)
+
+
+def count_retries(records: Mapping[str, Mapping[str, Any]]) -> int:
+    """Transient failures retried over a build's chunks (their records' ``retries``)."""
+    return sum(int(r.get("retries", 0)) for r in records.values())
 
 
 def chunk_shape(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None

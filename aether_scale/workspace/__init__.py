@@ -292,5 +292,14 @@ class Workspace:
             self._remove(dst)
         if self.is_local:
             os.replace(src, dst)
-        else:
-            self.fs.mv(src, dst, recursive=True)
+            return
+        # Object stores have no rename: copy every object (server-side, in one batch)
+        # and then delete the sources. Listing files only matters: "directories" are
+        # key prefixes, and copying one (fs.mv(recursive=True) does) is an error on
+        # servers that list them (NoSuchKey from CopyObject).
+        src_p = self.fs._strip_protocol(src).rstrip("/")
+        dst_p = self.fs._strip_protocol(dst).rstrip("/")
+        files = sorted(self.fs.find(src_p))
+        if files:
+            self.fs.copy(files, [dst_p + f[len(src_p):] for f in files])
+        self.fs.rm(src_p, recursive=True)

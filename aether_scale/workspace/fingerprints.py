@@ -72,8 +72,18 @@ def fingerprint_path(path: str, storage_options: Mapping[str, Any] | None = None
 
     Files up to 256 MiB are hashed whole; larger ones by size and 64 evenly spaced
     64 KiB blocks (a change elsewhere in a multi-GB tile is not seen: use ``--force``).
-    Object-store files use their ETag. Raises FileNotFoundError.
+    Object-store files use their ETag. Raises FileNotFoundError. A remote read that
+    fails in passing is retried (:func:`aether_scale.storage.with_retries`).
     """
+    from .. import storage
+
+    if storage.is_url(path):
+        return storage.with_retries(lambda: _fingerprint_path(path, storage_options),
+                                    what=str(path))
+    return _fingerprint_path(path, storage_options)
+
+
+def _fingerprint_path(path: str, storage_options: Mapping[str, Any] | None) -> str:
     fs, p = fsspec.core.url_to_fs(str(path), **dict(storage_options or {}))
     if not fs.exists(p):
         raise FileNotFoundError(f"input {path} does not exist")
