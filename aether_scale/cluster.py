@@ -304,8 +304,44 @@ class _QuietWorkerLogs(WorkerPlugin):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+class GatewayError(RuntimeError):
+    """A Dask Gateway that cannot be reached, refuses the credentials or the options."""
+
+
+def _gateway_health(address: str, timeout: float = 10.0) -> None:
+    """Fail within ``timeout`` seconds, naming the fix, when nothing answers at the
+    gateway's address (the client library would wait on a dropped connection)."""
+    import urllib.error
+    import urllib.request
+
+    url = address.rstrip("/") + "/api/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # something answers HTTP there; the API calls below say what is wrong
+    except (OSError, ValueError) as e:
+        raise GatewayError(
+            f"cannot reach the Dask Gateway at {address} ({getattr(e, 'reason', e)}). Fix: "
+            "check cluster.gateway.address or DASK_GATEWAY__ADDRESS, and that the gateway "
+            "is up and reachable from here") from None
+
+
+def _gateway_failure(e: Exception, address: str, user: str | None) -> GatewayError:
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    if status in (401, 403):
+        return GatewayError(
+            f"the Dask Gateway at {address} refused the credentials"
+            + (f" of user {user!r}" if user else "") + f" (HTTP {status}). Fix: "
+            "cluster.gateway.username/password or DASK_GATEWAY__AUTH__KWARGS__*, or the auth "
+            "type (cluster.gateway.auth, DASK_GATEWAY__AUTH__TYPE)")
+    return GatewayError(f"the Dask Gateway at {address} failed: {type(e).__name__}: {e}")
+
+
 @contextlib.contextmanager
 def _gateway_client(cfg: ClusterSection) -> Iterator[object]:
+    """A new cluster from the gateway, its client, and the cluster shut down on exit
+    (``shutdown_on_close``); the server's idle timeout covers a client that crashes."""
     gw_mod = import_optional("dask_gateway", "gateway")
     g = cfg.gateway
     kwargs: dict[str, object] = {}
@@ -320,13 +356,37 @@ def _gateway_client(cfg: ClusterSection) -> Iterator[object]:
     elif g.auth:
         kwargs["auth"] = g.auth
     gateway = gw_mod.Gateway(**kwargs)
+    address = gateway.address
+    user = g.username or dask.config.get("gateway.auth.kwargs.username", None)
     try:
-        cluster = gateway.new_cluster(**g.cluster_options)
+        _gateway_health(address)
         try:
-            if g.workers:
+            offered = gateway.cluster_options(use_local_defaults=False)
+        except Exception as e:  # noqa: BLE001 - aiohttp's errors: reported with the fix
+            raise _gateway_failure(e, address, user) from None
+        opts = dict(g.cluster_options)
+        unknown = sorted(set(opts) - set(offered))
+        if unknown:
+            raise GatewayError(
+                f"the Dask Gateway at {address} offers no cluster option(s) "
+                f"{', '.join(unknown)}; it offers: {', '.join(sorted(offered)) or 'none'}. "
+                "Fix: cluster.gateway.cluster_options")
+        if g.idle_timeout_s is not None and "idle_timeout" in offered:
+            opts.setdefault("idle_timeout", g.idle_timeout_s)
+        elif g.idle_timeout_s is not None:
+            log.info(f"dask: the gateway offers no 'idle_timeout' option; its own timeout "
+                     f"applies (cluster.gateway.idle_timeout_s={g.idle_timeout_s:g} not sent)")
+        try:
+            cluster = gateway.new_cluster(**opts)
+        except Exception as e:  # noqa: BLE001
+            raise _gateway_failure(e, address, user) from None
+        try:
+            if g.adaptive_max:
+                cluster.adapt(minimum=g.adaptive_min, maximum=g.adaptive_max)
+            elif g.workers:
                 cluster.scale(g.workers)
             client = cluster.get_client(set_as_default=True)
-            if g.workers:
+            if g.workers and not g.adaptive_max:
                 client.wait_for_workers(g.workers, timeout=300)
             try:
                 yield client
@@ -354,14 +414,31 @@ class ClusterSession:
 
     def require(self, needed: bool) -> None:
         """Make the cluster state fit the next stage (``needed``: it runs dask work)."""
+        if needed and self._stack is not None and not self._alive():
+            # a remote cluster can end between stages: a gateway's idle timeout counts
+            # tasks, not clients, so a long train stage in this process outlives it
+            log.warning("dask: the cluster of the previous stages is gone (idle timeout or a "
+                        "lost scheduler): starting a new one")
+            self.close()
         if needed and self._stack is None:
             stack = contextlib.ExitStack()
-            stack.enter_context(connect(self.cfg))
+            self._client = stack.enter_context(connect(self.cfg))
             self._stack = stack
         elif not needed and self._stack is not None and self.cfg.kind in LOCAL_KINDS:
             self.close()
 
+    def _alive(self) -> bool:
+        client = getattr(self, "_client", None)
+        if client is None:
+            return True  # the in-process schedulers
+        try:
+            client.scheduler_info()  # a round trip to the scheduler
+            return client.status == "running"
+        except Exception:  # noqa: BLE001 - any failure to answer: the cluster is gone
+            return False
+
     def close(self) -> None:
+        self._client = None
         if self._stack is not None:
             stack, self._stack = self._stack, None
             stack.close()
@@ -397,6 +474,56 @@ def persist(objs: Sequence[Any]) -> list[Any]:
         if f.status == "error":
             f.result()
     return out
+
+
+def _worker_peak(reset: bool) -> int | None:
+    """Worker side: this process's peak resident memory since the last reset (bytes,
+    Linux ``VmHWM``), then reset the peak when ``reset``; None where /proc lacks it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            line = next(ln for ln in f if ln.startswith("VmHWM:"))
+        peak = int(line.split()[1]) * 1024
+        if reset:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+        return peak
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+class WorkerPeaks:
+    """The peak resident memory of each dask worker over a stretch of work (a stage):
+    ``start()`` resets every worker's high-water mark, ``stop()`` reads it. Nothing
+    (an empty summary) without a distributed cluster or where /proc has no ``VmHWM``."""
+
+    def __init__(self) -> None:
+        self.client = active_client()
+
+    def start(self) -> WorkerPeaks:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.run(_worker_peak, True)
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        """``{"workers", "peak_rss_mib_max", "peak_rss_mib", "memory_limit_mib"}``."""
+        if self.client is None:
+            return {}
+        try:
+            peaks = {w: p for w, p in self.client.run(_worker_peak, False).items()
+                     if p is not None}
+            limits = {w: d.get("memory_limit")
+                      for w, d in self.client.scheduler_info()["workers"].items()}
+        except Exception:  # noqa: BLE001 - a worker lost at the end: no summary, no failure
+            return {}
+        if not peaks:
+            return {}
+        mib = 2**20
+        lim = [v for v in limits.values() if v]
+        return {"workers": len(peaks),
+                "peak_rss_mib_max": round(max(peaks.values()) / mib, 1),
+                "peak_rss_mib": {w: round(p / mib, 1) for w, p in sorted(peaks.items())},
+                "memory_limit_mib": round(min(lim) / mib, 1) if lim else None}
 
 
 #: a worker's heap grows beyond the blocks a task holds (temporaries, allocator slack)

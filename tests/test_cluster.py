@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import dask
 import dask.array as da
@@ -79,80 +76,33 @@ def test_import_optional_names_the_extra():
         import_optional("surely_not_a_module_xyz", "gpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _gateway_cfg(gw: dict, **extra):
+    return load_config(data={"cluster": {"kind": "gateway", "gateway": {
+        "address": gw["address"], "proxy_address": gw["proxy_address"], "auth": "basic",
+        "username": "alice", "password": gw["password"], "workers": 1, **extra}}})
 
 
-@pytest.fixture
-def gateway_server(tmp_path):
-    """A real dask-gateway-server on loopback (UnsafeLocalBackend, simple password auth)."""
-    pytest.importorskip("dask_gateway_server", reason="install the 'dev' extra")
-    bindir = Path(sys.executable).parent
-    http, tcp = _free_port(), _free_port()
-    conf = tmp_path / "gateway_config.py"
-    conf.write_text(
-        f"""
-c.DaskGateway.backend_class = "dask_gateway_server.backends.local.UnsafeLocalBackend"
-c.DaskGateway.authenticator_class = "dask_gateway_server.auth.SimpleAuthenticator"
-c.SimpleAuthenticator.password = "s3cret"
-c.Proxy.address = "127.0.0.1:{http}"
-c.Proxy.tcp_address = "127.0.0.1:{tcp}"
-c.DaskGateway.address = "127.0.0.1:{_free_port()}"
-c.ClusterConfig.scheduler_cmd = ["{bindir / 'dask'}", "scheduler"]
-c.ClusterConfig.worker_cmd = ["{bindir / 'dask'}", "worker"]
-c.ClusterConfig.worker_memory = "1 G"
-c.ClusterConfig.worker_cores = 1
-c.LocalBackend.clusters_directory = "{tmp_path / 'clusters'}"
-"""
-    )
-    exe = shutil.which("dask-gateway-server", path=str(bindir)) or "dask-gateway-server"
-    log = open(tmp_path / "gateway.log", "w")
-    proc = subprocess.Popen([exe, "-f", str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp_path)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        # the proxy accepts connections before the API routes exist: wait for a healthy API
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "gateway.log").read_text()) from None
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("dask-gateway-server did not start: " + (tmp_path / "gateway.log").read_text())
-    yield {"address": f"http://127.0.0.1:{http}", "proxy_address": f"gateway://127.0.0.1:{tcp}"}
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def _clusters(gw: dict, user: str = "alice") -> list:
+    from dask_gateway import Gateway
+    from dask_gateway.auth import BasicAuth
+
+    with Gateway(gw["address"], gw["proxy_address"], auth=BasicAuth(user, gw["password"])) as g:
+        return g.list_clusters()
 
 
 @pytest.mark.gateway
-def test_gateway_from_config_section(gateway_server):
-    cfg = load_config(data={"cluster": {"kind": "gateway", "gateway": {
-        **gateway_server, "auth": "basic", "username": "alice", "password": "s3cret", "workers": 1}}})
-    with connect(cfg.cluster) as client:
+def test_gateway_from_config_section_and_shut_down_on_exit(gateway):
+    with connect(_gateway_cfg(gateway).cluster) as client:
         assert len(client.scheduler_info()["workers"]) == 1
         assert float(da.arange(100, chunks=10).sum().compute()) == 4950.0
+        assert len(_clusters(gateway)) == 1
+    assert _clusters(gateway) == []  # the client left: its cluster is gone
 
 
 @pytest.mark.gateway
-def test_gateway_from_standard_dask_gateway_env(gateway_server, monkeypatch):
+def test_gateway_from_standard_dask_gateway_env(gateway, monkeypatch):
     """DASK_GATEWAY__* environment variables (the standard configuration) are honoured."""
-    env = {
-        "DASK_GATEWAY__ADDRESS": gateway_server["address"],
-        "DASK_GATEWAY__PROXY_ADDRESS": gateway_server["proxy_address"],
-        "DASK_GATEWAY__AUTH__TYPE": "basic",
-        "DASK_GATEWAY__AUTH__KWARGS__USERNAME": "bob",
-        "DASK_GATEWAY__AUTH__KWARGS__PASSWORD": "s3cret",
-    }
+    env = {**gateway["env"], "DASK_GATEWAY__AUTH__KWARGS__USERNAME": "bob"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     dask.config.refresh()
@@ -166,3 +116,81 @@ def test_gateway_from_standard_dask_gateway_env(gateway_server, monkeypatch):
         for k in env:
             os.environ.pop(k, None)
         dask.config.refresh()
+
+
+@pytest.mark.gateway
+def test_cluster_options_reach_the_workers(gateway):
+    cfg = _gateway_cfg(gateway, cluster_options={"worker_cores": 2, "worker_memory": 0.75})
+    with connect(cfg.cluster) as client:
+        [w] = client.scheduler_info()["workers"].values()
+        assert w["nthreads"] == 2 and w["memory_limit"] == int(0.75 * 2**30)
+
+
+@pytest.mark.gateway
+@pytest.mark.timeout(60)
+def test_gateway_errors_are_clear_and_quick(gateway):
+    from aether_scale.cluster import GatewayError
+
+    with pytest.raises(GatewayError, match=r"refused the credentials of user 'alice' \(HTTP 40"
+                                           r"[13]\).*cluster.gateway.username/password"):
+        with connect(_gateway_cfg(gateway, password="wrong").cluster):
+            pass
+    nowhere = {"address": f"http://127.0.0.1:{_free_port()}",
+               "proxy_address": f"gateway://127.0.0.1:{_free_port()}", "password": "x"}
+    with pytest.raises(GatewayError, match=r"cannot reach the Dask Gateway at http://127.0.0.1"
+                                           r".*DASK_GATEWAY__ADDRESS"):
+        with connect(_gateway_cfg(nowhere).cluster):
+            pass
+    with pytest.raises(GatewayError, match=r"offers no cluster option\(s\) worker_gpus; it "
+                                           r"offers: idle_timeout, worker_cores, worker_memory"):
+        with connect(_gateway_cfg(gateway, cluster_options={"worker_gpus": 1}).cluster):
+            pass
+    assert _clusters(gateway) == []  # nothing was left running by the failures
+
+
+_CRASHING_CLIENT = """
+import os, sys, time
+from aether_scale.cluster import connect
+from aether_scale.config import load_config
+cfg = load_config(data={"cluster": {"kind": "gateway", "gateway": {
+    "address": sys.argv[1], "proxy_address": sys.argv[2], "username": "carol",
+    "password": sys.argv[3], "workers": 1, "idle_timeout_s": 8}}})
+with connect(cfg.cluster) as client:
+    print("connected", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.gateway
+@pytest.mark.timeout(120)
+def test_a_crashed_client_leaves_nothing_running(gateway, tmp_path):
+    """A client killed with SIGKILL cannot shut its cluster down: the idle timeout the
+    client asked for (cluster.gateway.idle_timeout_s) makes the server do it. (The
+    gateway counts idleness from the last task, not from the client's last contact.)"""
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_CLIENT, gateway["address"],
+                             gateway["proxy_address"], gateway["password"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "connected"
+        assert len(_clusters(gateway, "carol")) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 60
+    while _clusters(gateway, "carol") and time.time() < deadline:
+        time.sleep(1)
+    assert _clusters(gateway, "carol") == []
+
+
+@pytest.mark.gateway
+def test_adaptive_scaling_when_asked(gateway):
+    cfg = _gateway_cfg(gateway, adaptive_max=1)
+    with connect(cfg.cluster) as client:
+        assert float(da.arange(100, chunks=10).sum().compute()) == 4950.0
+        assert len(client.scheduler_info()["workers"]) <= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

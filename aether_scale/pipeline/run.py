@@ -84,13 +84,21 @@ def run_stage(name: str, ws: Workspace, cfg: RunConfig, *, force: bool = False,
     def fn(work: Work) -> Mapping[str, Any] | None:
         _warn_inputs_gone(ws, p, slog)
         ctx = StageContext(ws, cfg, p, work, slog, force)
-        if st.memory:
-            from ..cluster import check_worker_memory
+        from ..cluster import WorkerPeaks, check_worker_memory
 
+        if st.memory:
             mod, name_ = st.memory.split(":")
             modules, per_task, fix = getattr(importlib.import_module(mod), name_)(ctx)
             check_worker_memory(st.name, modules, per_task, fix)
-        return st.function()(ctx)
+        peaks = WorkerPeaks().start()
+        stats = dict(st.function()(ctx) or {})
+        mem = peaks.stop()
+        if mem:  # each worker's peak resident memory over the stage, beside its limit
+            stats["dask_workers"] = mem
+            slog.info(f"[{name}] dask workers' peak memory {mem['peak_rss_mib_max']:,.0f} MiB"
+                      + (f" (limit {mem['memory_limit_mib']:,.0f} MiB)"
+                         if mem["memory_limit_mib"] else ""))
+        return stats
 
     t0 = time.perf_counter()
     res = ws.run_stage(name, key=p.key, outputs=p.outputs, fn=fn, record=p.record(),
