@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="the README's tables")
     _add_verbosity(p, top=False)
 
+    from .plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub, _add_config, _add_verbosity)
+
     p = sub.add_parser("config", help="print the resolved config (every default filled in)")
     p.add_argument("-w", "--workspace", help="use this workspace's saved config as the base")
     _add_config(p)
@@ -278,6 +282,10 @@ def _run(args: argparse.Namespace) -> int:
         print(out["markdown"])
         print(f"sweep results: {os.path.join(args.workspace, 'sweeps', out['name'])}")
         return 0
+    if args.command == "plan":
+        from .plan.cli import run as run_plan
+
+        return run_plan(args, _load)
     cfg = _load(args)
     if args.command == "query":
         return _query(args, cfg)
