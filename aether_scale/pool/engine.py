@@ -85,11 +85,17 @@ def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str
           ) -> tuple[np.ndarray, np.ndarray]:
     """One chunk's partial sums; with a ledger they are recorded here, on the worker, so
     a result survives the client (a rerun loads it instead of computing it again)."""
+    from .. import storage
+
     index, kw = payload.arr
-    sums = partial_sums(lazy.read(), **kw)
+    n0 = storage.retry_count()  # transient remote failures are retried, and counted
+    sums = storage.with_retries(lambda: partial_sums(lazy.read(), **kw), what=f"pool chunk {key}")
     if ledger is not None:
-        ledger.save_arrays(key, {"index": index, "sums": sums}, {"points": int(index.size)})
-    return index, sums
+        storage.with_retries(lambda: ledger.save_arrays(
+            key, {"index": index, "sums": sums},
+            {"points": int(index.size), "retries": storage.retry_count() - n0}),
+            what=f"pool chunk {key}")
+    return index, sums, storage.retry_count() - n0
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,9 @@ class Recorded:
     ledger: Ledger
     key: str
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
+    def load(self) -> tuple[np.ndarray, np.ndarray, int]:
         z = self.ledger.load_arrays(self.key)
-        return z["index"], z["sums"]
+        return z["index"], z["sums"], 0  # (its retries were counted by the run that made it)
 
 
 def resolve_buffers(buffers: Sequence[BufferSpec | dict], grid: Grid) -> list[Buffer]:
@@ -203,6 +209,7 @@ class PoolPlan:
         ]
         self._token = uuid.uuid4().hex[:10]
         self.n_resumed = 0  # tasks loaded from a ledger by the last blocks() run
+        self.n_retries = 0  # transient failures retried by the last blocks() run's tasks
 
     @property
     def n_outside(self) -> int:
@@ -260,7 +267,10 @@ class PoolPlan:
                 return Recorded(ledger, self.task_key(k))
             return self._delayed(k, ledger)
 
-        for idx, sums in run_windowed(make, len(self.groups), window=window, progress=progress):
+        self.n_retries = 0
+        for idx, sums, retries in run_windowed(make, len(self.groups), window=window,
+                                               progress=progress):
+            self.n_retries += int(retries)
             done, tot = comb.add(idx, sums)
             if done.size:
                 vec, cnt = finalize(tot, self.grid.kind, normalize=self.normalize)

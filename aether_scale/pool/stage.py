@@ -114,6 +114,7 @@ def pool_triplets(
         "text_encoder": text.encoder(),
     })
     stats["n_triplets"] = writer.n_written
+    stats["retries"] = plan.n_retries  # transient remote read/write failures retried
     stats["seconds"] = round(time.perf_counter() - t0, 2)
     dropped = stats["n_no_geometry"] + stats["n_outside_raster"] + n_no_ae + n_no_text
     if dropped + writer.n_written != stats["n_pois"]:  # pragma: no cover - internal invariant
