@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import rioxarray  # noqa: F401  (registers .rio)
 import torch
 import xarray as xr
-from fixtures import CHUNK, NX, NY, projector, random_codes, write_tiny_ae
+from fixtures import CHUNK, NX, NY, projector, random_codes, unit, write_tiny_ae
 
 from aether_scale import aef
 from aether_scale.config import InferSection, load_config
@@ -23,6 +26,9 @@ from aether_scale.infer import (
 )
 from aether_scale.model import TextProj, save_checkpoint
 from aether_scale.pipeline import run_stage
+from aether_scale.stores import field as field_store
+from aether_scale.stores.chunks import CorruptStoreError
+from aether_scale.stores.field import int8_cosine_bound, open_field
 from aether_scale.stores.raster import open_embedding
 from aether_scale.workspace import Workspace
 
@@ -111,6 +117,224 @@ def test_int8_codec(ae_zarr, tmp_path):
     assert (np.abs(dec - want) <= bound).all()
     # exactly the documented encode of the float32 projection
     np.testing.assert_array_equal(np.abs(codes[~mask].astype(int) - aef.encode(want)).max() <= 1, True)
+
+
+def _adversarial(rng: np.random.Generator) -> np.ndarray:
+    """Unit 128-d vectors chosen to hurt the sqrt codec: one-hot (±), all components
+    equal, very peaky, k-hot, and vectors whose components sit just past rounding
+    midpoints of sqrt(|v|)·127.5 in two levels (the construction nearest the bound)."""
+    d, s = 128, aef.SCALE
+    rows = [np.eye(d), -np.eye(d), np.sign(rng.normal(size=(5000, d))) / np.sqrt(d)]
+    pk = rng.normal(size=(5000, d)) * 10.0 ** rng.uniform(-5, -1, (5000, 1))
+    pk[np.arange(5000), rng.integers(0, d, 5000)] = 1.0
+    rows.append(pk)
+    for k in (2, 3, 8, 32):
+        a = np.zeros((2000, d))
+        idx = np.argsort(rng.random((2000, d)), axis=1)[:, :k]
+        np.put_along_axis(a, idx, rng.normal(size=(2000, k)), axis=1)
+        rows.append(a)
+    two = []
+    for lvl in range(20, 60):
+        for na in range(1, d):
+            a = ((lvl + 0.5 + 1e-6) / s) ** 4 * na
+            if a >= 1:
+                break
+            m = ((1 - a) / (d - na)) ** 0.25
+            two.append([((lvl + 0.5 + 1e-6) / s) ** 2] * na + [m**2] * (d - na))
+    rows.append(np.array(two) * np.sign(rng.normal(size=(len(two), d))))
+    return unit(np.concatenate(rows))
+
+
+def test_int8_error_bound_holds_for_every_pixel():
+    """The documented bound: every decoded int8 pixel has cosine ≥ 0.999 (proved ≥ 0.99964
+    for dim 128) to the float32 projector output — projector outputs on 120k random AE
+    pixels and ~25k adversarial unit vectors, through the kernel's own encoder."""
+    bound = int8_cosine_bound(128)
+    assert 0.99964 < bound < 0.99966 and int8_cosine_bound(64) > bound
+    model = projector()
+    q = random_codes(400, 300, seed=11).reshape(-1, 64)
+    q = q[np.all(q != aef.NODATA, axis=1)]
+    want = direct(q.reshape(-1, 1, 64), model).reshape(-1, 128).astype(np.float64)
+    codes = project_pixels(q, model, out_dtype="int8")
+    # the same encoder on arbitrary unit vectors: a linear identity "projector"
+    eye = torch.nn.Linear(128, 128, bias=False)
+    with torch.no_grad():
+        eye.weight.copy_(torch.eye(128))
+    adv = _adversarial(np.random.default_rng(0))
+    adv_codes = project_pixels(adv, eye, out_dtype="int8", batch_pixels=4096)
+    np.testing.assert_array_equal(np.abs(adv_codes.astype(int) - aef.encode(adv)).max() <= 1, True)
+    for got, ref in ((codes, want), (adv_codes, adv.astype(np.float64))):
+        ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+        dec = field_store.decode(got)  # what open_field(decode=True) gives
+        np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1, atol=1e-6)
+        cos = np.sum(dec.astype(np.float64) * ref, axis=1)
+        assert cos.min() >= bound - 1e-6 and cos.min() >= 0.999, cos.min()
+    assert len(codes) + len(adv_codes) >= 100_000
+    # not vacuous: the two-level vectors come within 2e-5 of the bound, and a coarser
+    # codec (scale 64) breaks it on the same pixels
+    cos_adv = np.sum(field_store.decode(adv_codes).astype(np.float64) * adv, axis=1)
+    assert cos_adv.min() < bound + 2e-5
+    coarse = np.rint(np.sign(adv) * np.sqrt(np.abs(adv)) * 20)
+    coarse = unit(np.sign(coarse) * coarse**2)
+    assert np.sum(coarse * adv, axis=1).min() < 0.999
+
+
+def test_int8_codec_is_documented_for_third_parties(ae_zarr, tmp_path):
+    """The attrs name the codec, its formulas, scale, nodata and error bound, and a plain
+    ``xr.open_zarr`` user decoding with them gets what ``open_field(decode=True)`` gives."""
+    path, q = ae_zarr
+    out = str(tmp_path / "f8.zarr")
+    infer_field(path, projector(), out, InferSection(dtype="int8"), progress=False)
+    plain = xr.open_zarr(out)["embedding"]
+    a = plain.attrs
+    assert (a["codec"], a["scale"], a["nodata"], a["dtype"]) == ("aef-sqrt", 127.5, -128, "int8")
+    assert "sqrt(abs(v)) * scale" in a["encode"] and "sign(q) * (q / scale) ** 2" in a["decode"]
+    assert a["cosine_min"] == 0.99964 and "0.99964" in a["error_bound"]
+    assert "0.99964" in field_store.__doc__  # the module says the same
+    assert plain.dtype == np.int8 and plain.encoding["chunks"] == (CHUNK, CHUNK, 128)
+    c = plain.values.astype(np.float64)
+    v = np.sign(c) * (c / a["scale"]) ** 2
+    v[np.any(plain.values == a["nodata"], axis=-1)] = np.nan
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    got = open_field(out, decode=True)["embedding"]
+    assert got.dtype == np.float32 and got.attrs["dtype"] == "float32"
+    assert "codec" not in got.attrs and "aef-sqrt" in got.attrs["decoded_from"]
+    np.testing.assert_allclose(got.values, v, atol=1e-6)
+    mask = np.any(q == aef.NODATA, axis=-1)
+    assert np.array_equal(np.isnan(got.values).all(-1), mask)
+    assert not np.isnan(got.values[~mask]).any()
+    # float16: documented too, and decode=True widens and renormalises
+    out16 = str(tmp_path / "f16.zarr")
+    infer_field(path, projector(), out16, InferSection(), progress=False)
+    f16 = xr.open_zarr(out16)["embedding"]
+    assert f16.attrs["codec"] == "none" and f16.attrs["nodata"] == "NaN"
+    g = open_field(out16, decode=True)["embedding"].values
+    h = f16.values.astype(np.float32)
+    np.testing.assert_allclose(g, h / np.linalg.norm(h, axis=-1, keepdims=True), atol=1e-6)
+    # decoded int8 vs float16 field of the same model: cosine ≥ the bound − float16 error
+    cos = np.sum(got.values[~mask] * g[~mask], axis=-1)
+    assert cos.min() > 0.9995
+
+
+def test_open_field_reader_selections(ae_zarr, tmp_path):
+    """open_field(decode=…): the same values as the raw store for any selection (windows,
+    integers, steps, index lists), raw or decoded, and an encoding that cannot re-quantise."""
+    path, q = ae_zarr
+    out = str(tmp_path / "f8.zarr")
+    infer_field(path, projector(), out, InferSection(dtype="int8"), progress=False)
+    raw = open_embedding(out).values
+    f = open_field(out)["embedding"]
+    d = open_field(out, decode=True)["embedding"]
+    assert f.dtype == np.int8 and f.attrs["codec"] == "aef-sqrt"
+    np.testing.assert_array_equal(f.values, raw)
+    dec = field_store.decode(raw)
+    np.testing.assert_array_equal(d.values, dec)
+    assert d.encoding == {}  # to_zarr of decoded values must not cast them back to int8
+    sels = [dict(y=slice(5, 45), x=slice(20, 75)), dict(y=33, x=slice(None, None, 7)),
+            dict(y=[1, 40, 69], x=slice(30, 40)), dict(y=slice(60, 10, -3), x=3),
+            dict(y=slice(0, 12), x=slice(0, 9))]
+    for sel in sels:
+        for da, full in ((f, raw), (d, dec)):
+            want = full[sel["y"]][:, sel["x"]] if isinstance(sel["y"], list) else \
+                full[sel["y"], sel["x"]]
+            np.testing.assert_array_equal(da.isel(sel).values, want)
+    np.testing.assert_array_equal(d.isel(dim=[0, 5]).values, dec[..., [0, 5]])  # norm: all dims
+    assert np.isnan(d.values[:12, :9]).all()  # the masked corner
+    with pytest.raises(ValueError, match="chunks="):
+        open_field(out, chunks="big")
+
+
+def test_read_chunks_inside_write_chunks(tmp_path):
+    """infer.read_chunk_px: one task and ledger record per 64-px write chunk, stored as
+    16-px Zarr chunks (an all-nodata one not stored); the values equal the one-chunk
+    layout's; open_field's dask chunks are the write chunks, plain xarray sees the Zarr
+    chunks; a window reads only the chunks it touches (a damaged chunk elsewhere does not
+    stop it) and a damaged chunk fails naming it."""
+    q = random_codes(seed=4)
+    q[16:32, 16:32] = aef.NODATA  # exactly Zarr chunk (1, 1)
+    ae = str(tmp_path / "ae.zarr")
+    write_tiny_ae(ae, codes=q, chunk=64)
+    model = projector()
+    assert field_store.read_chunk(512) == 128 and field_store.read_chunk(500) == 125
+    assert field_store.read_chunk(64, 512) == 64 and field_store.read_chunk(32) == 32
+    with pytest.raises(ValueError, match="read_chunk_px 24 must divide"):
+        field_store.read_chunk(64, 24)
+    one = str(tmp_path / "one.zarr")
+    st1 = infer_field(ae, model, one, InferSection(dtype="int8", read_chunk_px=64), progress=False)
+    out = str(tmp_path / "f.zarr")
+    st = infer_field(ae, model, out, InferSection(dtype="int8", read_chunk_px=16), progress=False)
+    assert st1["read_chunks"] == [64, 64] and st["read_chunks"] == [16, 16]
+    assert st["chunks"] == [64, 64] and st["n_chunks"] == 4 == st1["n_chunks"]
+    index = json.load(open(os.path.join(out, "aether_chunks.json")))["arrays"]["embedding"]
+    assert index["chunks"] == [16, 16, 128]
+    want = {f"c/{i}/{j}/0" for i in range(5) for j in range(6)} - {"c/1/1/0"}
+    assert set(index["stored"]) == want
+    np.testing.assert_array_equal(open_embedding(out).values, open_embedding(one).values)
+    f = open_field(out)["embedding"]
+    assert f.data.chunks[0] == (64, 6) and f.data.chunks[1] == (64, 26)
+    assert open_field(out, chunks="read")["embedding"].data.chunksize[:2] == (16, 16)
+    plain = xr.open_zarr(out)["embedding"]
+    assert plain.encoding["chunks"] == (16, 16, 128)
+    np.testing.assert_array_equal(plain[40:60, 50:80].values, f[40:60, 50:80].values)
+    # a flipped byte in chunk (4, 5) (same size: found by its checksum, when read)
+    chunk = Path(out, "embedding", "c", "4", "5", "0")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    f = open_field(out)["embedding"]
+    ref = open_embedding(one).values
+    np.testing.assert_array_equal(f[:60, :80].values, ref[:60, :80])
+    # the same write chunk (1, 1) as the damaged Zarr chunk: only chunk (4, 4) is read
+    np.testing.assert_array_equal(f[64:70, 64:80].values, ref[64:70, 64:80])
+    for da in (f, open_field(out, decode=True)["embedding"]):
+        with pytest.raises(CorruptStoreError, match=r"f\.zarr: chunk embedding/c/4/5/0 .*damaged"):
+            da[64:70, 64:90].load()
+    with pytest.raises(CorruptStoreError, match=r"c/4/5/0"):
+        open_embedding(out).load()
+    # a truncated chunk fails when the store is opened
+    chunk.write_bytes(bytes(raw[:-3]))
+    with pytest.raises(CorruptStoreError, match=r"embedding/c/4/5/0 has .* bytes.*infer --force"):
+        open_field(out)
+
+
+_KILLED_RUN = """
+import sys
+sys.path.insert(0, sys.argv[4])
+from fixtures import projector
+from aether_scale.config import InferSection
+from aether_scale.infer import infer_field
+infer_field(sys.argv[1], projector(), sys.argv[2], InferSection(dtype="int8", read_chunk_px=16),
+            ledger=sys.argv[3], progress=False)
+"""
+
+
+def test_killed_infer_resumes_per_write_chunk(tmp_path):
+    """A process killed (SIGKILL) after its 2nd write chunk record: the rerun computes only
+    the write chunks without a record, and the store is byte-identical to a clean run's."""
+    q = random_codes(130, 140, seed=8)
+    ae = str(tmp_path / "ae.zarr")
+    write_tiny_ae(ae, codes=q, chunk=64)  # 3 × 3 write chunks of 64 px, 16-px Zarr chunks
+    out, led = str(tmp_path / "killed.zarr"), str(tmp_path / "ledger")
+    env = {**os.environ, "AETHER_SCALE_KILL_AFTER": "2", "AETHER_SCALE_NO_BAR": "1"}
+    tests = str(Path(__file__).resolve().parent)
+    res = subprocess.run([sys.executable, "-c", _KILLED_RUN, ae, out, led, tests], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    done = len(list(Path(led).glob("*.json")))
+    assert 2 <= done < 9 and not os.path.exists(os.path.join(out, "aether_chunks.json"))
+    st = infer_field(ae, projector(), out, InferSection(dtype="int8", read_chunk_px=16),
+                     ledger=led, progress=False)
+    assert st["chunks_resumed"] == done and st["chunks_computed"] == 9 - done
+    clean = str(tmp_path / "clean.zarr")
+    infer_field(ae, projector(), clean, InferSection(dtype="int8", read_chunk_px=16),
+                progress=False)
+
+    def files(root: str) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+                if p.is_file()}
+
+    got, want = files(out), files(clean)
+    assert got == want and sum("embedding/c/" in k for k in got) == 81
 
 
 def test_project_pixels_float_input_and_empty():

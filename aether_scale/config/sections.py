@@ -338,7 +338,8 @@ class InferSection(Section):
     """Trained projector over every AE pixel → ``field.zarr``."""
 
     dtype: Literal["float16", "int8"] = Field(
-        "float16", description="float16, or int8 with the AEF sqrt codec (attrs say so)"
+        "float16", description="float16 (256 B/px), or int8 with the AEF sqrt codec (128 B/px; "
+        "per-pixel cosine to float32 ≥ 0.99964; codec and bound in the field's attrs)"
     )
     batch_pixels: int = Field(
         16_384, ge=1024, description="pixels per projector call (small batches stay in cache)"
@@ -352,7 +353,14 @@ class InferSection(Section):
     )
     chunk_px: int | None = Field(
         None, ge=16, description="field chunk edge (must divide the ae.zarr chunk edge); "
-        "default: the largest divisor of it up to 512 (a 64 MiB float16 chunk)",
+        "default: the largest divisor of it up to 512 (a 64 MiB float16 chunk); one task and "
+        "one ledger record each",
+    )
+    read_chunk_px: int | None = Field(
+        None, ge=16, description="Zarr chunk edge the field is stored in (must divide the "
+        "field chunk; ≥ it: one Zarr chunk per field chunk); default: the largest divisor of "
+        "the field chunk up to 128, so a 100×100 px read fetches ≤ 4 chunks of 2 MiB (int8) "
+        "instead of up to 4 of 32 MiB (benchmarks/results/field_read.json)",
     )
 
 

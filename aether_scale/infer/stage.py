@@ -8,7 +8,10 @@ out-of-core on any scheduler, nothing large crosses workers, and a killed run re
 with the missing chunks only. Field chunks divide the AE chunks (default edge: the
 largest divisor of the AE chunk edge up to 512, a 64 MiB float16 chunk), so a city in
 one AE chunk still gives every worker work, and the layout never depends on the
-cluster. :func:`build` is the registered ``infer`` stage: one field per model the
+cluster. Each field chunk (the *write* chunk: one task, one ledger record) is stored as
+Zarr chunks of ``infer.read_chunk_px`` (default 128 px) so that small areas read
+little from object storage (:class:`~aether_scale.stores.field.FieldBuild`).
+:func:`build` is the registered ``infer`` stage: one field per model the
 train stage left (``model/`` → ``field.zarr``, ``model_<v>/`` → ``field_<v>.zarr``).
 """
 
@@ -28,7 +31,7 @@ from ..devices import bf16_problem, resolve_device
 from ..logs import get_logger
 from ..pipeline import ARTIFACTS
 from ..stores import field as field_store
-from ..stores.raster import RasterBuild, ledger_folder, open_embedding, raster_crs, write_chunks
+from ..stores.raster import ledger_folder, open_embedding, raster_crs, write_chunks
 from ..workspace import stable_hash
 from .kernel import NODATA, _in_dim, _out_dim, project_pixels
 from .models import (
@@ -127,9 +130,11 @@ def infer_field(
     module mapping (n, 64) → (n, D) (``AEProj``), or a model folder / checkpoint (path or
     URL, :func:`aether_scale.stores.models.load_projector`). ``ledger``: the folder recording
     finished chunks (a killed run's to resume it; default a temporary one).
-    Returns statistics: pixel counts (total, valid, nodata), dtype and dims, chunks
-    (computed, resumed), seconds and pixels/s. Raises ValueError for an ``ae`` that is
-    not the workspace contract's or a device that is absent.
+    Returns statistics: pixel counts (total, valid, nodata), dtype and dims, chunks (the
+    write chunks: tasks and ledger records, computed and resumed), read_chunks (the Zarr
+    chunks they are stored in: ``infer.read_chunk_px``), seconds and pixels/s. Raises
+    ValueError for an ``ae`` that is not the workspace contract's or a device that is
+    absent.
     """
     cfg = cfg or InferSection()
     t0 = time.perf_counter()
@@ -152,6 +157,8 @@ def infer_field(
         arr = arr.rechunk({2: -1})  # the projector needs all bands of a pixel in one block
     cy = field_chunk(int(arr.chunks[0][0]), cfg.chunk_px)
     cx = field_chunk(int(arr.chunks[1][0]), cfg.chunk_px)
+    ry = field_store.read_chunk(cy, cfg.read_chunk_px)
+    rx = field_store.read_chunk(cx, cfg.read_chunk_px)
     blob, key = _model_payload(projector)
     client = active_client()
     if client is None:  # an absent device fails here, before the store is touched
@@ -163,7 +170,8 @@ def infer_field(
             log.warning(f"[infer] {problem[1]}")
     _check_workers_device(client, cfg.device)
     attrs = {"model_hash": key, "precision": cfg.precision}
-    token = stable_hash([key, cfg.dtype, cfg.precision, cy, cx, list(arr.shape)])
+    token = stable_hash([key, cfg.dtype, cfg.precision, cy, cx, ry, rx, list(arr.shape),
+                         field_store.FORMAT_VERSION])
     # the model's bytes are one literal of the graph (≈0.5 MB): a worker fetches them once
     # and, unlike a scattered future, they are recomputed if the worker holding them dies
     import dask
@@ -185,10 +193,12 @@ def infer_field(
     threads_before = torch.get_num_threads()
     try:
         with ledger_folder(ledger) as led:
-            build = RasterBuild.at(out_uri, led, storage_options).create(
-                field_store.template(da, out_dim, (cy, cx), cfg.dtype, attrs),
-                fill_value=field_store.fill_value(cfg.dtype), token=token)
-            log.info(f"[infer] {n_pix:,} px in {len(build.grid())} chunks of {cy}×{cx} → "
+            build = field_store.FieldBuild.at(out_uri, led, storage_options).create(
+                field_store.template(da, out_dim, (cy, cx), cfg.dtype, attrs,
+                                     read_chunks=(ry, rx)),
+                fill_value=field_store.fill_value(cfg.dtype), token=token, block=(cy, cx))
+            log.info(f"[infer] {n_pix:,} px in {len(build.grid())} chunks of {cy}×{cx} "
+                     f"(stored as {ry}×{rx} Zarr chunks) → "
                      f"{os.path.basename(str(out_uri))} ({cfg.dtype}, dim {out_dim})")
             records, n_todo = write_chunks(build, job, label="infer", token=token, log=log,
                                            progress=progress)
@@ -209,6 +219,7 @@ def infer_field(
         "dtype": cfg.dtype,
         "precision": cfg.precision,
         "chunks": [cy, cx],
+        "read_chunks": [ry, rx],
         "n_chunks": n_chunks,
         "chunks_computed": n_todo,
         "chunks_resumed": n_chunks - n_todo,
