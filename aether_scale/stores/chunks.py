@@ -336,6 +336,62 @@ def checked_array(ref: StoreRef, array: str, index: Mapping[str, Any] | None, *,
                      meta=np.empty((0,) * len(shape), dtype=arr.dtype))
 
 
+@dataclass(frozen=True)
+class CheckedWindow:
+    """A window ``[r0, r1) × [c0, c1)`` (all of the last axis) of a 3-d array, read by
+    verified chunk reads like :func:`checked_array`'s — without a dask graph of the
+    whole array. A raster stage's task carries one: slicing a country's dask array per
+    task costs time that grows with the array, and so does the whole graph.
+
+    ``stored``: the index entries (``{chunk key: bytes}``) of the chunks the window
+    touches, or None for a store without an index. ``np.asarray(window)`` reads it."""
+
+    ref: StoreRef
+    array: str
+    window: tuple[int, int, int, int]
+    stored: Mapping[str, int] | None
+    fix: str
+
+    @classmethod
+    def of(cls, ref: StoreRef, array: str, index: Mapping[str, Any] | None,
+           window: tuple[int, int, int, int], *, fix: str, opened: Any = None
+           ) -> CheckedWindow:
+        """The window's reader; ``opened``: the Zarr array, already open (the caller
+        building many windows opens it once)."""
+        arr = opened if opened is not None else ref.array(array)
+        stored = None if index is None else index["arrays"].get(array, {}).get("stored", {})
+        if stored is not None:
+            stored = {k: stored[k] for k in (_encode_key(arr, i) for i in
+                                            cls._chunks(arr.chunks, window)) if k in stored}
+        return cls(ref, array, tuple(int(v) for v in window), stored, fix)
+
+    @staticmethod
+    def _chunks(chunks: Sequence[int], window: tuple[int, int, int, int]
+                ) -> list[tuple[int, int, int]]:
+        r0, r1, c0, c1 = window
+        cy, cx = int(chunks[0]), int(chunks[1])
+        return [(i, j, 0) for i in range(r0 // cy, (r1 - 1) // cy + 1)
+                for j in range(c0 // cx, (c1 - 1) // cx + 1)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.ref.array(self.array)
+        r0, r1, c0, c1 = self.window
+        out = np.empty((r1 - r0, c1 - c0, arr.shape[2]), dtype=arr.dtype)
+        for idx in self._chunks(arr.chunks, self.window):
+            sl = chunk_slices(idx, arr.shape, arr.chunks)
+            enc = _encode_key(arr, idx)
+            if self.stored is not None and enc not in self.stored:
+                block = np.full(tuple(s.stop - s.start for s in sl), arr.fill_value, arr.dtype)
+            else:
+                size = None if self.stored is None else self.stored[enc]
+                block = _read_chunk(self.ref, self.array, idx, size, self.fix)
+            a0, a1 = max(r0, sl[0].start), min(r1, sl[0].stop)
+            b0, b1 = max(c0, sl[1].start), min(c1, sl[1].stop)
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = block[a0 - sl[0].start:a1 - sl[0].start,
+                                                         b0 - sl[1].start:b1 - sl[1].start]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
 def read_rows(ref: StoreRef, array: str, start: int, stop: int, *, fix: str) -> np.ndarray:
     """Rows ``[start, stop)`` of a row-chunked array, chunk by chunk, each read checked
     (a decode or checksum failure names the chunk)."""
