@@ -31,7 +31,7 @@ from ..devices import bf16_problem, resolve_device
 from ..logs import get_logger
 from ..pipeline import ARTIFACTS
 from ..stores import field as field_store
-from ..stores.raster import ledger_folder, open_embedding, raster_crs, write_chunks
+from ..stores.raster import count_retries, ledger_folder, open_embedding, raster_crs, write_chunks
 from ..workspace import stable_hash
 from .kernel import NODATA, _in_dim, _out_dim, project_pixels
 from .models import (
@@ -246,6 +246,7 @@ def infer_field(
         "n_chunks": n_chunks,
         "chunks_computed": n_todo,
         "chunks_resumed": n_chunks - n_todo,
+        "retries": count_retries(records),  # transient remote read/write failures retried
         "model_hash": key,
         "crs": crs.to_string() if crs is not None else None,
         "seconds": round(secs, 3),
