@@ -560,20 +560,37 @@ def check_worker_memory(stage: str, modules: Sequence[str], per_task: Sequence[t
     pause = dask.config.get("distributed.worker.memory.pause", 0.8) or 1.0
     mib = 2**20
     smallest = min(d["memory_limit"] for d in limited.values())
-    try:
-        rss = client.run(_rss_after_import, list(modules), workers=list(limited))
-    except Exception as e:  # noqa: BLE001 - a worker killed while importing, a closed comm
-        raise MemoryError(
-            f"{stage}: the dask workers died while loading what {stage} runs "
-            f"({', '.join(modules)}; {type(e).__name__}): {smallest / mib:,.0f} MiB per worker "
-            "is not enough. Fix: set cluster.memory_limit to 1GiB or more") from None
     task = sum(b for _, b in per_task) + _SLACK
-    short = []
-    for w, d in limited.items():
-        need = rss.get(w, 0) + int(d.get("nthreads", 1)) * task
-        room = float(pause) * d["memory_limit"]
-        if need > room:
-            short.append((w, need, d["memory_limit"], rss.get(w, 0), int(d.get("nthreads", 1))))
+
+    def shortfalls() -> list[tuple]:
+        try:
+            rss = client.run(_rss_after_import, list(modules), workers=list(limited))
+        except Exception as e:  # noqa: BLE001 - a worker killed while importing, a closed comm
+            raise MemoryError(
+                f"{stage}: the dask workers died while loading what {stage} runs "
+                f"({', '.join(modules)}; {type(e).__name__}): {smallest / mib:,.0f} MiB per "
+                "worker is not enough. Fix: set cluster.memory_limit to 1GiB or more") from None
+        out = []
+        for w, d in limited.items():
+            need = rss.get(w, 0) + int(d.get("nthreads", 1)) * task
+            if need > float(pause) * d["memory_limit"]:
+                out.append((w, need, d["memory_limit"], rss.get(w, 0), int(d.get("nthreads", 1))))
+        return out
+
+    short = shortfalls()
+    if short:
+        # A worker's resident size includes heap that earlier stages freed but the allocator
+        # kept (and their imports): restarting the workers (nothing is held between stages)
+        # gives it back; only a worker still too small after that is a real shortfall.
+        log.info(f"[{stage}] {len(short)} dask worker(s) hold memory from earlier stages: "
+                 "restarting the workers before checking again")
+        try:
+            client.restart(wait_for_workers=True)
+            workers = client.scheduler_info().get("workers", {})
+            limited = {w: d for w, d in workers.items() if d.get("memory_limit")}
+            short = shortfalls() if limited else []
+        except Exception as e:  # noqa: BLE001 - a cluster that cannot restart: report as is
+            log.info(f"[{stage}] the workers could not be restarted ({type(e).__name__}: {e})")
     if not short:
         return
     w, need, limit, base, threads = short[0]

@@ -31,6 +31,27 @@ TINY_DEMO = [
     "sweep.overrides={train.epochs: 2}",
 ]
 
+def city_run(city: dict[str, str], tmp, *, chunk_px: int = 32) -> dict:
+    """A run config (as data) for a synthetic city written by ``write_city``: small
+    chunks (a 256 px city in 32 px chunks has 64 per raster stage), one training epoch,
+    a text cache under ``tmp``, the threaded scheduler (set ``cluster`` to change it)."""
+    cfg = {
+        "cluster": {"kind": "threads"},
+        "ingest": {"tiles": [city["ae_tiles"]], "chunk_px": chunk_px},
+        "pois": {"sources": [{"path": city["pois"], "columns": {
+            "id": "poi_id", "name": "name", "category": "category",
+            "subcategory": "subcategory"}}]},
+        "text": {"cache_dir": str(tmp / "text-cache")},
+        "pool": {"chunk_rows": 512},
+        "train": {"epochs": 1, "batch_size": 256, "threads": 1, "variants": {}},
+        "evaluate": {"seeds": [0], "max_epochs": 5},
+    }
+    if "luc_points" in city:
+        cfg["regions"] = {"luc_points": city["luc_points"], "sdm_units": city["sdm_units"],
+                          "sdm_id": "unit_id"}
+    return cfg
+
+
 NY, NX, CHUNK = 70, 90, 32  # 3 × 3 chunks, ragged at the far edges
 LEFT, TOP, RES = 500_000.0, 5_700_000.0, 10.0
 

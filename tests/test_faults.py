@@ -26,18 +26,11 @@ N_CHUNKS = 64  # a 256 px city in 32 px chunks
 
 
 def _cfg(city: dict[str, str], address: str | None, tmp: Path, **extra) -> object:
-    cluster = {"kind": "address", "address": address} if address else {"kind": "threads"}
-    data = {
-        "cluster": cluster,
-        "ingest": {"tiles": [city["ae_tiles"]], "chunk_px": 32},
-        "pois": {"sources": [{"path": city["pois"], "columns": {
-            "id": "poi_id", "name": "name", "category": "category",
-            "subcategory": "subcategory"}}]},
-        "text": {"cache_dir": str(tmp / "text-cache")},
-        "pool": {"chunk_rows": 512},
-        "train": {"epochs": 1, "batch_size": 256, "threads": 1, "variants": {}},
-        "infer": {"threads": 1},
-    }
+    from fixtures import city_run
+
+    data = city_run(city, tmp)
+    data["cluster"] = {"kind": "address", "address": address} if address else {"kind": "threads"}
+    data["infer"] = {"threads": 1}
     for k, v in extra.items():
         data.setdefault(k, {}).update(v)
     return load_config(data=data)
@@ -128,14 +121,14 @@ def _write_tiles(folder: Path, ny: int, nx: int, n_tiles: int, seed: int = 0) ->
 
 
 @pytest.mark.parametrize("edge", [
-    2048,  # AE 256 MiB, float16 field 1 GiB
-    pytest.param(4096, marks=pytest.mark.slow),  # AE 1 GiB, field 4 GiB: 5× a worker
+    2560,  # AE 400 MiB, float16 field 1.6 GiB: 2 GiB of rasters for 1 GiB workers
+    pytest.param(4096, marks=pytest.mark.slow),  # AE 1 GiB, field 4 GiB
 ])
-def test_workers_with_far_less_memory_than_the_rasters(tmp_path, edge):
-    """A raster through ingest, pool and infer on two workers of 768 MiB each (the
-    stages' own memory check passes them): no worker is restarted, and each one's peak
-    resident memory, measured on the worker by the product (the manifests), stays below
-    its limit in every stage that ran on the workers."""
+def test_workers_with_far_less_memory_than_the_rasters(tmp_path, edge, caplog):
+    """A raster through ingest, pool and infer on two workers of 1 GiB each (the stages'
+    own memory check passes them): no worker is killed for its memory, and each one's
+    peak resident memory, measured on the worker by the product (the manifests), stays
+    below its limit in every stage that ran on the workers."""
     import geopandas as gpd
     from shapely.geometry import Point
 
@@ -153,16 +146,21 @@ def test_workers_with_far_less_memory_than_the_rasters(tmp_path, edge):
                            crs="EPSG:32630")
     gdf.to_parquet(tmp_path / "pois.parquet")
     city = {"ae_tiles": str(tmp_path / "ae" / "*.tif"), "pois": str(tmp_path / "pois.parquet")}
-    limit = 768 * 2**20
+    limit = 1024 * 2**20
+    caplog.set_level("INFO")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
         cfg = _cfg(city, cluster.scheduler_address, tmp_path, ingest={"chunk_px": 256},
-                   pool={"chunk_rows": 1024}, infer={"batch_pixels": 4096})
+                   pool={"chunk_rows": 1024})
         ws = Workspace(tmp_path / "ws")
         res = run_stages(["ingest", "pois", "text", "pool", "train", "infer"], ws, cfg)
         assert not any(r.skipped for r in res)
-        assert client.run(os.getpid) == pids  # no worker was killed and restarted
+        # the nanny kills a worker past 95 % of its limit (and says so); the stages' own
+        # memory check may restart workers on purpose, and logs it
+        assert "memory budget" not in caplog.text
+        if "restarting the workers before checking again" not in caplog.text:
+            assert client.run(os.getpid) == pids  # no worker was killed and restarted
     ae_bytes = ny * nx * 64
     assert ae_bytes + ny * nx * 128 * 2 > 1.5 * limit  # the rasters dwarf a worker
     assert sum(p.stat().st_size for p in (tmp_path / "ws" / "field.zarr").rglob("*")) > limit / 2
@@ -171,5 +169,5 @@ def test_workers_with_far_less_memory_than_the_rasters(tmp_path, edge):
     for stage in ("ingest", "pois", "text", "pool", "infer"):
         mem = json.loads((tmp_path / "ws" / "manifests" / f"{stage}.json").read_text()
                          )["stats"]["dask_workers"]
-        assert mem["workers"] == 2 and mem["memory_limit_mib"] == 768, (stage, mem)
-        assert all(0 < p < 768 for p in mem["peak_rss_mib"].values()), (stage, mem)
+        assert mem["workers"] == 2 and mem["memory_limit_mib"] == 1024, (stage, mem)
+        assert all(0 < p < 1024 for p in mem["peak_rss_mib"].values()), (stage, mem)

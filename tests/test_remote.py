@@ -38,7 +38,9 @@ def test_demo_through_gateway_with_everything_on_object_storage(tiny_demo, s3, g
     env = {**os.environ, **s3["env"], **gateway["env"], "HOME": str(home),
            "DASK_GATEWAY__AUTH__KWARGS__USERNAME": "alice", "AETHER_SCALE_NO_BAR": "1"}
     cmd = [sys.executable, "-m", "aether_scale", "demo", "-w", f"s3://work/{name}",
-           "--set", "cluster.kind=gateway", "--set", "cluster.gateway.workers=1"]
+           "--set", "cluster.kind=gateway", "--set", "cluster.gateway.workers=1",
+           # the server's option (GiB); the LocalCluster run's workers have 1 GiB
+           "--set", "cluster.gateway.cluster_options={worker_memory: 1.5}"]
     for o in TINY_DEMO:
         cmd += ["--set", o]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

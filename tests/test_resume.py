@@ -28,20 +28,9 @@ def _config(tmp: Path, city: dict[str, str]) -> Path:
     """A run config for a 256 px city in 32 px chunks (64 chunks per raster stage), on the
     threaded scheduler so a killed stage is one process."""
     import yaml
+    from fixtures import city_run
 
-    cfg = {
-        "cluster": {"kind": "threads"},
-        "ingest": {"tiles": [city["ae_tiles"]], "chunk_px": 32},
-        "pois": {"sources": [{"path": city["pois"], "columns": {
-            "id": "poi_id", "name": "name", "category": "category",
-            "subcategory": "subcategory"}}]},
-        "text": {"cache_dir": str(tmp / "text-cache")},
-        "pool": {"chunk_rows": 512},
-        "train": {"epochs": 1, "batch_size": 256, "threads": 1, "variants": {}},
-        "regions": {"luc_points": city["luc_points"], "sdm_units": city["sdm_units"],
-                    "sdm_id": "unit_id"},
-        "evaluate": {"seeds": [0], "max_epochs": 5},
-    }
+    cfg = city_run(city, tmp)
     p = tmp / "run.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
