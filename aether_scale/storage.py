@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["RETRY_ATTEMPTS", "expand", "exists", "is_url", "open_raster_file", "read_vector",
-           "retry_count", "transient", "with_retries"]
+__all__ = ["RETRY_ATTEMPTS", "expand", "gdal_read_failure", "is_url", "open_raster_file",
+           "read_vector", "retry_count", "transient", "with_retries"]
 
 T = TypeVar("T")
 
@@ -62,14 +62,6 @@ def _fs(path: str) -> tuple[Any, str]:
 def _with_protocol(fs: Any, path: str) -> str:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return path if "://" in path else f"{proto}://{path}"
-
-
-def exists(path: str) -> bool:
-    """Whether a local path or URL exists (a URL is asked of its filesystem)."""
-    if not is_url(path):
-        return os.path.exists(path)
-    fs, p = _fs(path)
-    return bool(with_retries(lambda: fs.exists(p), what=path))
 
 
 def expand(pattern: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -145,6 +137,15 @@ def transient(exc: BaseException) -> bool:
         msg = str(exc).lower()
         return any(w in msg for w in _TRANSIENT_WORDS)
     return False
+
+
+def gdal_read_failure(exc: BaseException) -> bool:
+    """Whether a failed GDAL read of a remote file is worth a retry: GDAL reports the
+    opener's network errors as its own I/O errors (a reset connection becomes "No such
+    file or directory"), so any of them is, except Python's own FileNotFoundError."""
+    from rasterio.errors import RasterioError
+
+    return isinstance(exc, (RasterioError, OSError)) and not isinstance(exc, FileNotFoundError)
 
 
 def retry_count() -> int:

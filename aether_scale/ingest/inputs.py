@@ -109,12 +109,6 @@ class TileInfo:
         return self.transform[4] > 0
 
 
-def _remote_failure(e: BaseException) -> bool:
-    from rasterio.errors import RasterioError
-
-    return isinstance(e, (RasterioError, OSError)) and not isinstance(e, FileNotFoundError)
-
-
 def inspect_tile(path: str) -> TileInfo:
     """Read one tile's header and check it is an AlphaEarth raster.
 
@@ -133,12 +127,10 @@ def inspect_tile(path: str) -> TileInfo:
                     int(src.block_shapes[0][0]) if src.block_shapes else 256)
 
     try:
-        # GDAL reports a remote read's failure as its own I/O error (a reset connection
-        # becomes "No such file or directory"): every failure of a URL that exists
-        # (resolve_tiles checked) is worth a retry
-        (count, crs, tr, dtypes, nodata, descriptions, width, height, files,
-         block_rows) = (storage.with_retries(header, what=path, is_transient=_remote_failure)
-                        if storage.is_url(path) else header())
+        # (resolve_tiles checked that the URL exists: its read failures are worth a retry)
+        (count, crs, tr, dtypes, nodata, descriptions, width, height, files, block_rows) = (
+            storage.with_retries(header, what=path, is_transient=storage.gdal_read_failure)
+            if storage.is_url(path) else header())
     except (RasterioError, OSError) as e:
         raise IngestError(
             f"{path}: cannot be read as a raster ({e}). Check that it is a GeoTIFF/COG/VRT that "

@@ -299,7 +299,7 @@ def _read_block_codes(
                 "or corrupt: re-download or re-export it"
             )
             # a remote read may fail in passing (the chunk task retries it, counted)
-            err.transient = storage.is_url(p.tile.path) and not isinstance(e, FileNotFoundError)
+            err.transient = storage.is_url(p.tile.path) and storage.gdal_read_failure(e)
             raise err from None
     return block, valid
 
