@@ -20,6 +20,10 @@ Stage code never builds clients: it calls :func:`run_tasks` (or dask's own
 :class:`ClusterSession` opens the cluster lazily for the stages that need one and
 closes a local one before a stage that does not (idle worker processes on the same
 cores slow torch down: measured 14.4 vs 9.8 s/epoch for ``train`` on 2 cores).
+
+Two parts live beside it: :mod:`aether_scale.gateway` (the Dask Gateway client:
+probes, options, idle timeout, shutdown) and :mod:`aether_scale.workers` (the workers'
+memory: the check before a stage, the peaks measured during it).
 """
 
 from __future__ import annotations
@@ -273,6 +277,8 @@ def connect(cfg: ClusterSection) -> Iterator[Any | None]:
         elif kind == "address":
             client = stack.enter_context(Client(cfg.address))
         elif kind == "gateway":
+            from .gateway import _gateway_client
+
             client = stack.enter_context(_gateway_client(cfg))
         else:  # pragma: no cover - guarded by the config's Literal
             raise ValueError(f"unknown cluster.kind {kind!r}")
@@ -302,101 +308,6 @@ class _QuietWorkerLogs(WorkerPlugin):
                      "distributed.nanny", "distributed.core", "distributed.comm",
                      "distributed.utils_perf", "distributed.utils"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-class GatewayError(RuntimeError):
-    """A Dask Gateway that cannot be reached, refuses the credentials or the options."""
-
-
-def _gateway_health(address: str, timeout: float = 10.0) -> None:
-    """Fail within ``timeout`` seconds, naming the fix, when nothing answers at the
-    gateway's address (the client library would wait on a dropped connection)."""
-    import urllib.error
-    import urllib.request
-
-    url = address.rstrip("/") + "/api/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return  # something answers HTTP there; the API calls below say what is wrong
-    except (OSError, ValueError) as e:
-        raise GatewayError(
-            f"cannot reach the Dask Gateway at {address} ({getattr(e, 'reason', e)}). Fix: "
-            "check cluster.gateway.address or DASK_GATEWAY__ADDRESS, and that the gateway "
-            "is up and reachable from here") from None
-
-
-def _gateway_failure(e: Exception, address: str, user: str | None) -> GatewayError:
-    status = getattr(e, "status", None) or getattr(e, "code", None)
-    if status in (401, 403):
-        return GatewayError(
-            f"the Dask Gateway at {address} refused the credentials"
-            + (f" of user {user!r}" if user else "") + f" (HTTP {status}). Fix: "
-            "cluster.gateway.username/password or DASK_GATEWAY__AUTH__KWARGS__*, or the auth "
-            "type (cluster.gateway.auth, DASK_GATEWAY__AUTH__TYPE)")
-    return GatewayError(f"the Dask Gateway at {address} failed: {type(e).__name__}: {e}")
-
-
-@contextlib.contextmanager
-def _gateway_client(cfg: ClusterSection) -> Iterator[object]:
-    """A new cluster from the gateway, its client, and the cluster shut down on exit
-    (``shutdown_on_close``); the server's idle timeout covers a client that crashes."""
-    gw_mod = import_optional("dask_gateway", "gateway")
-    g = cfg.gateway
-    kwargs: dict[str, object] = {}
-    if g.address:
-        kwargs["address"] = g.address
-    if g.proxy_address:
-        kwargs["proxy_address"] = g.proxy_address
-    if g.auth == "basic" or (g.username and g.password):
-        from dask_gateway.auth import BasicAuth
-
-        kwargs["auth"] = BasicAuth(g.username, g.password)
-    elif g.auth:
-        kwargs["auth"] = g.auth
-    gateway = gw_mod.Gateway(**kwargs)
-    address = gateway.address
-    user = g.username or dask.config.get("gateway.auth.kwargs.username", None)
-    try:
-        _gateway_health(address)
-        try:
-            offered = gateway.cluster_options(use_local_defaults=False)
-        except Exception as e:  # noqa: BLE001 - aiohttp's errors: reported with the fix
-            raise _gateway_failure(e, address, user) from None
-        opts = dict(g.cluster_options)
-        unknown = sorted(set(opts) - set(offered))
-        if unknown:
-            raise GatewayError(
-                f"the Dask Gateway at {address} offers no cluster option(s) "
-                f"{', '.join(unknown)}; it offers: {', '.join(sorted(offered)) or 'none'}. "
-                "Fix: cluster.gateway.cluster_options")
-        if g.idle_timeout_s is not None and "idle_timeout" in offered:
-            opts.setdefault("idle_timeout", g.idle_timeout_s)
-        elif g.idle_timeout_s is not None:
-            log.info(f"dask: the gateway offers no 'idle_timeout' option; its own timeout "
-                     f"applies (cluster.gateway.idle_timeout_s={g.idle_timeout_s:g} not sent)")
-        try:
-            cluster = gateway.new_cluster(**opts)
-        except Exception as e:  # noqa: BLE001
-            raise _gateway_failure(e, address, user) from None
-        try:
-            if g.adaptive_max:
-                cluster.adapt(minimum=g.adaptive_min, maximum=g.adaptive_max)
-            elif g.workers:
-                cluster.scale(g.workers)
-            client = cluster.get_client(set_as_default=True)
-            if g.workers and not g.adaptive_max:
-                client.wait_for_workers(g.workers, timeout=300)
-            try:
-                yield client
-            finally:
-                client.close()
-        finally:
-            if g.shutdown_on_close:
-                cluster.shutdown()
-    finally:
-        gateway.close()
 
 
 class ClusterSession:
@@ -474,131 +385,3 @@ def persist(objs: Sequence[Any]) -> list[Any]:
         if f.status == "error":
             f.result()
     return out
-
-
-def _worker_peak(reset: bool) -> int | None:
-    """Worker side: this process's peak resident memory since the last reset (bytes,
-    Linux ``VmHWM``), then reset the peak when ``reset``; None where /proc lacks it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            line = next(ln for ln in f if ln.startswith("VmHWM:"))
-        peak = int(line.split()[1]) * 1024
-        if reset:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-                f.write("5")  # resets VmHWM to the current resident size
-        return peak
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-class WorkerPeaks:
-    """The peak resident memory of each dask worker over a stretch of work (a stage):
-    ``start()`` resets every worker's high-water mark, ``stop()`` reads it. Nothing
-    (an empty summary) without a distributed cluster or where /proc has no ``VmHWM``."""
-
-    def __init__(self) -> None:
-        self.client = active_client()
-
-    def start(self) -> WorkerPeaks:
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.client.run(_worker_peak, True)
-        return self
-
-    def stop(self) -> dict[str, Any]:
-        """``{"workers", "peak_rss_mib_max", "peak_rss_mib", "memory_limit_mib"}``."""
-        if self.client is None:
-            return {}
-        try:
-            peaks = {w: p for w, p in self.client.run(_worker_peak, False).items()
-                     if p is not None}
-            limits = {w: d.get("memory_limit")
-                      for w, d in self.client.scheduler_info()["workers"].items()}
-        except Exception:  # noqa: BLE001 - a worker lost at the end: no summary, no failure
-            return {}
-        if not peaks:
-            return {}
-        mib = 2**20
-        lim = [v for v in limits.values() if v]
-        return {"workers": len(peaks),
-                "peak_rss_mib_max": round(max(peaks.values()) / mib, 1),
-                "peak_rss_mib": {w: round(p / mib, 1) for w, p in sorted(peaks.items())},
-                "memory_limit_mib": round(min(lim) / mib, 1) if lim else None}
-
-
-#: a worker's heap grows beyond the blocks a task holds (temporaries, allocator slack)
-_SLACK = 48 * 2**20
-
-
-def _rss_after_import(modules: Sequence[str]) -> int:
-    """Worker side: import ``modules``, return this process's resident memory (bytes)."""
-    import psutil
-
-    for m in modules:
-        importlib.import_module(m)
-    return int(psutil.Process(os.getpid()).memory_info().rss)
-
-
-def check_worker_memory(stage: str, modules: Sequence[str], per_task: Sequence[tuple[str, int]],
-                        fix: str) -> None:
-    """Refuse to start ``stage`` on workers too small for it, before any task is lost.
-
-    Each worker imports ``modules`` (what the stage's tasks import) and reports its
-    memory; a worker needs that plus ``per_task`` (``(what, bytes)``: the blocks one task
-    holds) for each of its threads, within its pause threshold (dask pauses a worker at
-    ``distributed.worker.memory.pause`` of its limit, default 80 %). Raises
-    :class:`MemoryError` with the numbers and ``fix``; does nothing without a cluster or
-    without a memory limit.
-    """
-    client = active_client()
-    if client is None:
-        return
-    workers = client.scheduler_info().get("workers", {})
-    limited = {w: d for w, d in workers.items() if d.get("memory_limit")}
-    if not limited:
-        return
-    pause = dask.config.get("distributed.worker.memory.pause", 0.8) or 1.0
-    mib = 2**20
-    smallest = min(d["memory_limit"] for d in limited.values())
-    task = sum(b for _, b in per_task) + _SLACK
-
-    def shortfalls() -> list[tuple]:
-        try:
-            rss = client.run(_rss_after_import, list(modules), workers=list(limited))
-        except Exception as e:  # noqa: BLE001 - a worker killed while importing, a closed comm
-            raise MemoryError(
-                f"{stage}: the dask workers died while loading what {stage} runs "
-                f"({', '.join(modules)}; {type(e).__name__}): {smallest / mib:,.0f} MiB per "
-                "worker is not enough. Fix: set cluster.memory_limit to 1GiB or more") from None
-        out = []
-        for w, d in limited.items():
-            need = rss.get(w, 0) + int(d.get("nthreads", 1)) * task
-            if need > float(pause) * d["memory_limit"]:
-                out.append((w, need, d["memory_limit"], rss.get(w, 0), int(d.get("nthreads", 1))))
-        return out
-
-    short = shortfalls()
-    if short:
-        # A worker's resident size includes heap that earlier stages freed but the allocator
-        # kept (and their imports): restarting the workers (nothing is held between stages)
-        # gives it back; only a worker still too small after that is a real shortfall.
-        log.info(f"[{stage}] {len(short)} dask worker(s) hold memory from earlier stages: "
-                 "restarting the workers before checking again")
-        try:
-            client.restart(wait_for_workers=True)
-            workers = client.scheduler_info().get("workers", {})
-            limited = {w: d for w, d in workers.items() if d.get("memory_limit")}
-            short = shortfalls() if limited else []
-        except Exception as e:  # noqa: BLE001 - a cluster that cannot restart: report as is
-            log.info(f"[{stage}] the workers could not be restarted ({type(e).__name__}: {e})")
-    if not short:
-        return
-    w, need, limit, base, threads = short[0]
-    parts = ", ".join(f"{what} {b / mib:,.0f} MiB" for what, b in per_task)
-    raise MemoryError(
-        f"{stage}: the dask workers are too small — {len(short)} of {len(limited)} would run "
-        f"out of memory. A worker needs about {need / mib:,.0f} MiB: {base / mib:,.0f} MiB once "
-        f"it has imported what {stage} runs, plus per task ({parts}, temporaries "
-        f"{_SLACK / mib:.0f} MiB) × {threads} thread(s); "
-        f"{w} has {limit / mib:,.0f} MiB and pauses at {float(pause):.0%}. Fix: set "
-        f"cluster.memory_limit to at least {need / float(pause) / mib * 1.1:,.0f}MiB, or {fix}")

@@ -129,7 +129,7 @@ def test_cluster_options_reach_the_workers(gateway):
 @pytest.mark.gateway
 @pytest.mark.timeout(60)
 def test_gateway_errors_are_clear_and_quick(gateway):
-    from aether_scale.cluster import GatewayError
+    from aether_scale.gateway import GatewayError
 
     with pytest.raises(GatewayError, match=r"refused the credentials of user 'alice' \(HTTP 40"
                                            r"[13]\).*cluster.gateway.username/password"):

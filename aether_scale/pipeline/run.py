@@ -84,7 +84,7 @@ def run_stage(name: str, ws: Workspace, cfg: RunConfig, *, force: bool = False,
     def fn(work: Work) -> Mapping[str, Any] | None:
         _warn_inputs_gone(ws, p, slog)
         ctx = StageContext(ws, cfg, p, work, slog, force)
-        from ..cluster import WorkerPeaks, check_worker_memory
+        from ..workers import WorkerPeaks, check_worker_memory
 
         if st.memory:
             mod, name_ = st.memory.split(":")

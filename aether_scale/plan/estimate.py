@@ -183,10 +183,7 @@ def _memory(stage: str, ctx: _Ctx, cal: Calibration, tpw: int, torch: bool
     """Per-worker memory from the stage's own helper: imports + threads × per task."""
     import importlib
 
-    try:
-        from ..cluster import _SLACK
-    except ImportError:  # pragma: no cover - the helper's temporaries allowance moved
-        _SLACK = 48 * 2**20
+    from ..workers import _SLACK
     try:
         fn = importlib.import_module(f"aether_scale.{stage}.stage").worker_memory
         _mods, per_task, _fix = fn(ctx)
