@@ -18,6 +18,11 @@ that any GIS reads:
   pixel centred on ``(x[0], y[0])`` is the top-left pixel;
 - ``bbox`` (in the raster CRS or ``bbox_crs``) exports a window, snapped outward to whole
   pixels.
+
+The module is a little over the project's ~400-line guide: the window writer, the
+dtype/nodata rules and the grid derivation are one pipeline over one temporary file,
+and each of them is a few dozen lines that the others call; the PCA rendering is the
+one separable part (the seam, should it grow).
 """
 
 from __future__ import annotations

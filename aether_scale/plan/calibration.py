@@ -14,6 +14,12 @@ Every figure is per worker thread (or per GPU) and carries its source, one of:
   it is based on.
 
 :func:`load_calibration` overlays them in that order (a calibration file wins).
+
+The module is longer than the project's ~400-line guide: it is the table of every
+figure a plan uses (name, unit, default, source) and the one calibration run that
+measures them, kept side by side so that a figure and the measurement that replaces it
+cannot drift apart. The seam, should it grow, is "figures and loading" vs "the
+calibration run".
 """
 
 from __future__ import annotations
