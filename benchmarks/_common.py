@@ -32,7 +32,10 @@ import psutil
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-__all__ = ["PeakRSS", "machine_info", "write_result", "RESULTS_DIR"]
+__all__ = ["PeakRSS", "machine_info", "write_result", "RESULTS_DIR", "add_reference_argument",
+           "reference_origin", "fallback_origin", "ratio_row", "REFERENCE_REPO"]
+
+REFERENCE_REPO = "inwind0212/AETHER"
 
 
 def _tree_rss(root: psutil.Process) -> tuple[int, int]:
@@ -171,3 +174,76 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------
+# Baselines: the reference's own code from a checkout, or a labelled fallback
+# ---------------------------------------------------------------------------
+
+def add_reference_argument(ap: Any) -> None:
+    """``--reference PATH``: a checkout of github inwind0212/AETHER (default ``$AETHER_REFERENCE``).
+
+    Its scripts run unmodified as the baseline; without a checkout the benchmark
+    falls back to its own re-implementation and says so in the JSON.
+    """
+    ap.add_argument(
+        "--reference", default=os.environ.get("AETHER_REFERENCE") or None, metavar="PATH",
+        help="checkout of github.com/inwind0212/AETHER whose scripts are the baseline "
+             "(default $AETHER_REFERENCE; without one a labelled re-implementation is used)")
+
+
+def reference_origin(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Where the baseline came from: the checkout's path and commit (an error if it is not one)."""
+    import subprocess
+
+    root = Path(path).expanduser().resolve()
+    missing = [f for f in ("dataio.py", "model.py", "train.py", "infer_aether_raster.py")
+               if not (root / f).is_file()]
+    if missing:
+        raise SystemExit(f"--reference {root}: not a checkout of github.com/{REFERENCE_REPO} "
+                         f"(missing {', '.join(missing)}); clone it, e.g. "
+                         f"git clone https://github.com/{REFERENCE_REPO} {root}")
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                     "--untracked-files=no"], check=True, capture_output=True,
+                                    text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass  # an export without .git: the path is recorded, the commit is unknown
+    return {"kind": "reference", "repo": REFERENCE_REPO, "path": str(root),
+            "commit": commit, "modified": dirty}
+
+
+def fallback_origin(where: str, what: str) -> dict[str, Any]:
+    """A re-implementation used because no reference checkout was given (labelled as such)."""
+    return {"kind": "fallback", "repo": REFERENCE_REPO, "where": where,
+            "note": f"re-implementation of the reference's {what} in {where}; "
+                    "pass --reference PATH to time the reference's own code"}
+
+
+def ratio_row(*, stage: str, metric: str, ours: float, baseline: float | None, unit: str,
+              baseline_name: str, origin: dict[str, Any], higher_is_better: bool = True,
+              required: float | None = None, goal: float | None = None,
+              ours_what: str = "", command: str = "") -> dict[str, Any]:
+    """One line of a benchmark's ``summary``: ours vs a baseline measured in the same run.
+
+    ``ratio`` is always "times better than the baseline" (ours/baseline for rates,
+    baseline/ours for seconds). ``required`` / ``goal`` are thresholds on the
+    ratio when given; ``meets_required`` says whether this run met it.
+    """
+    ratio = None
+    if baseline not in (None, 0) and ours not in (None, 0):
+        ratio = (ours / baseline) if higher_is_better else (baseline / ours)
+        ratio = round(float(ratio), 3)
+    return {
+        "stage": stage, "metric": metric, "unit": unit,
+        "ours": ours, "ours_what": ours_what, "baseline": baseline,
+        "baseline_name": baseline_name, "baseline_kind": origin.get("kind"),
+        "baseline_commit": origin.get("commit"),
+        "higher_is_better": higher_is_better, "ratio": ratio,
+        "required": required, "goal": goal,
+        "meets_required": None if (required is None or ratio is None) else bool(ratio >= required),
+        "command": command,
+    }
