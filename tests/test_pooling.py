@@ -408,3 +408,46 @@ def test_run_pool_refuses_crs_mismatch(tmp_path) -> None:
     with pytest.raises(ValueError, match="pois.parquet.*EPSG:4326.*differs"):
         run_stage("pool", ws, load_config())
     assert ws.manifest("pool") is None and not ws.exists("triplets.zarr")
+
+
+def test_store_windows_read_the_same_as_the_dask_graph(tmp_path) -> None:
+    """The pool stage's tasks read their chunk as a CheckedWindow of ae.zarr (no slice of
+    the whole array's graph); the vectors are the same as through the dask array."""
+    from aether_scale.pool import plan_pool
+    from aether_scale.pool.stage import _store_windows
+    from aether_scale.stores.ae import open_ae
+
+    da, dec = make_raster(h=50, w=70, c=64, chunk=16, seed=31)
+    write_ae_zarr(tmp_path / "ae.zarr", da)
+    ae = open_ae(tmp_path / "ae.zarr")["embedding"]
+    px, py = points_for(ae, n=90, seed=32)
+    specs = [BufferSpec(**b) for b in (BUFFERS[0], BUFFERS[2])]
+    windows = _store_windows(str(tmp_path / "ae.zarr"), None)
+    assert windows is not None
+    got = {}
+    for plan in (plan_pool(ae, px, py, specs), plan_pool(ae, px, py, specs, windows=windows)):
+        out = {}
+        for blk in plan.blocks():
+            for j, i in enumerate(blk.index):
+                out[int(i)] = (blk.vectors[j], blk.counts[j])
+        got[plan.windows is None] = out
+        assert set(plan.task_seconds) >= {"read_ae", "kernel", "combine"}
+    assert got[True].keys() == got[False].keys()
+    for i, (v, c) in got[True].items():
+        np.testing.assert_array_equal(v, got[False][i][0])
+        np.testing.assert_array_equal(c, got[False][i][1])
+
+
+def test_task_sums_dtype_holds_code_sums_exactly() -> None:
+    """Tasks send code sums in float32 / int32 only while every sum is an exact integer
+    there; float fields keep float64."""
+    from aether_scale.pool.engine import sums_dtype
+    from aether_scale.pool.kernels import Buffer
+
+    assert sums_dtype("codes", [Buffer.circle(100.0, 10.0, -10.0)]) == np.float32
+    assert sums_dtype("codes", [Buffer.circle(1000.0, 10.0, -10.0)]) == np.int32
+    assert sums_dtype("codes", [Buffer.circle(1e5, 10.0, -10.0)]) == np.float64
+    assert sums_dtype("float", [Buffer.square(2)]) == np.float64
+    big = Buffer.circle(100.0, 10.0, -10.0)
+    area = (2 * big.pad_rows + 1) * (2 * big.pad_cols + 1)
+    assert area * 127 * 127 < 2**24  # the bound the float32 choice rests on

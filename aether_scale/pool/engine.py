@@ -23,9 +23,10 @@ cluster, and are bit-identical between the two.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,21 +82,56 @@ class PoolBlock:
     counts: np.ndarray  # (m, B) int64
 
 
+def sums_dtype(kind: str, buffers: Sequence[Buffer]) -> np.dtype:
+    """The narrowest dtype that holds a chunk's partial sums exactly (what a task returns).
+
+    Code sums are integers bounded by (buffer area) · 127² (counts by the area): float32
+    while that is below 2²⁴, int32 below 2³¹, else float64; float fields keep float64.
+    Half or a quarter of the bytes a task sends back, and the same numbers."""
+    if kind != "codes":
+        return np.dtype(np.float64)
+    area = max((2 * b.pad_rows + 1) * (2 * b.pad_cols + 1) for b in buffers)
+    bound = area * 127 * 127
+    if bound < 2**24:
+        return np.dtype(np.float32)
+    if bound < 2**31 - 1:
+        return np.dtype(np.int32)
+    return np.dtype(np.float64)
+
+
+#: per-task seconds a task reports (summed over tasks into :attr:`PoolPlan.task_seconds`)
+TASK_PARTS = ("read_ae", "kernel", "decode", "prefix", "runs", "product")
+
+
 def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str
-          ) -> tuple[np.ndarray, np.ndarray]:
+          ) -> tuple[np.ndarray, np.ndarray, int, dict[str, float]]:
     """One chunk's partial sums; with a ledger they are recorded here, on the worker, so
-    a result survives the client (a rerun loads it instead of computing it again)."""
+    a result survives the client (a rerun loads it instead of computing it again).
+    Returns (point index, sums in :func:`sums_dtype`, retries, seconds per part)."""
     from .. import storage
 
     index, kw = payload.arr
     n0 = storage.retry_count()  # transient remote failures are retried, and counted
-    sums = storage.with_retries(lambda: partial_sums(lazy.read(), **kw), what=f"pool chunk {key}")
+    secs: dict[str, float] = {}
+
+    def run() -> np.ndarray:
+        secs.clear()
+        t0 = time.perf_counter()
+        block = lazy.read()
+        t1 = time.perf_counter()
+        out = partial_sums(block, **kw, timings=secs)
+        secs["read_ae"] = t1 - t0
+        secs["kernel"] = time.perf_counter() - t1
+        return out
+
+    sums = storage.with_retries(run, what=f"pool chunk {key}")
+    sums = sums.astype(sums_dtype(kw["kind"], kw["buffers"]), copy=False)
     if ledger is not None:
         storage.with_retries(lambda: ledger.save_arrays(
             key, {"index": index, "sums": sums},
             {"points": int(index.size), "retries": storage.retry_count() - n0}),
             what=f"pool chunk {key}")
-    return index, sums, storage.retry_count() - n0
+    return index, sums, storage.retry_count() - n0, secs
 
 
 @dataclass(frozen=True)
@@ -105,9 +141,9 @@ class Recorded:
     ledger: Ledger
     key: str
 
-    def load(self) -> tuple[np.ndarray, np.ndarray, int]:
+    def load(self) -> tuple[np.ndarray, np.ndarray, int, dict[str, float]]:
         z = self.ledger.load_arrays(self.key)
-        return z["index"], z["sums"], 0  # (its retries were counted by the run that made it)
+        return z["index"], z["sums"], 0, {}  # (its retries were counted by the run that made it)
 
 
 def resolve_buffers(buffers: Sequence[BufferSpec | dict], grid: Grid) -> list[Buffer]:
@@ -134,6 +170,7 @@ class _Combiner:
         self.got = np.zeros(0, dtype=np.int64)
 
     def add(self, idx: np.ndarray, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sums = sums.astype(np.float64, copy=False)  # integer-valued for codes: exact
         one = self.need[idx] == 1
         done_idx, done_sums = [idx[one]], [sums[one]]
         if not one.all():
@@ -155,6 +192,12 @@ class PoolPlan:
     """Points located on a raster and grouped into one pooling task per chunk they reach.
 
     Build it with :func:`plan_pool`; iterate :meth:`blocks` to run it.
+
+    ``windows``: for a raster that is a workspace store, a function from a chunk's
+    window ``(r0, r1, c0, c1)`` to what its task reads (a
+    :class:`~aether_scale.stores.chunks.CheckedWindow`: verified chunk reads); without
+    it each task is handed the chunk's slice of ``da``'s dask graph, whose cost grows
+    with the array.
     """
 
     def __init__(
@@ -166,6 +209,7 @@ class PoolPlan:
         *,
         normalize: bool = True,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
+        windows: Callable[[tuple[int, int, int, int]], Any] | None = None,
     ) -> None:
         da = as_yxc(da)
         if da.chunks is None:  # numpy-backed: give it a chunk layout
@@ -208,6 +252,11 @@ class PoolPlan:
             (int(key[s] // nbx), int(key[s] % nbx), idx[s:e]) for s, e in zip(starts, ends, strict=True)
         ]
         self._token = uuid.uuid4().hex[:10]
+        self.windows = windows
+        #: seconds per part summed over the last blocks() run's computed tasks
+        #: (:data:`TASK_PARTS`, worker time) and ``combine`` (client: adding up and
+        #: finalising partial sums)
+        self.task_seconds: dict[str, float] = {}
         self.n_resumed = 0  # tasks loaded from a ledger by the last blocks() run
         self.n_retries = 0  # transient failures retried by the last blocks() run's tasks
 
@@ -230,9 +279,12 @@ class PoolPlan:
         h, w = g.shape
         y0, y1 = int(g.row_bounds[bi]), int(g.row_bounds[bi + 1])
         x0, x1 = int(g.col_bounds[bj]), int(g.col_bounds[bj + 1])
-        sub = self.da.data.blocks[bi, bj]
-        if hasattr(sub, "__dask_graph__"):
-            (sub,) = dask.optimize(sub)
+        if self.windows is not None:  # the task reads its chunk itself: no graph slicing
+            sub = self.windows((y0, y1, x0, x1))
+        else:
+            sub = self.da.data.blocks[bi, bj]
+            if hasattr(sub, "__dask_graph__"):
+                (sub,) = dask.optimize(sub)
         reg = RegionSpec(y0, x0, g.ys[y0:y1].copy(), g.xs[x0:x1].copy(), g.dy, g.dx, h, w)
         kw = dict(
             kind=g.kind, reg=reg, px=self.x[idx], py=self.y[idx], prow=self.row[idx],
@@ -268,13 +320,20 @@ class PoolPlan:
             return self._delayed(k, ledger)
 
         self.n_retries = 0
-        for idx, sums, retries in run_windowed(make, len(self.groups), window=window,
-                                               progress=progress):
+        secs = self.task_seconds = dict.fromkeys((*TASK_PARTS, "combine"), 0.0)
+        for idx, sums, retries, parts in run_windowed(make, len(self.groups), window=window,
+                                                      progress=progress):
+            t0 = time.perf_counter()
             self.n_retries += int(retries)
+            for k, v in parts.items():
+                secs[k] = secs.get(k, 0.0) + float(v)
             done, tot = comb.add(idx, sums)
             if done.size:
                 vec, cnt = finalize(tot, self.grid.kind, normalize=self.normalize)
+                secs["combine"] += time.perf_counter() - t0
                 yield PoolBlock(done, vec, cnt)
+            else:
+                secs["combine"] += time.perf_counter() - t0
         if comb.idx.size:
             raise AssertionError(f"{comb.idx.size} points never completed (bug)")
 

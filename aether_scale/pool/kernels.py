@@ -39,6 +39,7 @@ Algorithm (exact under the DESIGN.md membership rule):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,6 +220,7 @@ def partial_sums(
     buffers: list[Buffer],
     *,
     block_bytes: int = 32 * 2**20,
+    timings: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Sums over ``block`` of each point's buffers: (n, B, C+1) float64, last channel = count.
 
@@ -228,7 +230,10 @@ def partial_sums(
     summed, so a buffer's total is the sum of its partial sums over the
     chunks it touches (exact for codes: integer sums). ``px, py``: point
     coordinates; ``prow, pcol``: global pixel containing each point.
-    ``block_bytes`` caps the prefix-sum array of one strip of rows.
+    ``block_bytes`` caps the prefix-sum array of one strip of rows. ``timings``: a dict
+    that receives the seconds spent in each part (``decode``: values made additive,
+    ``prefix``: prefix sums, ``runs``: column runs and their sparse matrix, ``product``:
+    the sparse products), added to what it holds.
     """
     n = px.size
     h, w, c = block.shape
@@ -262,27 +267,44 @@ def partial_sums(
     pbuf = np.empty((step + 1, w, c + 1), dtype=pdtype)
     order = np.argsort(prow, kind="stable")
     srt = prow[order]
+    t_dec = t_pre = t_runs = t_prod = 0.0
+    clock = time.perf_counter
     for s in range(0, h, step):
         g0, g1 = reg.row0 + s, reg.row0 + min(s + step, h)  # global rows of this strip
         lo, hi = np.searchsorted(srt, [g0 - pad, g1 + pad])
         if lo == hi:
             continue
         sel = order[lo:hi]
+        # column order within the strip: consecutive points read neighbouring prefix
+        # columns (cache reuse in the sparse product; each point's sums are unaffected)
+        sel = sel[np.argsort(pcol[sel], kind="stable")]
         nr = g1 - g0
+        t0 = clock()
         v = _additive_strip(block[g0 - reg.row0 : g1 - reg.row0], kind, out=vbuf[:nr],
                             tmp=None if tbuf is None else tbuf[:nr])
+        t1 = clock()
         pre = pbuf[: nr + 1]
         pre[0] = 0
         for i in range(g1 - g0):  # one contiguous (w, C+1) add per pixel row
             np.add(pre[i], v[i], out=pre[i + 1])
         flat = pre.reshape(-1, c + 1)
+        t2 = clock()
+        t_dec += t1 - t0
+        t_pre += t2 - t1
         for t in range(0, sel.size, POINTS_PER_BATCH):
             pts = sel[t : t + POINTS_PER_BATCH]
             for bi, buf in enumerate(buffers):
+                t0 = clock()
                 gj, ilo, ihi, ok = _runs(buf, px[pts], py[pts], prow[pts], pcol[pts], reg,
                                          xax, yax)
                 m = _run_matrix(gj, ilo, ihi, ok, reg, g0, g1, pdtype)
+                t1 = clock()
                 sums[pts, bi] += m @ flat
+                t_runs += t1 - t0
+                t_prod += clock() - t1
+    if timings is not None:
+        for k, v in (("decode", t_dec), ("prefix", t_pre), ("runs", t_runs), ("product", t_prod)):
+            timings[k] = timings.get(k, 0.0) + v
     return sums
 
 
