@@ -100,17 +100,19 @@ def sums_dtype(kind: str, buffers: Sequence[Buffer]) -> np.dtype:
 
 
 #: per-task seconds a task reports (summed over tasks into :attr:`PoolPlan.task_seconds`)
-TASK_PARTS = ("read_ae", "kernel", "decode", "prefix", "runs", "product")
+TASK_PARTS = ("read_ae", "kernel", "decode", "prefix", "runs", "product", "finalize")
 
 
-def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str
-          ) -> tuple[np.ndarray, np.ndarray, int, dict[str, float]]:
-    """One chunk's partial sums; with a ledger they are recorded here, on the worker, so
-    a result survives the client (a rerun loads it instead of computing it again).
-    Returns (point index, sums in :func:`sums_dtype`, retries, seconds per part)."""
+def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str) -> TaskResult:
+    """One chunk's results; with a ledger they are recorded here, on the worker, so a
+    result survives the client (a rerun loads it instead of computing it again).
+
+    Points whose buffers lie inside this one chunk (``whole``) are finished here — mean,
+    normalised, exactly as :func:`finalize` does on the client for the others — so the
+    client only adds up the partial sums of points that straddle chunks."""
     from .. import storage
 
-    index, kw = payload.arr
+    index, whole, normalize, kw = payload.arr
     n0 = storage.retry_count()  # transient remote failures are retried, and counted
     secs: dict[str, float] = {}
 
@@ -125,13 +127,34 @@ def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str
         return out
 
     sums = storage.with_retries(run, what=f"pool chunk {key}")
-    sums = sums.astype(sums_dtype(kw["kind"], kw["buffers"]), copy=False)
+    t0 = time.perf_counter()
+    vec, cnt = finalize(sums[whole], kw["kind"], normalize=normalize)
+    part = sums[~whole].astype(sums_dtype(kw["kind"], kw["buffers"]), copy=False)
+    secs["finalize"] = time.perf_counter() - t0
+    res = TaskResult(index[~whole], part, index[whole], vec, cnt, 0, secs)
     if ledger is not None:
         storage.with_retries(lambda: ledger.save_arrays(
-            key, {"index": index, "sums": sums},
+            key, {"index": res.index, "sums": res.sums, "done_index": res.done_index,
+                  "vectors": res.vectors, "counts": res.counts},
             {"points": int(index.size), "retries": storage.retry_count() - n0}),
             what=f"pool chunk {key}")
-    return index, sums, storage.retry_count() - n0, secs
+    res.retries = storage.retry_count() - n0
+    return res
+
+
+@dataclass
+class TaskResult:
+    """What one chunk's task returns: partial sums of the points that straddle chunks
+    (``index``, ``sums`` in :func:`sums_dtype`) and the finished points (``done_index``,
+    ``vectors`` (m, B, C) float32, ``counts`` (m, B) int64)."""
+
+    index: np.ndarray
+    sums: np.ndarray
+    done_index: np.ndarray
+    vectors: np.ndarray
+    counts: np.ndarray
+    retries: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,9 +164,16 @@ class Recorded:
     ledger: Ledger
     key: str
 
-    def load(self) -> tuple[np.ndarray, np.ndarray, int, dict[str, float]]:
+    def load(self) -> TaskResult:
+        # (its retries were counted by the run that made it)
         z = self.ledger.load_arrays(self.key)
-        return z["index"], z["sums"], 0, {}  # (its retries were counted by the run that made it)
+        if "vectors" in z:
+            return TaskResult(z["index"], z["sums"], z["done_index"], z["vectors"], z["counts"])
+        # a record of an earlier version: partial sums of every point
+        s = z["sums"]
+        return TaskResult(z["index"], s, np.zeros(0, np.int64),
+                          np.zeros((0, s.shape[1], s.shape[2] - 1), np.float32),
+                          np.zeros((0, s.shape[1]), np.int64))
 
 
 def resolve_buffers(buffers: Sequence[BufferSpec | dict], grid: Grid) -> list[Buffer]:
@@ -291,7 +321,8 @@ class PoolPlan:
             pcol=self.col[idx], buffers=self.buffers, block_bytes=self.block_bytes,
         )
         return dask.delayed(_task, pure=False)(
-            InTask(sub), InTask((idx, kw)), ledger, self.task_key(k),
+            InTask(sub), InTask((idx, self.need[idx] == 1, self.normalize, kw)), ledger,
+            self.task_key(k),
             dask_key_name=f"pool-chunk-{self._token}-{bi}-{bj}"
         )
 
@@ -321,19 +352,22 @@ class PoolPlan:
 
         self.n_retries = 0
         secs = self.task_seconds = dict.fromkeys((*TASK_PARTS, "combine"), 0.0)
-        for idx, sums, retries, parts in run_windowed(make, len(self.groups), window=window,
-                                                      progress=progress):
+        for res in run_windowed(make, len(self.groups), window=window, progress=progress):
             t0 = time.perf_counter()
-            self.n_retries += int(retries)
-            for k, v in parts.items():
+            self.n_retries += int(res.retries)
+            for k, v in res.seconds.items():
                 secs[k] = secs.get(k, 0.0) + float(v)
-            done, tot = comb.add(idx, sums)
-            if done.size:
+            done, tot = comb.add(res.index, res.sums)
+            blk = None
+            if done.size:  # points finished here (after those the task finished itself)
                 vec, cnt = finalize(tot, self.grid.kind, normalize=self.normalize)
-                secs["combine"] += time.perf_counter() - t0
-                yield PoolBlock(done, vec, cnt)
-            else:
-                secs["combine"] += time.perf_counter() - t0
+                blk = (np.concatenate([res.done_index, done]),
+                       np.concatenate([res.vectors, vec]), np.concatenate([res.counts, cnt]))
+            elif res.done_index.size:
+                blk = (res.done_index, res.vectors, res.counts)
+            secs["combine"] += time.perf_counter() - t0
+            if blk is not None:
+                yield PoolBlock(*blk)
         if comb.idx.size:
             raise AssertionError(f"{comb.idx.size} points never completed (bug)")
 

@@ -260,7 +260,7 @@ def _finish(counts: dict[str, Any], plan: Any, writer: TripletWriter, pois: dict
     parts["write_triplets"] += clock() - t
     # worker seconds, summed over the tasks (they run in parallel: not part of the wall)
     parts["tasks"] = {k: ts.get(k, 0.0) for k in ("read_ae", "kernel", "decode", "prefix",
-                                                  "runs", "product")}
+                                                  "runs", "product", "finalize")}
     stats["parts_s"] = {k: (round(v, 3) if isinstance(v, float) else
                             {a: round(b, 3) for a, b in v.items()}) for k, v in parts.items()}
     stats["n_triplets"] = writer.n_written
