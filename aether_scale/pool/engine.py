@@ -100,7 +100,8 @@ def sums_dtype(kind: str, buffers: Sequence[Buffer]) -> np.dtype:
 
 
 #: per-task seconds a task reports (summed over tasks into :attr:`PoolPlan.task_seconds`)
-TASK_PARTS = ("read_ae", "kernel", "decode", "prefix", "runs", "product", "finalize")
+TASK_PARTS = ("read_ae", "kernel", "decode", "prefix", "runs", "product", "finalize",
+              "read_ae_cpu", "kernel_cpu")
 
 
 def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str) -> TaskResult:
@@ -118,12 +119,15 @@ def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str) -> Tas
 
     def run() -> np.ndarray:
         secs.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         block = lazy.read()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         out = partial_sums(block, **kw, timings=secs)
         secs["read_ae"] = t1 - t0
         secs["kernel"] = time.perf_counter() - t1
+        # CPU of this thread (the wall times above include waiting for a core)
+        secs["read_ae_cpu"] = c1 - c0
+        secs["kernel_cpu"] = time.thread_time() - c1
         return out
 
     sums = storage.with_retries(run, what=f"pool chunk {key}")

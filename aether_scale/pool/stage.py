@@ -30,7 +30,7 @@ from ..stores.pois import PoiTable
 from ..stores.raster import raster_crs
 from ..stores.text import TextStore
 from ..stores.triplets import TripletWriter
-from .engine import plan_pool
+from .engine import TASK_PARTS, plan_pool
 
 __all__ = ["build", "check_same_crs", "pool_triplets"]
 
@@ -259,8 +259,7 @@ def _finish(counts: dict[str, Any], plan: Any, writer: TripletWriter, pois: dict
     ts = plan.task_seconds
     parts["write_triplets"] += clock() - t
     # worker seconds, summed over the tasks (they run in parallel: not part of the wall)
-    parts["tasks"] = {k: ts.get(k, 0.0) for k in ("read_ae", "kernel", "decode", "prefix",
-                                                  "runs", "product", "finalize")}
+    parts["tasks"] = {k: ts.get(k, 0.0) for k in TASK_PARTS}
     stats["parts_s"] = {k: (round(v, 3) if isinstance(v, float) else
                             {a: round(b, 3) for a, b in v.items()}) for k, v in parts.items()}
     stats["n_triplets"] = writer.n_written
