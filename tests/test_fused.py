@@ -212,8 +212,8 @@ def test_module_path_and_fused_path_of_the_trainer_agree() -> None:
     x = F.normalize(torch.randn(64, 64), dim=1)   # base and augmented views, 32 each
     t = F.normalize(torch.randn(32, 384), dim=1)
     grads = []
-    for fused in (True, False):
-        heads = _Heads(ae, txt, fused=fused).train()
+    for kernels in ("fused", "autograd"):
+        heads = _Heads(ae, txt, kernels=kernels).train()
         torch.manual_seed(9)
         z, zt = heads(x, t)
         AetherLoss()(z[:32], z[32:], zt).loss.backward()
@@ -222,7 +222,7 @@ def test_module_path_and_fused_path_of_the_trainer_agree() -> None:
     for name, g in grads[0].items():
         torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
     # the module path under bf16 autocast (what CUDA runs with train.precision: bfloat16)
-    heads = _Heads(ae, txt, fused=False, compute_dtype=torch.bfloat16).train()
+    heads = _Heads(ae, txt, kernels="autograd", compute_dtype=torch.bfloat16).train()
     torch.manual_seed(9)
     z, zt = heads(x, t)
     assert z.dtype == zt.dtype == torch.float32

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -72,8 +73,29 @@ __all__ = ["cosine_lr", "train_model"]
 
 METRICS_NAME = "metrics.json"
 # Config keys that do not change what is learned (may differ on resume).
-_RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory", "save_every"})
+_RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory", "save_every", "kernels"})
+#: ``train.kernels`` values: how the training forward runs (see :class:`_Heads`)
+KERNELS = ("fused", "autograd", "compile")
 _LEGACY_DEFAULTS = TRAIN_LEGACY_DEFAULTS
+
+
+#: ``train.kernels: auto`` compiles on CPU when an epoch has at least this many steps:
+#: compilation (≈10 s once per process and batch shape on 2 cores) then pays for itself
+#: within the first epoch; small runs (tests, demos) run the modules eagerly
+COMPILE_MIN_STEPS = 256
+
+
+def choose_kernels(cfg: TrainSection, device: torch.device, ae: AEProj, steps_per_epoch: int) -> str:
+    """``train.kernels`` resolved. ``auto``: ``compile`` on CPU for epochs of at least
+    :data:`COMPILE_MIN_STEPS` steps (the fastest in the same-run A/B of
+    ``benchmarks/bench_train.py``), else ``autograd``. ``fused`` covers CPU and the gated,
+    linear-shortcut layout only (otherwise the modules run)."""
+    if cfg.kernels == "auto":
+        return "compile" if device.type == "cpu" and steps_per_epoch >= COMPILE_MIN_STEPS else "autograd"
+    if cfg.kernels == "fused" and not (device.type == "cpu" and cfg.use_gate
+                                       and isinstance(ae.shortcut, nn.Linear)):
+        return "autograd"
+    return cfg.kernels
 
 
 def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
@@ -85,25 +107,50 @@ def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
 class _Heads(nn.Module):
     """Both projectors as one module (one DDP wrapper, one optimizer).
 
-    On CPU the training forward runs the fused kernels of :mod:`.fused` (GEMM
-    operands in ``compute_dtype``); elsewhere the modules themselves, under
-    autocast when ``compute_dtype`` is bfloat16. Outputs are float32 either way.
+    ``kernels`` (``train.kernels``) picks how the training forward runs:
+    ``"autograd"`` calls the modules (under autocast when ``compute_dtype`` is
+    bfloat16), ``"compile"`` the same function through ``torch.compile`` (compiled
+    on the first training batch of each shape; eval mode runs the modules), and
+    ``"fused"`` the CPU kernels of :mod:`.fused` (GEMM operands in
+    ``compute_dtype``). Outputs are float32 either way.
     """
 
-    def __init__(self, ae: AEProj, txt: TextProj, *, fused: bool = False,
+    def __init__(self, ae: AEProj, txt: TextProj, *, kernels: str = "autograd",
                  compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if kernels not in KERNELS:
+            raise ValueError(f"train.kernels must be one of {KERNELS}, got {kernels!r}")
         self.ae, self.txt = ae, txt
-        self.fused, self.compute_dtype = fused, compute_dtype
+        self.kernels, self.compute_dtype = kernels, compute_dtype
+        self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._compiled_once = False
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            return (fused_ae_forward(self.ae, x, self.compute_dtype),
-                    fused_text_forward(self.txt, t, self.compute_dtype))
+    def _run_modules(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = self.compute_dtype != torch.float32
         with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=low):
             z, z_t = self.ae(x), self.txt(t)
         return z.float(), z_t.float()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels == "fused":
+            return (fused_ae_forward(self.ae, x, self.compute_dtype),
+                    fused_text_forward(self.txt, t, self.compute_dtype))
+        if self.kernels == "compile" and self.training:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._run_modules, dynamic=False)
+            try:
+                return self._compiled(x, t)
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor's CPU code
+                if self._compiled_once:
+                    raise
+                warnings.warn(f"train.kernels=compile: torch.compile failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); running the modules "
+                              "eagerly (train.kernels=autograd)", RuntimeWarning, stacklevel=2)
+                self.kernels = "autograd"
+                return self._run_modules(x, t)
+            finally:
+                self._compiled_once = self.kernels == "compile"
+        return self._run_modules(x, t)
 
 
 @torch.no_grad()
@@ -239,9 +286,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 gate_init=cfg.gate_init, proj_dim=cfg.proj_dim, use_gate=cfg.use_gate)
     txt = TextProj(store.text_dim, cfg.out_dim)
     gemm_dtype = compute_dtype(cfg, device, say)
-    # the fused CPU kernels cover the gated, linear-shortcut layout; others run the modules
-    fused = device.type == "cpu" and cfg.use_gate and isinstance(ae.shortcut, nn.Linear)
-    heads = _Heads(ae, txt, fused=fused, compute_dtype=gemm_dtype).to(device)
+    kernels = choose_kernels(cfg, device, ae, steps)
+    heads = _Heads(ae, txt, kernels=kernels, compute_dtype=gemm_dtype).to(device)
     val = (InMemoryBatches(store, batch_size=min(cfg.batch_size, len(val_rows)), rows=val_rows,
                            seed=cfg.seed, device=device) if val_rows is not None else None)
     select = "val_L_AP" if val is not None else "L_AP"
@@ -285,6 +331,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                          rank=shard.rank, world_size=shard.world_size, grad_dtype=gemm_dtype)
     scale = float(shard.world_size)
     say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} {cfg.precision} · "
+        f"kernels {kernels} · "
         f"{shard.world_size} rank(s) · {steps} steps/epoch · epochs {start_epoch}→{cfg.epochs}")
 
     # What this run was: recorded in metrics.json and returned to the stage's manifest.
@@ -297,6 +344,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         "precision": cfg.precision,
         "world_size": shard.world_size,
         "loader": kind,
+        "kernels": kernels,
+        "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
         "steps_per_epoch": steps,
     }
 

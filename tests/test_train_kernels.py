@@ -1,0 +1,82 @@
+"""``train.kernels``: the compiled training forward is the modules' function; how ``auto``
+resolves; ``precision: bfloat16`` only where bf16 GEMMs are native."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aether_scale.config import TrainSection
+from aether_scale.loss import AetherLoss, symmetric_info_nce_reference
+from aether_scale.model import AEProj, TextProj
+from aether_scale.train import loop, runtime
+from aether_scale.train.loop import COMPILE_MIN_STEPS, _Heads, choose_kernels
+
+
+def _step(kernels: str, x: torch.Tensor, t: torch.Tensor):
+    torch.manual_seed(0)
+    ae, txt = AEProj(64, 256, 128), TextProj(384, 128)
+    with torch.no_grad():
+        ae.gate.fill_(0.4)
+    heads = _Heads(ae, txt, kernels=kernels).train()
+    z, zt = heads(x, t)
+    n = t.shape[0]
+    out = AetherLoss()(z[:n], z[n:], zt)
+    out.loss.backward()
+    # the reference's formula on the same features
+    ref = (0.2 * symmetric_info_nce_reference(z[:n].detach(), z[n:].detach(), 0.07)
+           + 0.8 * symmetric_info_nce_reference(z[:n].detach(), zt.detach(), 0.07))
+    return float(out.loss.detach()), float(ref), {k: p.grad.clone() for k, p in heads.named_parameters()}
+
+
+def test_compiled_forward_gives_the_modules_loss_and_gradients() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(128, 64, generator=g), dim=1)
+    t = F.normalize(torch.randn(64, 384, generator=g), dim=1)
+    loss_a, ref_a, grads_a = _step("autograd", x, t)
+    loss_c, ref_c, grads_c = _step("compile", x, t)
+    assert loss_a == pytest.approx(ref_a, rel=1e-5)
+    assert loss_c == pytest.approx(ref_c, rel=1e-5)
+    assert loss_c == pytest.approx(loss_a, rel=1e-5)
+    for k, ga in grads_a.items():
+        torch.testing.assert_close(grads_c[k], ga, rtol=1e-3, atol=1e-6, msg=k)
+
+
+def test_a_failing_compile_falls_back_to_the_modules(monkeypatch) -> None:
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x = F.normalize(torch.randn(16, 64), dim=1)
+    t = F.normalize(torch.randn(8, 384), dim=1)
+    heads = _Heads(AEProj(), TextProj(384), kernels="compile").train()
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        z, zt = heads(x, t)
+    assert heads.kernels == "autograd" and z.shape == (16, 128) and zt.shape == (8, 128)
+
+
+def test_auto_kernels_compile_long_cpu_epochs_only() -> None:
+    cpu, ae = torch.device("cpu"), AEProj()
+    cfg = TrainSection()
+    assert choose_kernels(cfg, cpu, ae, COMPILE_MIN_STEPS) == "compile"
+    assert choose_kernels(cfg, cpu, ae, COMPILE_MIN_STEPS - 1) == "autograd"
+    assert choose_kernels(cfg, torch.device("cuda"), ae, 10_000) == "autograd"
+    assert choose_kernels(TrainSection(kernels="autograd"), cpu, ae, 10_000) == "autograd"
+    assert "kernels" in loop._RUNTIME_KEYS  # how the forward runs is not what is learned
+
+
+def test_bfloat16_runs_float32_gemms_where_bf16_is_emulated(monkeypatch) -> None:
+    said: list[str] = []
+    cfg = TrainSection(precision="bfloat16")
+    monkeypatch.setattr(runtime, "bf16_problem", lambda device, key: ("slow", "no native bf16"))
+    assert runtime.compute_dtype(cfg, torch.device("cpu"), said.append) == torch.float32
+    assert said and "float32" in said[0]
+    monkeypatch.setattr(runtime, "bf16_problem", lambda device, key: None)
+    assert runtime.compute_dtype(cfg, torch.device("cpu"), said.append) == torch.bfloat16
+    monkeypatch.setattr(runtime, "bf16_problem", lambda device, key: ("unsupported", "old GPU"))
+    with pytest.raises(ValueError, match="old GPU"):
+        runtime.compute_dtype(cfg, torch.device("cpu"), said.append)
+    assert runtime.compute_dtype(TrainSection(), torch.device("cpu"), said.append) == torch.float32
