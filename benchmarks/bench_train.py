@@ -1,41 +1,46 @@
-"""Training speed: seconds per epoch at the paper's scale (340k triplets), vs the reference loop.
+"""Training speed at the paper's scale (340k triplets): the reference's own ``train.py`` vs the
+``aether-scale train`` command measured from outside, plus a same-run A/B of the kernels.
 
-Measured in one run, on the same ``triplets.zarr`` of random unit vectors
-(timing does not depend on the values):
+Measured in one run on one ``triplets.zarr`` of random unit vectors (timing does not
+depend on the values), written as the ``triplets.zarr`` of a workspace in the train
+stage's format (``benchmarks/scratch/ws-train-<n>/``; the train stage reads nothing else):
 
-- ``ours_in_memory``: :func:`aether_scale.train.train_model` with
-  ``in_memory=always`` (store loaded once, one permutation per epoch,
-  single forward for both AE views, fused AdamW);
-- ``ours_streaming``: the same with ``in_memory=never`` (chunk-shuffled
-  contiguous reads from Zarr, in-buffer shuffle, background prefetch);
-- ``…_bf16``: the same two with ``train.precision=bfloat16`` (bf16 GEMM
-  operands, float32 accumulation, normalisation, loss, weights and optimizer);
-  the plain names are float32 (``--precision`` picks which are run);
-- ``reference``: the reference training loop — a per-sample ``Dataset``
-  (``__getitem__`` returns one triplet) in a ``DataLoader(num_workers=4,
-  batch_size=512, shuffle=True)``, the projector run separately for each view,
-  default ``AdamW``, the same loss written as the reference writes it (two
-  cross-entropies through autograd), ``nn.Dropout``, and the per-step cosine schedule.
+- **baseline** — with ``--reference PATH`` (a checkout of inwind0212/AETHER), its
+  ``train.py`` runs unmodified in a scratch folder: its shipped ``config.yaml`` with
+  ``train.device: cpu``, ``train.epochs: --ref-epochs``, ``val_ratio: 0`` and
+  ``text.emb_dim`` = the store's width (batch 512, ``num_workers: 4`` as shipped). Its
+  cache (POIs, text vectors, both AE views) is pre-seeded with the store's arrays at the
+  paths its own key functions compute, so it trains on the same triplets without its
+  per-POI extraction (hours) or OpenAI. Seconds per epoch are the gaps between its
+  ``Epoch NN | …`` lines, epoch 2 onwards (steady state). Without a checkout, the
+  re-implementation in :func:`run_reference` is timed instead and labelled ``fallback``.
+- **command** — ``aether-scale train -w WS --force`` as a user runs it (a subprocess,
+  default settings; the environment as given), once with ``train.epochs=1`` and once with
+  3: seconds per epoch = (wall of 3 − wall of 1) / 2, so start-up, store load and
+  checkpoints of a run are not counted, everything of an epoch is. Rows: ``default`` (no
+  setting at all: the main model and the ``noaug`` variant, i.e. two models per epoch),
+  and with ``train.variants={}`` (the main model only, what the targets are for)
+  ``float32``, ``bfloat16`` (``train.precision``) and ``streaming``
+  (``train.in_memory=never``). The process-tree peak (``max_processes``) shows whether a
+  cluster was started.
+- **kernels A/B** — :func:`aether_scale.train.train_model` in this process, 2 epochs per
+  ``train.kernels`` value (``fused`` / ``autograd`` / ``compile``) and precision, the
+  second epoch compared (the first includes compilation), one thread count for all.
 
-Per variant: wall seconds per epoch (the target), CPU seconds per epoch
-(process + DataLoader workers; less sensitive to other jobs on shared cores),
-peak RSS. ``--steps N`` times N steps per variant and extrapolates to a full
-epoch (our trainer runs whole epochs over a store of N·512 rows with the same
-chunking — its real code path — scaled to 340k rows; the reference times its
-steady-state steps); the default times whole epochs.
-
-    python benchmarks/bench_train.py                 # 340k, 2 epochs ours, 1 epoch reference
-    python benchmarks/bench_train.py --quick         # 128 steps each, extrapolated to 340k
-    python benchmarks/bench_train.py --device cuda   # GPU run (target ≤ 0.25 s/epoch)
+    python benchmarks/bench_train.py --reference /tmp/aether-ref   # the full run
+    python benchmarks/bench_train.py --quick                        # small store, quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import re
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,7 +57,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import PeakRSS, machine_info, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    PeakRSS,
+    add_reference_argument,
+    fallback_origin,
+    machine_info,
+    ratio_row,
+    reference_origin,
+    write_result,
+)
 
 from aether_scale.config import TrainSection  # noqa: E402
 from aether_scale.loss import symmetric_info_nce_reference  # noqa: E402
@@ -61,7 +74,6 @@ from aether_scale.stores.triplets import write_triplets  # noqa: E402
 from aether_scale.train import cosine_lr, train_model  # noqa: E402
 
 SCRATCH = HERE / "scratch"
-PAPER_GPU_S_PER_EPOCH = 502 / 100  # paper: 502 s for 100 epochs on a TITAN
 
 
 def _cpu_seconds() -> float:
@@ -72,13 +84,14 @@ def _cpu_seconds() -> float:
 
 
 def make_store(n: int, text_dim: int, chunk_rows: int, seed: int = 0) -> str:
-    """Random unit-vector triplets as ``benchmarks/scratch/triplets-<n>.zarr`` (reused)."""
-    path = SCRATCH / f"triplets-{n}-{text_dim}.zarr"
+    """Random unit-vector triplets as the ``triplets.zarr`` of the workspace
+    ``benchmarks/scratch/ws-train-<n>-<text_dim>/`` (reused; written by the pool stage's writer)."""
+    path = SCRATCH / f"ws-train-{n}-{text_dim}" / "triplets.zarr"
     # aether_chunks.json is written last: a store without it is unfinished, or one from
     # before chunk indexes (rewritten)
     if (path / "aether_chunks.json").exists():
         return str(path)
-    SCRATCH.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
     def unit(shape: tuple[int, int]) -> np.ndarray:
@@ -95,7 +108,122 @@ def make_store(n: int, text_dim: int, chunk_rows: int, seed: int = 0) -> str:
     return str(path)
 
 
-# ----------------------------------------------------------------------------- reference loop
+# ----------------------------------------------------------------------------- the reference's train.py
+#: Run in a subprocess with the reference's directory first on sys.path: puts this run's
+#: triplets into the reference's cache at the paths its own key functions compute, so its
+#: train.py finds POIs, text vectors and both AE views cached and goes straight to training
+#: (its per-POI AEExtractor would take hours at 340k; its text backend would call OpenAI).
+#: The key dicts are the ones its main() builds from the config (train.py, "Cache keys").
+_SEED_REFERENCE_CACHE = r'''
+import sys, json
+import numpy as np
+ref, store, cfg_path = sys.argv[1:4]
+sys.path.insert(0, ref)
+import geopandas as gpd
+import zarr
+from omegaconf import OmegaConf
+import train as R
+
+cfg = OmegaConf.load(cfg_path)
+root = cfg.logging.cache_dir
+poi_sig = R._sig_file(cfg.data.poi_path)
+text_key = {"poi_sig": poi_sig, "text_backend": cfg.text.backend, "hf_model": cfg.text.hf_model,
+            "openai_model": cfg.text.openai_model, "text_dim": int(cfg.text.emb_dim)}
+area_key = {"aef_sig": R._sig_file(cfg.data.aef_tif), "crs": cfg.data.crs,
+            "feat_mode": cfg.data.feat_mode, "pix_radius": int(cfg.data.pix_radius)}
+area_aug_key = {**area_key, "pix_radius": int(cfg.data.aug_pix_radius)}
+g = zarr.open_group(store, mode="r")
+base, aug, text = (np.asarray(g[k][:], dtype=np.float32) for k in ("base", "aug", "text"))
+n = base.shape[0]
+rng = np.random.default_rng(0)
+pois = gpd.GeoDataFrame({"description": [f"A place named poi {i}." for i in range(n)]},
+                        geometry=gpd.points_from_xy(rng.uniform(5e5, 5.6e5, n),
+                                                    rng.uniform(1.5e5, 2.1e5, n)),
+                        crs=cfg.data.crs)
+pois.to_parquet(R.get_poi_cache_paths(root, {"poi_sig": poi_sig, "crs": cfg.data.crs})["parquet"],
+                index=False)
+np.save(R.get_text_cache_paths(root, text_key)["npy"], text)
+np.save(R.get_area_cache_paths(root, area_key)["npy"], base)
+np.save(R.get_area_cache_paths(root, area_aug_key)["npy"], aug)
+print(json.dumps({"n": int(n), "text_dim": int(text.shape[1])}))
+'''
+
+_EPOCH_LINE = re.compile(r"^Epoch (\d+) \| train loss ([0-9.]+) \| train_xt ([0-9.]+) \| train_ii ([0-9.]+)")
+
+
+def run_reference_script(ref: Path, store: str, *, epochs: int, text_dim: int) -> dict:
+    """The reference's own ``train.py``, unmodified, on ``store``'s triplets (its cache pre-seeded).
+
+    Config: the shipped ``config.yaml`` with ``train.device: cpu``, ``train.epochs``,
+    ``data.val_ratio: 0`` and ``text.emb_dim`` set to the store's text width; everything
+    else (batch 512, ``num_workers: 4``, lr, λ, τ) as shipped. Epoch times are the gaps
+    between its ``Epoch NN | …`` lines on stdout (read as they are printed); the first
+    epoch is timed from the parameter table it prints just before the loop.
+    """
+    import subprocess
+
+    import yaml
+
+    run = SCRATCH / "reference-run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    cfg = yaml.safe_load((ref / "config.yaml").read_text())
+    cfg["train"].update(device="cpu", epochs=int(epochs))
+    cfg["data"]["val_ratio"] = 0.0
+    cfg["text"]["emb_dim"] = int(text_dim)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t = time.perf_counter()
+    seeded = subprocess.run([sys.executable, "-c", _SEED_REFERENCE_CACHE, str(ref), store,
+                             "config.yaml"], cwd=run, env=env, check=True, capture_output=True,
+                            text=True)
+    seed_s = time.perf_counter() - t
+    info = json.loads(seeded.stdout.strip().splitlines()[-1])
+    c0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    stamps: list[tuple[float, str]] = []
+    with open(run / "stderr.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ref / "train.py"), "--cfg", "config.yaml"],
+                                cwd=run, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+                                bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            stamps.append((time.perf_counter(), line.rstrip("\n")))
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    cpu = _cpu_seconds() - c0
+    (run / "stdout.log").write_text("\n".join(s for _, s in stamps) + "\n")
+    if rc != 0:
+        raise RuntimeError(f"reference train.py exited {rc}; see {run / 'stderr.log'}")
+    start = next((t for t, s in stamps if s.startswith("Total trainable")), None)
+    n_line = next((s for _, s in stamps if s.startswith("[Data] POIs:")), "")
+    ep = [(t, _EPOCH_LINE.match(s)) for t, s in stamps if _EPOCH_LINE.match(s)]
+    if start is None or len(ep) != epochs:
+        raise RuntimeError(f"reference train.py printed {len(ep)} epoch lines, expected {epochs}")
+    times = [ep[0][0] - start] + [ep[i][0] - ep[i - 1][0] for i in range(1, len(ep))]
+    losses = [float(m.group(2)) for _, m in ep]
+    steady = times[1:] if len(times) > 1 else times
+    return {
+        "s_per_epoch": times,
+        "s_per_epoch_steady": float(np.mean(steady)),
+        "steady_epochs": "2+" if len(times) > 1 else "1",
+        "train_loss": losses,
+        "train_xt": [float(m.group(3)) for _, m in ep],
+        "train_ii": [float(m.group(4)) for _, m in ep],
+        "n_triplets": info["n"],
+        "pois_line": n_line,
+        "wall_s": round(wall, 2),
+        "setup_s_before_first_epoch": round(start - t0, 2),
+        "cache_seed_s": round(seed_s, 2),
+        "cpu_s": round(cpu, 2),
+        "num_workers": cfg["train"]["num_workers"],
+        "batch_size": cfg["train"]["batch_size"],
+        "config": cfg,
+        "argv": ["python", str(ref / "train.py"), "--cfg", "config.yaml"],
+    }
+
+
+# ----------------------------------------------------------------------------- fallback: re-implemented reference loop
 class PerSampleTriplets(torch.utils.data.Dataset):
     """The reference's data path: one triplet per ``__getitem__``."""
 
@@ -208,8 +336,11 @@ def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps
         return [(r(b, 128, d=torch.float32), r(128, 2 * b, d=torch.float32)),  # logits, float32
                 (r(b, 2 * b), r(2 * b, 128)), (r(128, b), r(b, 2 * b))]         # backward
 
-    out = {}
+    out: dict = {}
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if dt == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            out[name] = "not timed: no native bf16 GEMMs on this CPU (train runs float32 GEMMs)"
+            continue
         pairs = mats(dt) + loss_mats(dt)
         best = math.inf
         for _ in range(rounds):
@@ -228,20 +359,75 @@ def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps
     return out
 
 
-# ----------------------------------------------------------------------------- ours
+# ----------------------------------------------------------------------------- the command
+_CMD_EPOCH = re.compile(r"\[train\] epoch (\d+)/(\d+) loss ([0-9.]+)")
+
+
+def _train_command() -> list[str]:
+    """The ``aether-scale`` console script of this interpreter's environment (what a user runs)."""
+    exe = Path(sys.executable).with_name("aether-scale")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]
+
+
+def run_command(ws: Path, sets: list[str], epochs: int, tag: str) -> dict:
+    """``aether-scale train -w ws --force --set train.epochs=<epochs> --set …``: wall seconds,
+    the per-epoch losses it printed, its process tree's peak (a started cluster shows)."""
+    argv = [*_train_command(), "train", "-w", str(ws), "--force",
+            "--set", f"train.epochs={epochs}", *(x for kv in sets for x in ("--set", kv))]
+    log = SCRATCH / f"command-{tag}-e{epochs}.log"
+    t0 = time.perf_counter()
+    with PeakRSS() as rss, open(log, "w") as f:
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    text = log.read_text()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {rc}; see {log}")
+    losses = [float(m.group(3)) for m in _CMD_EPOCH.finditer(text)]
+    kern = re.search(r"kernels (\w+)", text)
+    thr = re.findall(r"torch threads: ([^;\n]+)", text)
+    return {"wall_s": round(wall, 3), "losses": losses, "kernels": kern.group(1) if kern else None,
+            "threads": thr, "max_processes": rss.max_processes, "peak_rss_mb": round(rss.peak_mb, 1),
+            "argv": ["aether-scale", *argv[len(_train_command()):]], "log": str(log)}
+
+
+#: (row, extra --set values): ``default`` is the command as shipped (main model + noaug)
+COMMAND_ROWS: tuple[tuple[str, list[str]], ...] = (
+    ("default", []),
+    ("float32", ["train.variants={}"]),
+    ("bfloat16", ["train.variants={}", "train.precision=bfloat16"]),
+    ("streaming", ["train.variants={}", "train.in_memory=never"]),
+)
+
+
+def measure_command(ws: Path, rows: list[str]) -> dict:
+    """Per row: 1-epoch and 3-epoch runs of the command, s/epoch = (wall₃ − wall₁)/2."""
+    out = {}
+    for name, sets in COMMAND_ROWS:
+        if name not in rows:
+            continue
+        one = run_command(ws, sets, 1, name)
+        three = run_command(ws, sets, 3, name)
+        per = (three["wall_s"] - one["wall_s"]) / 2
+        models = 1 if "train.variants={}" in sets else 1 + len(TrainSection().variants)
+        out[name] = {"s_per_epoch": round(per, 3), "models_per_epoch": models,
+                     "sets": sets, "epochs_1": one, "epochs_3": three}
+        print(f"command {name}: 1 epoch {one['wall_s']:.1f} s, 3 epochs {three['wall_s']:.1f} s "
+              f"→ {per:.2f} s/epoch ({models} model(s)); losses {three['losses']}")
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels A/B
 def run_ours(store: str, n: int, *, in_memory: str, epochs: int, device: str,
-             threads: int | None, precision: str = "float32") -> dict:
+             threads: int | None, precision: str = "float32", kernels: str = "auto") -> dict:
     """Our trainer on ``store``; per-epoch numbers scaled to ``n`` rows when the store is smaller."""
     steps_full = math.ceil(n / 512)
     cfg = TrainSection(epochs=epochs, in_memory=in_memory, device=device, threads=threads,
-                       precision=precision)
-    out = SCRATCH / f"model-{in_memory}-{precision}"
+                       precision=precision, kernels=kernels, variants={})
+    out = SCRATCH / f"model-{in_memory}-{precision}-{kernels}"
     shutil.rmtree(out, ignore_errors=True)
     c0 = _cpu_seconds()
     summary = train_model(store, cfg, str(out), log=print)
     cpu = _cpu_seconds() - c0
-    import json
-
     m = json.loads((out / "metrics.json").read_text())
     secs = [e["seconds"] for e in m["epochs"]]
     scale = n / summary["n_triplets"]
@@ -253,108 +439,144 @@ def run_ours(store: str, n: int, *, in_memory: str, epochs: int, device: str,
         "steps_per_epoch": steps_full,
         "extrapolated": summary["n_triplets"] < n,
         "loader": summary["loader"],
+        "kernels": summary.get("kernels"),
         "device": summary["device"],
         "precision": summary["precision"],
-        "final_loss": m["epochs"][-1]["loss"],
-        "threads": torch.get_num_threads(),
+        "losses": [e["loss"] for e in m["epochs"]],
+        "threads": threads,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="time 128 steps per variant, extrapolate")
-    ap.add_argument("--n", type=int, default=340_000, help="triplets (paper: ~340k)")
-    ap.add_argument("--steps", type=int, default=None, help="steps timed per epoch (extrapolated)")
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of our trainer per path")
-    ap.add_argument("--ref-epochs", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=4, help="reference DataLoader workers")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_reference_argument(ap)
+    ap.add_argument("--quick", action="store_true", help="a 64k-triplet store, 2 reference epochs")
+    ap.add_argument("--n", type=int, default=None, help="triplets (default 340k, the paper's ~340k)")
+    ap.add_argument("--ref-epochs", type=int, default=3, help="epochs of the reference (≥2: "
+                    "epoch 2+ is its steady state)")
+    ap.add_argument("--workers", type=int, default=4, help="fallback loop's DataLoader workers")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the in-process A/B (default: chosen once, as train does)")
     ap.add_argument("--chunk-rows", type=int, default=65_536)
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--precision", default="float32,bfloat16",
-                    help="comma-separated train.precision values to time (float32, bfloat16)")
+    ap.add_argument("--command-rows", default=",".join(r for r, _ in COMMAND_ROWS),
+                    help="command rows to time (comma-separated; '' for none)")
+    ap.add_argument("--kernels", default="fused,autograd,compile",
+                    help="train.kernels values for the A/B ('' for none)")
+    ap.add_argument("--ab-precision", default="float32",
+                    help="precisions of the A/B (comma-separated)")
     args = ap.parse_args()
-    steps = args.steps or (128 if args.quick else None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
+    n = args.n or (65_536 if args.quick else 340_000)
+    ref_epochs = 2 if args.quick and args.ref_epochs == 3 else args.ref_epochs
     load0 = os.getloadavg()[0]
-    t = time.perf_counter()
-    store = make_store(args.n, 384, args.chunk_rows)
-    # --steps: our trainer runs whole epochs over a store of steps·512 rows (same chunking),
-    # scaled to n rows; the reference times its steady-state steps on the full store
-    ours_store = make_store(steps * 512, 384, args.chunk_rows) if steps else store
-    print(f"stores ready in {time.perf_counter() - t:.1f} s")
-
+    t_all = time.perf_counter()
+    store = make_store(n, 384, args.chunk_rows)
+    ws = Path(store).parent
     res: dict = {}
-    ours: list[str] = []
-    for precision in args.precision.split(","):
-        suffix = {"float32": "", "bfloat16": "_bf16"}[precision]
-        for base, kind in (("ours_in_memory", "always"), ("ours_streaming", "never")):
-            name = base + suffix
-            print(f"--- {name}")
-            with PeakRSS() as rss:
-                r = run_ours(ours_store, args.n, in_memory=kind, epochs=args.epochs,
-                             device=args.device, threads=args.threads, precision=precision)
-            r.update(rss.as_dict())
-            res[name] = r
-            ours.append(name)
-            print(f"{name}: {[round(s, 2) for s in r['s_per_epoch']]} s/epoch")
-    if not args.skip_reference:
-        print("--- reference")
+
+    # ---- baseline
+    if args.skip_reference:
+        origin, base_s = {"kind": "skipped"}, None
+    elif args.reference:
+        origin = reference_origin(args.reference)
+        print(f"--- reference train.py ({origin['commit']}), {ref_epochs} epochs")
         with PeakRSS() as rss:
-            r = run_reference(store, epochs=args.ref_epochs, max_steps=steps, device=dev,
-                              workers=args.workers)
+            r = run_reference_script(Path(origin["path"]), store, epochs=ref_epochs, text_dim=384)
         r.update(rss.as_dict())
         res["reference"] = r
-        print(f"reference: {[round(s, 2) for s in r['s_per_epoch']]} s/epoch")
+        base_s = r["s_per_epoch_steady"]
+        print(f"reference: {[round(x, 2) for x in r['s_per_epoch']]} s/epoch, losses {r['train_loss']}")
+    else:
+        origin = fallback_origin("benchmarks/bench_train.py:run_reference",
+                                 "training loop (per-sample Dataset, DataLoader(num_workers=4), one "
+                                 "projector forward per view, default AdamW, two cross-entropies)")
+        print("--- fallback reference loop (no --reference checkout)")
+        with PeakRSS() as rss:
+            r = run_reference(store, epochs=ref_epochs, max_steps=None, device=torch.device("cpu"),
+                              workers=args.workers)
+        r.update(rss.as_dict())
+        res["reference_fallback"] = r
+        base_s = float(np.mean(r["s_per_epoch"][1:] or r["s_per_epoch"]))
 
-    floor = gemm_floor(dev, math.ceil(args.n / 512))
+    # ---- the command, from outside
+    rows = [x for x in args.command_rows.split(",") if x]
+    cmd = measure_command(ws, rows) if rows else {}
+
+    # ---- kernels A/B in this process (one thread count for all)
+    from aether_scale.devices import choose_threads
+
+    threads = args.threads or choose_threads(None, key="train.threads")[0]
+    ab: dict = {}
+    for precision in [x for x in args.ab_precision.split(",") if x]:
+        for k in [x for x in args.kernels.split(",") if x]:
+            name = f"{k}_{precision}"
+            print(f"--- A/B {name} ({threads} thread(s))")
+            with PeakRSS() as rss:
+                r = run_ours(store, n, in_memory="always", epochs=2, device="cpu",
+                             threads=threads, precision=precision, kernels=k)
+            r.update(rss.as_dict())
+            ab[name] = r
+            print(f"{name}: {[round(x, 2) for x in r['s_per_epoch']]} s/epoch")
+
+    floor = gemm_floor(torch.device("cpu"), math.ceil(n / 512))
     print(f"GEMM floor (matrix products of one step alone, s/epoch): {floor}")
 
-    def best(name: str) -> float:
-        return min(res[name]["s_per_epoch"])
-
-    summary: dict = {
-        name: {"s_per_epoch_best": round(best(name), 3),
-               "s_per_epoch_mean": round(float(np.mean(res[name]["s_per_epoch"])), 3)}
-        for name in res
-    }
-    target = 0.25 if dev.type == "cuda" else PAPER_GPU_S_PER_EPOCH
-    for name in ours:
-        summary[name]["meets_target_s_per_epoch"] = best(name) <= target
-        if "reference" in res:
-            sp = best("reference") / best(name)
-            summary[name]["speedup_vs_reference"] = round(sp, 2)
-            summary[name]["meets_2x"] = sp >= 2.0
-            cpu_ref = float(np.mean(res["reference"]["cpu_s_per_epoch"]))
-            summary[name]["cpu_speedup_vs_reference"] = round(
-                cpu_ref / res[name]["cpu_s_per_epoch_incl_setup"], 2)
+    # ---- summary
+    how = "python benchmarks/bench_train.py" + (f" --reference {args.reference}" if args.reference else "")
+    summary = []
+    targets = {"float32": 6.5, "bfloat16": 5.0}
+    for name, row in cmd.items():
+        summary.append(ratio_row(
+            stage="train", metric=f"s/epoch, {n:,} triplets, `aether-scale train` ({name})",
+            ours=row["s_per_epoch"], baseline=base_s, unit="s/epoch",
+            baseline_name="reference train.py (epoch 2+)" if args.reference else "fallback loop",
+            origin=origin, higher_is_better=False,
+            ours_what=f"(wall of 3 epochs − wall of 1)/2, {row['models_per_epoch']} model(s) per "
+                      f"epoch, sets {row['sets']}", command=how))
+    requirements = {}
+    for name, limit in targets.items():
+        if name in cmd:
+            requirements[f"command_{name}_s_per_epoch"] = {
+                "limit": limit, "value": cmd[name]["s_per_epoch"],
+                "met": cmd[name]["s_per_epoch"] <= limit}
+    if "streaming" in cmd and "float32" in cmd:
+        rel = cmd["streaming"]["s_per_epoch"] / cmd["float32"]["s_per_epoch"]
+        requirements["streaming_within_15pct"] = {"limit": 1.15, "value": round(rel, 3),
+                                                  "met": rel <= 1.15}
+    ab_summary: dict = {}
+    for precision in {r["precision"] for r in ab.values()}:
+        epoch2 = {r["kernels"]: r["s_per_epoch"][-1] for r in ab.values() if r["precision"] == precision}
+        entry: dict = {"s_per_epoch_epoch2": {k: round(v, 3) for k, v in epoch2.items()},
+                       "fastest": min(epoch2, key=epoch2.get)}
+        if "fused" in epoch2:
+            others = {k: v / epoch2["fused"] for k, v in epoch2.items() if k != "fused"}
+            entry["fused_speedup_vs"] = {k: round(v, 3) for k, v in others.items()}
+            entry["fused_keeps_rule_1.15x_vs_both"] = bool(others) and all(v >= 1.15 for v in others.values())
+        ab_summary[precision] = entry
     out = {
         "benchmark": "train",
-        "n_triplets": args.n,
+        "n_triplets": n,
         "text_dim": 384,
         "batch_size": 512,
-        "device": args.device,
-        "steps_timed_per_epoch": steps,
-        "extrapolated_from_steps": steps is not None,
-        "targets": {"s_per_epoch": target, "speedup_vs_reference": 2.0,
-                    "paper_gpu_s_per_epoch": PAPER_GPU_S_PER_EPOCH},
+        "baseline_origin": origin,
         "summary": summary,
-        "results": res,
+        "requirements": requirements,
+        "kernels_ab": ab_summary,
+        "command": cmd,
+        "results": {**res, **{f"ab_{k}": v for k, v in ab.items()}},
+        "ab_threads": threads,
         "gemm_floor": floor,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "torch_threads": torch.get_num_threads(),
         "cpu_bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "load_avg_1m_start": load0,
         "load_avg_1m_end": os.getloadavg()[0],
-        "note": "wall times on shared cores are noisy; ratios within this run are what count. "
-                "cpu_s_per_epoch counts process + DataLoader-worker CPU (less load-sensitive).",
+        "wall_s_total": round(time.perf_counter() - t_all, 1),
+        "note": "wall times on shared cores are noisy; ratios within this run are what count",
         "machine": machine_info(),
     }
-    path = write_result("train" if dev.type == "cpu" else f"train_{dev.type}", out)
-    print(f"summary: {summary}")
+    path = write_result("train", out)
+    print(json.dumps({"summary": summary, "requirements": requirements, "kernels_ab": ab_summary},
+                     indent=1))
     print(f"written {path}")
 
 
