@@ -137,6 +137,68 @@ def test_int8_mosaic_exact_codes_and_contract(tmp_path: Path, mosaic) -> None:
     assert stats["tiles_aligned"] == 2 and stats["tiles_reprojected"] == 0
 
 
+# ------------------------------------------------------------------- read paths
+def _chunk_files(store: str) -> dict[str, bytes]:
+    root = Path(store) / "embedding" / "c"
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
+            if f.is_file()}
+
+
+def test_every_tile_layout_gives_the_same_chunk_bytes(tmp_path: Path) -> None:
+    """Uncompressed pixel-interleaved tiles (read by GDAL straight into pixel order),
+    compressed and band-interleaved ones (band-first reads re-interleaved here) and
+    windows that cut the files' blocks: the same codes, the same chunk files."""
+    from aether_scale.ingest import inspect_tile
+
+    a, b = codes(11, nodata_frac=0.05), codes(12)
+    layouts = {"plain": {}, "deflate": {"compress": "deflate"},
+               "band": {"interleave": "band"}, "zstd-band": {"compress": "zstd",
+                                                              "interleave": "band"}}
+    stores = {}
+    for name, extra in layouts.items():
+        d = tmp_path / name
+        d.mkdir()
+        paths = []
+        for q, x0, tag in ((a, 500000, "w"), (b, 500000 + W * RES, "e")):
+            profile = dict(driver="GTiff", height=H, width=W, count=64, dtype="int8",
+                           nodata=aef.NODATA, crs="EPSG:32630",
+                           transform=from_origin(x0, 5700000, RES, RES), tiled=True,
+                           blockxsize=32, blockysize=32, **extra)
+            with rasterio.open(d / f"{tag}.tif", "w", **profile) as dst:
+                dst.write(q.transpose(2, 0, 1))
+            paths.append(str(d / f"{tag}.tif"))
+        assert inspect_tile(paths[0]).direct_io is (name == "plain")
+        out = str(tmp_path / f"{name}.zarr")
+        ingest_tiles(paths, out, chunk_px=48)  # chunks cut the tiles' 32 px blocks
+        np.testing.assert_array_equal(read_zarr(out)["embedding"].values,
+                                      np.concatenate([a, b], axis=1))
+        stores[name] = _chunk_files(out)
+    assert len(stores["plain"]) == -(-H // 48) * -(-2 * W // 48)
+    for name in layouts:
+        assert stores[name] == stores["plain"], name
+
+
+def test_interleave_equals_numpy_transpose() -> None:
+    from aether_scale.ingest.reads import _interleave
+
+    rng = np.random.default_rng(5)
+    planes = rng.integers(-128, 128, (64, 7, 37), dtype=np.int8)
+    want = planes.transpose(1, 2, 0)
+    out = np.zeros((7, 37, 64), np.int8)
+    _interleave(planes, out)
+    np.testing.assert_array_equal(out, want)
+    big = np.zeros((12, 50, 64), np.int8)  # a window of a larger block, and row-reversed
+    _interleave(planes, big[3:10, 5:42])
+    np.testing.assert_array_equal(big[3:10, 5:42], want)
+    assert not big[:3].any() and not big[10:].any() and not big[:, :5].any()
+    _interleave(planes, big[9:2:-1, 5:42])
+    np.testing.assert_array_equal(big[9:2:-1, 5:42], want)
+    f = rng.standard_normal((64, 3, 4)).astype(np.float32)  # other dtypes: numpy's copy
+    fo = np.empty((3, 4, 64), np.float32)
+    _interleave(f, fo)
+    np.testing.assert_array_equal(fo, f.transpose(1, 2, 0))
+
+
 def test_default_open_also_returns_raw_codes(tmp_path: Path, mosaic) -> None:
     paths, expected = mosaic
     out = str(tmp_path / "ae.zarr")

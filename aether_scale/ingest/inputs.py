@@ -102,6 +102,7 @@ class TileInfo:
     band_indexes: tuple[int, ...]  # 1-based source band for A00…A63
     files: tuple[str, ...]  # every file GDAL reads for it (a VRT's sources included)
     block_rows: int = 256  # rows of the file's internal blocks (read strips follow them)
+    direct_io: bool = False  # uncompressed pixel-interleaved GeoTIFF: GDAL reads it as stored
 
     @property
     def bottom_up(self) -> bool:
@@ -124,11 +125,13 @@ def inspect_tile(path: str) -> TileInfo:
             files = (path,) if storage.is_url(path) else (tuple(src.files) or (path,))
             return (src.count, src.crs, src.transform, set(src.dtypes), src.nodata,
                     tuple(src.descriptions), src.width, src.height, files,
-                    int(src.block_shapes[0][0]) if src.block_shapes else 256)
+                    int(src.block_shapes[0][0]) if src.block_shapes else 256,
+                    _stored_as_read(src))
 
     try:
         # (resolve_tiles checked that the URL exists: its read failures are worth a retry)
-        (count, crs, tr, dtypes, nodata, descriptions, width, height, files, block_rows) = (
+        (count, crs, tr, dtypes, nodata, descriptions, width, height, files, block_rows,
+         direct_io) = (
             storage.with_retries(header, what=path, is_transient=storage.gdal_read_failure)
             if storage.is_url(path) else header())
     except (RasterioError, OSError) as e:
@@ -178,5 +181,16 @@ def inspect_tile(path: str) -> TileInfo:
         band_indexes=band_indexes,
         files=files,
         block_rows=block_rows,
+        direct_io=direct_io,
     )
+
+
+def _stored_as_read(src) -> bool:
+    """Whether the tile's bytes on disk are its pixel vectors as read: an uncompressed,
+    pixel-interleaved GeoTIFF (every band in one file), which GDAL can copy straight
+    into a (rows, cols, bands) buffer."""
+    from rasterio.enums import Interleaving
+
+    return (src.driver == "GTiff" and src.compression is None
+            and src.interleaving == Interleaving.pixel and len(set(src.files)) <= 1)
 

@@ -11,6 +11,7 @@ overlap rule (:data:`OverlapRule`). Temporaries stay within bounded row strips
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Literal
@@ -110,17 +111,26 @@ def _read_window(src, tile: TileInfo, r0: int, r1: int, c0: int, c1: int,
     """Read source rows [r0, r1) × cols [c0, c1) (storage order) as (rows, cols, 64).
 
     ``out`` (optional): a view of that shape and the tile's dtype — possibly
-    strided or row-reversed — to fill instead of a new array. Reads go through
-    band-first strips that numpy re-interleaves (as fast as GDAL's own strided
-    copy, with memory bounded by the strip). Strips follow the file's internal
-    block rows, so every stored block is decoded once per call, whatever the
-    GDAL cache size.
+    strided or row-reversed — to fill instead of a new array.
+
+    Two ways, same values:
+
+    - an uncompressed local GeoTIFF (:func:`_direct_read`) is read by GDAL straight
+      into ``out``'s pixel-interleaved layout (``GTIFF_DIRECT_IO``: no block cache,
+      no band-by-band copy), one call;
+    - anything else goes through band-first strips (what GDAL decodes fastest) that
+      are re-interleaved here (:func:`_interleave`). Strips follow the file's
+      internal block rows, so every stored block is decoded once per call, whatever
+      the GDAL cache size, and memory stays bounded by the strip.
     """
     from rasterio.windows import Window
 
     if out is None:
         out = np.empty((r1 - r0, c1 - c0, aef.N_BANDS), dtype=tile.dtype)
     bands = list(tile.band_indexes)
+    if _direct_read(tile) and min(out.strides) > 0:
+        src.read(bands, window=Window(c0, r0, c1 - c0, r1 - r0), out=out.transpose(2, 0, 1))
+        return out
     bh = max(1, tile.block_rows)
     budget = max(1, (4 * _STRIP_VALUES) // max(1, (c1 - c0) * aef.N_BANDS))
     rows_per = bh * max(1, budget // bh)  # whole block rows, at least one
@@ -130,8 +140,58 @@ def _read_window(src, tile: TileInfo, r0: int, r1: int, c0: int, c1: int,
     for a, b in zip(edges, edges[1:], strict=False):
         part = buf[:, :b - a]
         src.read(bands, window=Window(c0, a, c1 - c0, b - a), out=part)
-        out[a - r0:b - r0] = part.transpose(1, 2, 0)
+        _interleave(part, out[a - r0:b - r0])
     return out
+
+
+def _direct_read(tile: TileInfo) -> bool:
+    """Whether GDAL reads this tile straight into a pixel-interleaved buffer: a local,
+    uncompressed, pixel-interleaved GeoTIFF (``GTIFF_DIRECT_IO``, set for local tiles in
+    :func:`_gdal_env`). Compressed tiles decode through GDAL's per-band block cache, for
+    which band-first reads plus :func:`_interleave` are faster; remote ones would turn
+    into many small range requests."""
+    return (tile.direct_io and not storage.is_url(tile.path)
+            and not tile.path.startswith("/vsi"))
+
+
+def _gdal_env(tile: TileInfo) -> dict:
+    """The GDAL settings a chunk task reads ``tile`` with."""
+    return {**_GDAL_ENV, "GTIFF_DIRECT_IO": "YES"} if _direct_read(tile) else _GDAL_ENV
+
+
+_LITTLE = sys.byteorder == "little"
+_INTERLEAVE_PX = 4096  # pixels per re-interleave step (temporaries ≈ 0.5 MB, in cache)
+
+
+def _interleave(planes: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = planes.transpose(1, 2, 0)`` — band planes (64, rows, cols) to pixel
+    vectors (rows, cols, 64) — fast for int8.
+
+    numpy's strided byte copy moves one byte at a time (≈150 MB/s here); instead the
+    64 planes are merged pairwise into 16-, 32- then 64-bit words with contiguous
+    vector shifts and ors, and the 8 words of each pixel are copied as whole words:
+    ≈6× faster, the same bytes (little-endian layout; other cases take numpy's copy).
+    """
+    n = planes.shape[0]
+    if (planes.dtype != np.int8 or n % 8 or not _LITTLE or out.strides[-1] != 1
+            or out.strides[-2] != n or out.dtype != np.int8):
+        out[...] = planes.transpose(1, 2, 0)
+        return
+    rows, cols = planes.shape[1:]
+    words = out.view(np.uint64)  # (rows, cols, n // 8): pixel p's bands 8k…8k+7 in word k
+    step = max(1, _INTERLEAVE_PX // max(1, cols))
+    for r in range(0, rows, step):
+        s = planes[:, r:r + step].view(np.uint8)
+        x = s[1::2].astype(np.uint16)
+        x <<= 8
+        x |= s[0::2]
+        y = x[1::2].astype(np.uint32)
+        y <<= 16
+        y |= x[0::2]
+        z = y[1::2].astype(np.uint64)
+        z <<= 32
+        z |= y[0::2]
+        words[r:r + step] = z.transpose(1, 2, 0)
 
 
 def _read_aligned(src, p: _Placement, tr0: int, tr1: int, tc0: int, tc1: int,
@@ -256,7 +316,7 @@ def _read_block_codes(
     owner = np.full((h, w), -1, np.int16)  # which placement wrote a pixel (for error messages)
     for k, p in enumerate(placements):
         try:
-            with storage.open_raster_file(p.tile.path, **_GDAL_ENV) as src:
+            with storage.open_raster_file(p.tile.path, **_gdal_env(p.tile)) as src:
                 # int8 aligned tiles: one read for the whole block; else bounded strips
                 if p.aligned and p.tile.dtype == "int8":
                     strips = [(r0, r1)]
