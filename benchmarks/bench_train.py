@@ -375,17 +375,20 @@ def run_command(ws: Path, sets: list[str], epochs: int, tag: str) -> dict:
     argv = [*_train_command(), "train", "-w", str(ws), "--force",
             "--set", f"train.epochs={epochs}", *(x for kv in sets for x in ("--set", kv))]
     log = SCRATCH / f"command-{tag}-e{epochs}.log"
-    t0 = time.perf_counter()
+    # a run saves its config in the workspace and the next run without -c starts from it:
+    # removed, so every run starts from every default plus its own --set values
+    (ws / "config.yaml").unlink(missing_ok=True)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     with PeakRSS() as rss, open(log, "w") as f:
         rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     text = log.read_text()
     if rc != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {rc}; see {log}")
     losses = [float(m.group(3)) for m in _CMD_EPOCH.finditer(text)]
     kern = re.search(r"kernels (\w+)", text)
     thr = re.findall(r"torch threads: ([^;\n]+)", text)
-    return {"wall_s": round(wall, 3), "losses": losses, "kernels": kern.group(1) if kern else None,
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "losses": losses, "kernels": kern.group(1) if kern else None,
             "threads": thr, "max_processes": rss.max_processes, "peak_rss_mb": round(rss.peak_mb, 1),
             "argv": ["aether-scale", *argv[len(_train_command()):]], "log": str(log)}
 
@@ -408,8 +411,10 @@ def measure_command(ws: Path, rows: list[str]) -> dict:
         one = run_command(ws, sets, 1, name)
         three = run_command(ws, sets, 3, name)
         per = (three["wall_s"] - one["wall_s"]) / 2
+        cpu_per = (three["cpu_s"] - one["cpu_s"]) / 2
         models = 1 if "train.variants={}" in sets else 1 + len(TrainSection().variants)
-        out[name] = {"s_per_epoch": round(per, 3), "models_per_epoch": models,
+        out[name] = {"s_per_epoch": round(per, 3), "cpu_s_per_epoch": round(cpu_per, 3),
+                     "models_per_epoch": models,
                      "sets": sets, "epochs_1": one, "epochs_3": three}
         print(f"command {name}: 1 epoch {one['wall_s']:.1f} s, 3 epochs {three['wall_s']:.1f} s "
               f"→ {per:.2f} s/epoch ({models} model(s)); losses {three['losses']}")
