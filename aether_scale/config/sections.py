@@ -347,7 +347,8 @@ class InferSection(Section):
         "per-pixel cosine to float32 ≥ 0.99964; codec and bound in the field's attrs)"
     )
     batch_pixels: int = Field(
-        16_384, ge=1024, description="pixels per projector call (small batches stay in cache)"
+        2_048, ge=256, description="pixels per projector call (small batches stay in cache: "
+        "aether_scale.infer.kernel.BATCH_PIXELS says why this default)"
     )
     device: str = Field("auto", description="auto (cuda when the worker has one), cpu, cuda")
     threads: int | None = Field(

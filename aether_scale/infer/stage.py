@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from ..pipeline import ARTIFACTS
 from ..stores import field as field_store
 from ..stores.raster import count_retries, ledger_folder, open_embedding, raster_crs, write_chunks
 from ..workspace import stable_hash
-from .kernel import NODATA, _in_dim, _out_dim, project_pixels
+from .kernel import _in_dim, _out_dim, project_chunk
 from .models import (
     _CACHE_LOCK,
     _THREADS_SET,
@@ -69,29 +70,20 @@ def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixel
     """One field chunk from its AE region: (field block or None when no pixel is valid,
     its valid-pixel count)."""
     block = region.read()
-    if np.issubdtype(block.dtype, np.integer):
-        valid = np.all(block != NODATA, axis=2)
-    else:
-        valid = np.all(np.isfinite(block), axis=2)
-    n = int(valid.sum())
-    if n == 0:
-        return None, {"valid": 0}
     _set_threads(threads)
     dev = str(resolve_device(device, key="infer.device"))
     model = _cached_model(key, payload, dev)
     by, bx, nb = block.shape
-    out = project_pixels(block.reshape(by * bx, nb), model, batch_pixels=batch_pixels,
-                         out_dtype=out_dtype, device=dev, precision=precision)
+    out, n, bad = project_chunk(block.reshape(by * bx, nb), model, batch_pixels=batch_pixels,
+                                out_dtype=out_dtype, device=dev, precision=precision)
+    if n == 0:
+        return None, {"valid": 0}
     # valid = what was written: a model producing NaN/inf must not pass for a field
-    if out_dtype == "int8":
-        written = int(np.all(out != NODATA, axis=1).sum())
-    else:
-        written = int(np.isfinite(out).all(axis=1).sum())
-    if written != n:
-        raise ValueError(f"the projector produced non-finite values for {n - written:,} of "
+    if bad:
+        raise ValueError(f"the projector produced non-finite values for {bad:,} of "
                          f"{n:,} valid pixels (model {key}): its weights may have diverged; "
                          "retrain (a lower train.lr), or check the model folder")
-    return out.reshape(by, bx, out.shape[1]), {"valid": written}
+    return out.reshape(by, bx, out.shape[1]), {"valid": n}
 
 
 def _check_workers_device(client: Any, device: str) -> None:
@@ -129,7 +121,9 @@ def _store_windows(ae: Any, storage_options: dict | None, arr: Any) -> Any:
         return None  # bands split across chunks: the dask path rechunks them
     index = read_index(ref)  # (open_embedding has verified the store against it)
     fix = "run `aether-scale ingest --force`"
-    return lambda win: CheckedWindow.of(ref, "embedding", index, win, fix=fix, opened=opened)
+    run = uuid.uuid4().hex  # this pass: a worker thread reads each AE chunk once in it
+    return lambda win: CheckedWindow.of(ref, "embedding", index, win, fix=fix, opened=opened,
+                                        reuse=run)
 
 
 def infer_field(
@@ -223,8 +217,11 @@ def infer_field(
             log.info(f"[infer] {n_pix:,} px in {len(build.grid())} chunks of {cy}×{cx} "
                      f"(stored as {ry}×{rx} Zarr chunks) → "
                      f"{os.path.basename(str(out_uri))} ({cfg.dtype}, dim {out_dim})")
+            # the field chunks inside one AE chunk run one after another (each worker
+            # thread then decompresses that AE chunk once for the ones it runs)
+            group = (int(arr.chunks[0][0]) // cy, int(arr.chunks[1][0]) // cx)
             records, n_todo = write_chunks(build, job, label="infer", token=token, log=log,
-                                           progress=progress)
+                                           progress=progress, group=group)
     finally:
         if client is None:  # the in-process run changed this process's torch threads
             torch.set_num_threads(threads_before)

@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,15 +58,16 @@ class CorruptStoreError(ValueError):
     """A workspace store whose chunks do not match its index or fail their checksum."""
 
 
-def compressors() -> tuple[Any, ...]:
+def compressors(level: int = 0) -> tuple[Any, ...]:
     """The codecs after serialisation for every workspace array: zstd, then crc32c.
 
-    zstd level 0 is zarr's own default; crc32c comes last so that it covers the bytes
-    on disk (a flipped bit or a truncated file fails the check before decompression).
+    zstd ``level`` 0 is zarr's own default (zstd's level 3); the field uses 1
+    (:data:`~.field.ZSTD_LEVEL`). crc32c comes last so that it covers the bytes on disk
+    (a flipped bit or a truncated file fails the check before decompression).
     """
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
-    return (ZstdCodec(level=0), Crc32cCodec())
+    return (ZstdCodec(level=level), Crc32cCodec())
 
 
 @contextlib.contextmanager
@@ -344,18 +346,26 @@ class CheckedWindow:
     task costs time that grows with the array, and so does the whole graph.
 
     ``stored``: the index entries (``{chunk key: bytes}``) of the chunks the window
-    touches, or None for a store without an index. ``np.asarray(window)`` reads it."""
+    touches, or None for a store without an index. ``np.asarray(window)`` reads it.
+
+    ``reuse``: a token naming one pass over a store that does not change during it
+    (a stage run's). Windows with the same token keep the last chunk they read in
+    their thread, verified when it was read, and a next window in the same chunk
+    reads it from there: a 1024² AE chunk feeding four 512² field tasks is then
+    read and decompressed once per worker thread that runs them, not four times.
+    Memory stays one chunk per thread, what a window holds while it is read."""
 
     ref: StoreRef
     array: str
     window: tuple[int, int, int, int]
     stored: Mapping[str, int] | None
     fix: str
+    reuse: str | None = None
 
     @classmethod
     def of(cls, ref: StoreRef, array: str, index: Mapping[str, Any] | None,
-           window: tuple[int, int, int, int], *, fix: str, opened: Any = None
-           ) -> CheckedWindow:
+           window: tuple[int, int, int, int], *, fix: str, opened: Any = None,
+           reuse: str | None = None) -> CheckedWindow:
         """The window's reader; ``opened``: the Zarr array, already open (the caller
         building many windows opens it once)."""
         arr = opened if opened is not None else ref.array(array)
@@ -363,7 +373,7 @@ class CheckedWindow:
         if stored is not None:
             stored = {k: stored[k] for k in (_encode_key(arr, i) for i in
                                             cls._chunks(arr.chunks, window)) if k in stored}
-        return cls(ref, array, tuple(int(v) for v in window), stored, fix)
+        return cls(ref, array, tuple(int(v) for v in window), stored, fix, reuse)
 
     @staticmethod
     def _chunks(chunks: Sequence[int], window: tuple[int, int, int, int]
@@ -383,13 +393,29 @@ class CheckedWindow:
             if self.stored is not None and enc not in self.stored:
                 block = np.full(tuple(s.stop - s.start for s in sl), arr.fill_value, arr.dtype)
             else:
-                size = None if self.stored is None else self.stored[enc]
-                block = _read_chunk(self.ref, self.array, idx, size, self.fix)
+                block = self._read(idx, None if self.stored is None else self.stored[enc])
             a0, a1 = max(r0, sl[0].start), min(r1, sl[0].stop)
             b0, b1 = max(c0, sl[1].start), min(c1, sl[1].stop)
             out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = block[a0 - sl[0].start:a1 - sl[0].start,
                                                          b0 - sl[1].start:b1 - sl[1].start]
         return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _read(self, idx: tuple[int, int, int], size: int | None) -> np.ndarray:
+        if self.reuse is None:
+            return _read_chunk(self.ref, self.array, idx, size, self.fix)
+        key = (self.reuse, self.ref.uri, self.array, idx, size)
+        last = getattr(_LAST_CHUNK, "entry", None)
+        if last is not None and last[0] == key:
+            return last[1]
+        _LAST_CHUNK.entry = None  # never two chunks held at once
+        block = _read_chunk(self.ref, self.array, idx, size, self.fix)
+        block.flags.writeable = False  # shared by the windows that reuse it
+        _LAST_CHUNK.entry = (key, block)
+        return block
+
+
+#: per thread: the last chunk a :class:`CheckedWindow` with a ``reuse`` token read
+_LAST_CHUNK = threading.local()
 
 
 def read_rows(ref: StoreRef, array: str, start: int, stop: int, *, fix: str) -> np.ndarray:

@@ -195,12 +195,14 @@ class RasterBuild:
     def _meta(self) -> Ledger:
         return Ledger(StoreRef(self.ledger.ref.uri + ".meta", self.ledger.ref.options))
 
-    def create(self, template: xr.Dataset, *, fill_value: Any, token: str) -> RasterBuild:
+    def create(self, template: xr.Dataset, *, fill_value: Any, token: str,
+               zstd_level: int = 0) -> RasterBuild:
         """Write the store's metadata and coordinates, unless a killed run already did.
 
         ``template`` holds ``embedding`` as a lazy dask array (never computed) with the
         final chunking; ``token`` identifies the template (a rerun with another one
-        starts over). Every variable gets the workspace codecs (zstd + crc32c).
+        starts over). Every variable gets the workspace codecs (zstd at ``zstd_level``,
+        then crc32c).
         Returns the build with the array's shape and chunks filled in.
         """
         meta = self._meta()
@@ -211,7 +213,8 @@ class RasterBuild:
         if rec is None or rec.get("token") != token:
             self.ledger.clear()  # records of another template (or none) are not this store's
             enc: dict[str, dict[str, Any]] = {
-                str(name): {"compressors": compressors()} for name in template.variables}
+                str(name): {"compressors": compressors(zstd_level)}
+                for name in template.variables}
             enc[self.variable].update(chunks=chunks, fill_value=fill_value)
             with quiet_zarr():
                 template.to_zarr(self.store.uri, mode="w", compute=False, encoding=enc,
@@ -325,11 +328,13 @@ def ledger_folder(ledger: str | None) -> Iterator[str]:
 
 def write_chunks(build: RasterBuild, job: Callable[[int, int, tuple[int, int, int, int]],
                                                     tuple[Callable[..., Any], tuple]],
-                 *, label: str, token: str, log: Any, progress: bool = True
-                 ) -> tuple[dict[str, dict[str, Any]], int]:
+                 *, label: str, token: str, log: Any, progress: bool = True,
+                 group: tuple[int, int] = (1, 1)) -> tuple[dict[str, dict[str, Any]], int]:
     """Compute every chunk the ledger lacks — one dask task each, ``job(i, j, window)``
     giving the function and arguments that compute chunk ``(i, j)`` — then finish the
-    store. Returns ``(records of every chunk, chunks computed now)``."""
+    store. ``group``: submit the chunks in blocks of ``gy × gx`` (those reading the same
+    input chunk, run one after another: see ``CheckedWindow.reuse``), else row by row.
+    Returns ``(records of every chunk, chunks computed now)``."""
     import dask
     import dask.base
 
@@ -339,6 +344,9 @@ def write_chunks(build: RasterBuild, job: Callable[[int, int, tuple[int, int, in
     done = build.done()
     grid = build.grid()
     todo = [(i, j) for i, j in grid if chunk_key((i, j, 0)) not in done]
+    gy, gx = group
+    if (gy, gx) != (1, 1):
+        todo.sort(key=lambda ij: (ij[0] // gy, ij[1] // gx, ij))
     if done:
         log.info(f"[{label}] resuming: {len(grid) - len(todo)} of {len(grid)} chunks already "
                  "written")
