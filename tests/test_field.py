@@ -537,3 +537,31 @@ def test_infer_from_a_store_reads_each_window_itself_and_checks_it(tmp_path):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(CorruptStoreError, match=f"embedding/{key}"):
         infer_field(path, model, str(tmp_path / "damaged.zarr"), InferSection())
+
+
+def test_windows_of_one_pass_read_each_chunk_once(tmp_path, monkeypatch):
+    """CheckedWindow.reuse: windows of one pass (one token) that lie in the same chunk
+    read and verify it once per thread and give the same pixels as fresh reads; another
+    pass (another token) reads it again, so a store changed between runs is re-checked."""
+    from aether_scale.stores import chunks as ch
+
+    path = str(tmp_path / "ae.zarr")
+    write_tiny_ae(path)
+    ref = ch.StoreRef.of(path, None)
+    index = ch.read_index(ref)
+    reads: list[tuple] = []
+    real = ch._read_chunk
+    monkeypatch.setattr(ch, "_read_chunk", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    half = CHUNK // 2
+    wins = [(0, half, 0, half), (0, half, half, CHUNK), (half, CHUNK, 0, half)]
+    fresh = [np.asarray(ch.CheckedWindow.of(ref, "embedding", index, w, fix="-")) for w in wins]
+    assert len(reads) == 3
+    reads.clear()
+    got = [np.asarray(ch.CheckedWindow.of(ref, "embedding", index, w, fix="-", reuse="pass-1"))
+           for w in wins]
+    assert reads == [(0, 0, 0)]
+    for a, b in zip(fresh, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.flags.writeable and b.flags.writeable  # the caller's copy, not the cache
+    np.asarray(ch.CheckedWindow.of(ref, "embedding", index, wins[0], fix="-", reuse="pass-2"))
+    assert reads == [(0, 0, 0), (0, 0, 0)]
