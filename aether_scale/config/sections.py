@@ -303,10 +303,10 @@ class TrainSection(Section):
         description="GEMM operands: bfloat16 = mixed precision (float32 accumulation, "
         "normalisation, loss, weights and optimizer); ≈1.5× faster per step on AVX512-BF16 CPUs",
     )
-    kernels: Literal["auto", "fused", "autograd", "compile"] = Field(
-        "auto", description="how the training forward runs: autograd through the modules, "
-        "torch.compile of them, or the fused CPU kernels; auto = the fastest measured "
-        "(benchmarks/results/train.json)",
+    kernels: Literal["auto", "autograd", "compile"] = Field(
+        "auto", description="how the training forward runs: autograd through the modules or "
+        "torch.compile of them; auto = compile on CPU for epochs of ≥256 steps (the faster "
+        "in benchmarks/results/train.json), else autograd",
     )
 
     @model_validator(mode="after")
