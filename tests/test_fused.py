@@ -1,4 +1,5 @@
-"""The fused CPU training kernels and mixed precision: same function as the modules, same training."""
+"""Mixed precision in training (the module path under bf16 autocast, the loss's bf16
+backward), the loss kernel, and the trainer's heap setting."""
 
 from __future__ import annotations
 
@@ -13,12 +14,6 @@ from aether_scale.loss import AetherLoss, info_nce_terms, symmetric_info_nce
 from aether_scale.model import AEProj, TextProj
 from aether_scale.stores.triplets import write_triplets
 from aether_scale.train import train_model
-from aether_scale.train.fused import (
-    _AEProjTrain,
-    _TextProjTrain,
-    fused_ae_forward,
-    fused_text_forward,
-)
 from aether_scale.train.runtime import retained_heap as _retained_heap
 
 BF16_NATIVE = torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -39,81 +34,23 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return g
 
 
-@pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("dims", [(256, 128), (96, 40)])
-def test_fused_ae_kernel_is_the_module_in_float64(train: bool, dims) -> None:
-    ae, _ = _heads(*dims)
-    ae.train(train)
-    x = torch.randn(53, 64, dtype=torch.float64)
-    w = torch.randn(53, dims[1], dtype=torch.float64)
-    torch.manual_seed(11)
-    ref = ae(x)
-    (ref * w).sum().backward()
-    g_ref = _grads(ae)
-    torch.manual_seed(11)  # same RNG state: the same dropout mask
-    out = fused_ae_forward(ae, x)
-    (out * w).sum().backward()
-    g = _grads(ae)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
-    assert g.keys() == g_ref.keys()
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-12, msg=name)
-    if train:  # dropout really acted: without it the output differs
-        ae.eval()
-        assert (fused_ae_forward(ae, x) - out).abs().max() > 1e-3
-
-
-def test_fused_kernels_pass_gradcheck() -> None:
-    ae, txt = _heads(24, 12)
-    x = torch.randn(9, 64, dtype=torch.float64)
-    t = torch.randn(9, 384, dtype=torch.float64)
-
-    def ae_kernel(*ps):
-        torch.manual_seed(3)  # the same dropout mask at every evaluation
-        return _AEProjTrain.apply(x, *ps, 0.1, torch.float64)
-
-    order = [ae.proj[0].weight, ae.proj[0].bias, ae.proj[2].weight, ae.proj[2].bias,
-             ae.shortcut.weight, ae.shortcut.bias, ae.gate, ae.post_mlp[0].weight,
-             ae.post_mlp[0].bias, ae.post_mlp[3].weight, ae.post_mlp[3].bias]
-    # fast_mode: checks the analytic Jacobian against finite differences along random
-    # directions (torch's documented fast gradcheck) — the 64→256 first layer has 16k
-    # weights, and the element-wise check took over a minute of the default test run
-    assert torch.autograd.gradcheck(ae_kernel, tuple(p.detach().clone().requires_grad_()
-                                                     for p in order), fast_mode=True)
-    tw = tuple(p.detach().clone().requires_grad_() for p in (txt.proj.weight, txt.proj.bias))
-    assert torch.autograd.gradcheck(lambda w, b: _TextProjTrain.apply(t, w, b, torch.float64), tw,
-                                    fast_mode=True)
-
-
-def test_fused_text_kernel_is_the_module() -> None:
-    _, txt = _heads()
-    t = torch.randn(31, 384, dtype=torch.float64)
-    w = torch.randn(31, 128, dtype=torch.float64)
-    (txt(t) * w).sum().backward()
-    g_ref = _grads(txt)
-    out = fused_text_forward(txt, t)
-    (out * w).sum().backward()
-    torch.testing.assert_close(out, txt(t))
-    for name, g in _grads(txt).items():
-        torch.testing.assert_close(g, g_ref[name], rtol=1e-10, atol=1e-12)
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
-def test_bf16_kernels_stay_close_to_float32() -> None:
+def test_bf16_module_path_stays_close_to_float32() -> None:
+    from aether_scale.train.loop import _Heads
+
     ae, txt = _heads(dtype=torch.float32)
-    ae.train()
     x = F.normalize(torch.randn(256, 64), dim=1)
     t = torch.randn(256, 384)
     w = torch.randn(256, 128)
     grads = {}
     outs = {}
     for dt in (torch.float32, torch.bfloat16):
+        heads = _Heads(ae, txt, kernels="autograd", compute_dtype=dt).train()
         torch.manual_seed(5)
-        z = fused_ae_forward(ae, x, dt)
-        zt = fused_text_forward(txt, t, dt)
+        z, zt = heads(x, t)
         assert z.dtype == zt.dtype == torch.float32  # outputs in the weights' dtype
         ((z + zt) * w).sum().backward()
         outs[dt] = (z.detach(), zt.detach())
@@ -183,14 +120,6 @@ def test_retained_heap_is_scoped_and_can_be_switched_off(monkeypatch) -> None:
         assert on is (platform.libc_ver()[0] == "glibc")
 
 
-def test_fused_kernels_refuse_inputs_that_need_a_gradient() -> None:
-    ae, txt = _heads()
-    with pytest.raises(ValueError, match="no gradient for its input"):
-        fused_ae_forward(ae, torch.randn(4, 64, dtype=torch.float64, requires_grad=True))
-    with pytest.raises(ValueError, match="no gradient for its input"):
-        fused_text_forward(txt, torch.randn(4, 384, dtype=torch.float64, requires_grad=True))
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_to_the_loss_are_computed_in_float32(dtype) -> None:
     g = torch.Generator().manual_seed(2)
@@ -202,33 +131,6 @@ def test_half_precision_inputs_to_the_loss_are_computed_in_float32(dtype) -> Non
     val.backward()
     assert float(val.detach()) == pytest.approx(ref, rel=1e-5)
     assert xh.grad.dtype == dtype and torch.isfinite(xh.grad.float()).all()
-
-
-def test_module_path_and_fused_path_of_the_trainer_agree() -> None:
-    """The trainer runs the fused kernels on CPU and the modules elsewhere (CUDA): same math."""
-    from aether_scale.train.loop import _Heads
-
-    ae, txt = _heads(dtype=torch.float32)
-    x = F.normalize(torch.randn(64, 64), dim=1)   # base and augmented views, 32 each
-    t = F.normalize(torch.randn(32, 384), dim=1)
-    grads = []
-    for kernels in ("fused", "autograd"):
-        heads = _Heads(ae, txt, kernels=kernels).train()
-        torch.manual_seed(9)
-        z, zt = heads(x, t)
-        AetherLoss()(z[:32], z[32:], zt).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in heads.named_parameters()})
-        heads.zero_grad(set_to_none=True)
-    for name, g in grads[0].items():
-        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
-    # the module path under bf16 autocast (what CUDA runs with train.precision: bfloat16)
-    heads = _Heads(ae, txt, kernels="autograd", compute_dtype=torch.bfloat16).train()
-    torch.manual_seed(9)
-    z, zt = heads(x, t)
-    assert z.dtype == zt.dtype == torch.float32
-    AetherLoss(grad_dtype=torch.bfloat16)(z[:32], z[32:], zt).loss.backward()
-    for name, p in heads.named_parameters():
-        assert torch.isfinite(p.grad).all() and _cos(p.grad, grads[0][name]) > 0.98, name
 
 
 def test_precision_is_part_of_the_learned_config(tmp_path) -> None:

@@ -6,8 +6,7 @@
   of ``train.variants`` (default: ``model_noaug/``, "AETHER w/o aug");
 - :mod:`.loader` — in-memory and streaming batch sources;
 - :mod:`.distributed` — torchrun: process group, per-rank seeds, rank 0 leads;
-- :mod:`.fused` — the CPU training kernels of both heads (one autograd node each;
-  ``train.precision: bfloat16`` = bf16 GEMM operands).
+- :mod:`.runtime` — heap retention, GEMM precision, the optimizer, RNG state.
 
 The store read is :mod:`aether_scale.stores.triplets`.
 

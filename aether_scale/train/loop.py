@@ -3,7 +3,8 @@ best-on-train, resumable, DDP-ready).
 
 One step: base and augmented views go through :class:`~aether_scale.model.AEProj`
 in a single forward (concatenated, then split — one GEMM chain instead of two;
-on CPU as the fused kernel of :mod:`.fused`), the POI text through
+``train.kernels``: eager autograd, or ``torch.compile`` of the modules — the default
+on CPU for full-size epochs), the POI text through
 :class:`~aether_scale.model.TextProj`, and
 :class:`~aether_scale.loss.AetherLoss` gives λ·L_AE + (1−λ)·L_AP. AdamW
 (``fused=True`` where the device supports it) with a per-step cosine schedule
@@ -58,7 +59,6 @@ from ..model import (
 )
 from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
-from .fused import fused_ae_forward, fused_text_forward
 from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
     compute_dtype,
@@ -75,7 +75,7 @@ METRICS_NAME = "metrics.json"
 # Config keys that do not change what is learned (may differ on resume).
 _RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory", "save_every", "kernels"})
 #: ``train.kernels`` values: how the training forward runs (see :class:`_Heads`)
-KERNELS = ("fused", "autograd", "compile")
+KERNELS = ("autograd", "compile")
 _LEGACY_DEFAULTS = TRAIN_LEGACY_DEFAULTS
 
 
@@ -85,16 +85,13 @@ _LEGACY_DEFAULTS = TRAIN_LEGACY_DEFAULTS
 COMPILE_MIN_STEPS = 256
 
 
-def choose_kernels(cfg: TrainSection, device: torch.device, ae: AEProj, steps_per_epoch: int) -> str:
+def choose_kernels(cfg: TrainSection, device: torch.device, steps_per_epoch: int) -> str:
     """``train.kernels`` resolved. ``auto``: ``compile`` on CPU for epochs of at least
     :data:`COMPILE_MIN_STEPS` steps (the fastest in the same-run A/B of
-    ``benchmarks/bench_train.py``), else ``autograd``. ``fused`` covers CPU and the gated,
-    linear-shortcut layout only (otherwise the modules run)."""
+    ``benchmarks/bench_train.py``: at 340k triplets 1.25× autograd's epoch; the former
+    hand-written fused kernels were 1.04× compile and were removed), else ``autograd``."""
     if cfg.kernels == "auto":
         return "compile" if device.type == "cpu" and steps_per_epoch >= COMPILE_MIN_STEPS else "autograd"
-    if cfg.kernels == "fused" and not (device.type == "cpu" and cfg.use_gate
-                                       and isinstance(ae.shortcut, nn.Linear)):
-        return "autograd"
     return cfg.kernels
 
 
@@ -110,9 +107,8 @@ class _Heads(nn.Module):
     ``kernels`` (``train.kernels``) picks how the training forward runs:
     ``"autograd"`` calls the modules (under autocast when ``compute_dtype`` is
     bfloat16), ``"compile"`` the same function through ``torch.compile`` (compiled
-    on the first training batch of each shape; eval mode runs the modules), and
-    ``"fused"`` the CPU kernels of :mod:`.fused` (GEMM operands in
-    ``compute_dtype``). Outputs are float32 either way.
+    on the first training batch of each shape; eval mode runs the modules). Outputs
+    are float32 either way.
     """
 
     def __init__(self, ae: AEProj, txt: TextProj, *, kernels: str = "autograd",
@@ -132,9 +128,6 @@ class _Heads(nn.Module):
         return z.float(), z_t.float()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kernels == "fused":
-            return (fused_ae_forward(self.ae, x, self.compute_dtype),
-                    fused_text_forward(self.txt, t, self.compute_dtype))
         if self.kernels == "compile" and self.training:
             if self._compiled is None:
                 self._compiled = torch.compile(self._run_modules, dynamic=False)
@@ -286,7 +279,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 gate_init=cfg.gate_init, proj_dim=cfg.proj_dim, use_gate=cfg.use_gate)
     txt = TextProj(store.text_dim, cfg.out_dim)
     gemm_dtype = compute_dtype(cfg, device, say)
-    kernels = choose_kernels(cfg, device, ae, steps)
+    kernels = choose_kernels(cfg, device, steps)
     heads = _Heads(ae, txt, kernels=kernels, compute_dtype=gemm_dtype).to(device)
     val = (InMemoryBatches(store, batch_size=min(cfg.batch_size, len(val_rows)), rows=val_rows,
                            seed=cfg.seed, device=device) if val_rows is not None else None)
