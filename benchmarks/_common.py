@@ -226,6 +226,7 @@ def fallback_origin(where: str, what: str) -> dict[str, Any]:
 def ratio_row(*, stage: str, metric: str, ours: float, baseline: float | None, unit: str,
               baseline_name: str, origin: dict[str, Any], higher_is_better: bool = True,
               required: float | None = None, goal: float | None = None,
+              target: tuple[str, float] | None = None,
               ours_what: str = "", command: str = "") -> dict[str, Any]:
     """One line of a benchmark's ``summary``: ours vs a baseline measured in the same run.
 
@@ -245,5 +246,8 @@ def ratio_row(*, stage: str, metric: str, ours: float, baseline: float | None, u
         "higher_is_better": higher_is_better, "ratio": ratio,
         "required": required, "goal": goal,
         "meets_required": None if (required is None or ratio is None) else bool(ratio >= required),
+        "target": None if target is None else f"{target[0]} {target[1]}",
+        "meets_target": None if target is None or ours is None else bool(
+            ours <= target[1] if target[0] == "<=" else ours >= target[1]),
         "command": command,
     }

@@ -252,7 +252,8 @@ class FieldBuild(RasterBuild):
         empty: list[list[int]] = []
         if block is not None:
             r0, _, c0, _ = self.window(i, j)
-            arr = self.store.array(self.variable, mode="r+")
+            # the empty Zarr chunks are left out here (_all_nodata), not by Zarr
+            arr = self.store.array(self.variable, mode="r+", write_empty_chunks=True)
             for a, b in self._inner(i, j):
                 sy, sx, _ = chunk_slices((a, b, 0), self.shape, self.chunks)
                 part = block[sy.start - r0:sy.stop - r0, sx.start - c0:sx.stop - c0]
