@@ -367,6 +367,42 @@ def parts(inp: dict) -> dict:
             "note": "read = the whole 1024² AE chunk the 512² task lies in (checksum + zstd)"}
 
 
+def stage_rows(ours: dict, ref: dict, floor: dict, origin: dict, ref_name: str,
+               command: str) -> list[dict]:
+    """The stage's own figures (from its manifest: no start-up, cluster or imports),
+    beside the whole command's."""
+    st = ours["stage"]
+    if not st.get("seconds"):
+        return []
+    return [
+        ratio_row(stage="infer", metric="px/s, the infer stage alone vs the reference's script",
+                  ours=st["pixels_per_s"], baseline=ref["pixels_per_s"], unit="px/s",
+                  baseline_name=ref_name, origin=origin,
+                  ours_what="the stage's own seconds in the command's manifest", command=command),
+        ratio_row(stage="infer", metric="fraction of the GEMM floor (the stage alone)",
+                  ours=round(floor["seconds"] / st["seconds"], 3), baseline=1.0,
+                  unit="fraction", origin={"kind": "floor"},
+                  baseline_name="the projector's GEMMs alone, same pixels and threads",
+                  command=command),
+    ]
+
+
+def ab_rows(ab: dict | None, command: str) -> list[dict]:
+    """Summary rows of the kernel A/B: the stage's seconds with the fused evaluator
+    against the module eagerly and through torch.compile (required 1.15×: below it the
+    evaluator would be a second copy of the projector's math for nothing)."""
+    if not ab:
+        return []
+    best = {k: v["best_seconds"] for k, v in ab["variants"].items()}
+    return [ratio_row(stage="infer", metric=f"stage seconds, fused evaluator vs {other}",
+                      ours=best["fused"], baseline=best[other], unit="s",
+                      baseline_name=name, origin={"kind": "ours"}, higher_is_better=False,
+                      required=1.15, ours_what="infer stage on a LocalCluster 2 × 1 thread, "
+                      "best of the interleaved repeats", command=command)
+            for other, name in (("module", "the AEProj module called eagerly"),
+                                ("compile", "the AEProj module through torch.compile"))]
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -428,6 +464,7 @@ def main() -> None:
                   baseline_name="the projector's GEMMs alone, same pixels and threads",
                   origin={"kind": "floor"}, required=FLOOR_REQUIRED, command=command),
     ]
+    summary += stage_rows(ours, ref, floor, origin, ref_name, command) + ab_rows(ab, command)
     result = {
         "benchmark": "field inference: the whole infer command vs the reference's script",
         "machine": machine_info(),
