@@ -24,7 +24,7 @@ def test_every_summary_row_names_its_baseline_and_ratio():
     for stem, machine, r in rows:
         assert machine, f"{stem}.json has no machine info"
         assert r["baseline_kind"] in {"reference", "fallback", "floor", "library",
-                                      "plain sequential copy", "ours"}, (stem, r)
+                                      "plain sequential copy", "tuned sequential copy", "ours"}, (stem, r)
         if r["baseline_kind"] == "reference":
             assert r["baseline_commit"], f"{stem}: a reference baseline without its commit"
         if r["ratio"] is not None and r["required"] is not None:
