@@ -25,6 +25,13 @@ from headers and metadata only (or described synthetically when the data is not 
   replaces the sources by a count.
 - **Labels**: feature counts of ``regions.luc_points`` / ``regions.sdm_units`` likewise
   (``--luc-points N`` / ``--sdm-units N``).
+
+The module is a little longer than the project's ~400-line guide. Its seam is the two
+comment-marked halves, ``grid`` (the raster a plan is for) and ``counts`` (POIs and
+labels), about 190 lines each; both fill the one :class:`PlanInputs` that
+:func:`read_inputs` returns, and each is read only through it. Split, two modules would
+share the result types defined here and one call site; the split is due when either half
+grows (a new input kind for the grid, or another counted source).
 """
 
 from __future__ import annotations
