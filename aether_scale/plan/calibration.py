@@ -93,7 +93,7 @@ DEFAULTS: dict[str, tuple[float, str, str]] = {
     "ratio_ae": (1.0, "stored/raw", "zstd on ae.zarr (upper bound)"),
     "ratio_field": (1.0, "stored/raw", "zstd on field.zarr (upper bound)"),
     "ratio_text": (1.0, "stored/raw", "zstd on text.zarr (upper bound)"),
-    "ratio_triplets": (1.0, "stored/raw", "zstd on triplets.zarr (upper bound)"),
+    "ratio_triplets": (1.0, "stored/raw", "triplets.zarr: vectors stored raw (crc32c only)"),
     "model_bytes": (1.5e6, "B per model", "checkpoint.pt and metrics"),
     "regions_bytes_per_value": (4.4, "B per unit·feature", "regions parquet (float32)"),
     "worker_import_s": (1.0, "s", "a fresh dask worker importing ingest/pool"),

@@ -160,19 +160,21 @@ class TripletWriter:
         self.chunk_rows = int(chunk_rows)
         with quiet_zarr():
             self.group = self.ref.group("w")
-        cr, codecs = self.chunk_rows, compressors()
+        # the vectors go without zstd (see compressors): a trainer streaming from this
+        # store reads every row each epoch
+        cr, codecs, raw = self.chunk_rows, compressors(), compressors(None)
         self.arrays = {
             "poi_id": self.group.create_array("poi_id", shape=(0,), chunks=(cr,), dtype="int64",
                                               dimension_names=["poi"], compressors=codecs),
             "base": self.group.create_array("base", shape=(0, n_bands), chunks=(cr, n_bands),
                                             dtype="float32", dimension_names=["poi", "band"],
-                                            compressors=codecs),
+                                            compressors=raw),
             "aug": self.group.create_array("aug", shape=(0, n_bands), chunks=(cr, n_bands),
                                            dtype="float32", dimension_names=["poi", "band"],
-                                           compressors=codecs),
+                                           compressors=raw),
             "text": self.group.create_array("text", shape=(0, text_dim), chunks=(cr, text_dim),
                                             dtype="float32", dimension_names=["poi", "text_dim"],
-                                            compressors=codecs),
+                                            compressors=raw),
         }
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._n_pending = 0
