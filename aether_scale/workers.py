@@ -77,6 +77,38 @@ class WorkerPeaks:
 _SLACK = 48 * 2**20
 
 
+def _import_quietly(modules: Sequence[str]) -> None:
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except Exception:  # noqa: BLE001 - only a head start: check_worker_memory reports it
+            return
+
+
+async def _import_in_background(modules: Sequence[str]) -> None:
+    """Worker side: import ``modules`` in the worker's executor, off its event loop."""
+    import asyncio
+
+    await asyncio.get_running_loop().run_in_executor(None, _import_quietly, list(modules))
+
+
+def warm_workers(modules: Sequence[str]) -> None:
+    """Have every worker start importing ``modules`` now, without waiting for it.
+
+    The client imports the same stage code (torch, xarray: seconds on a small machine)
+    meanwhile, instead of the workers importing only once the client is done (the
+    memory check, then the first tasks, waited for it). A failure here is ignored:
+    :func:`check_worker_memory` imports the modules again and reports it.
+    """
+    client = active_client()
+    if client is None or not modules:
+        return
+    try:
+        client.run(_import_in_background, list(modules), wait=False)
+    except Exception:  # noqa: BLE001 - a head start only
+        log.debug("could not start the workers' imports early", exc_info=True)
+
+
 def _rss_after_import(modules: Sequence[str]) -> int:
     """Worker side: import ``modules``, return this process's resident memory (bytes)."""
     import psutil

@@ -194,3 +194,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _has(name: str) -> bool:
+    return name in sys.modules
+
+
+def test_warm_workers_starts_the_imports_without_waiting(tmp_path):
+    """``warm_workers`` returns at once; the workers import the modules in the background
+    (their event loop stays free), and a module that fails to import is left to the
+    memory check to report instead of raising here."""
+    from distributed import Client, LocalCluster
+
+    from aether_scale.workers import warm_workers
+
+    mod = "xml.dom.minidom"  # stdlib, imported by nothing the workers load themselves
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      local_directory=str(tmp_path)) as cluster, Client(cluster) as client:
+        assert not any(client.run(_has, mod).values())
+        warm_workers(["aether_scale_no_such_module", mod])  # the failure stops that list only
+        assert not any(client.run(_has, "aether_scale_no_such_module").values())
+        warm_workers([mod])
+        deadline = time.time() + 60
+        while not all(client.run(_has, mod).values()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert all(client.run(_has, mod).values())
+        assert client.submit(sum, [1, 2]).result() == 3  # the workers are unharmed

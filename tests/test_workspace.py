@@ -201,3 +201,31 @@ def test_missing_workspace_input_names_its_workspace_path(tmp_path):
         ws.run_stage("train", key=_key("train", ["model"], inputs={
             "t": ws.fingerprint("triplets.zarr")}), outputs=["model"], fn=_writer(calls, "x"))
     assert not calls and ws.manifest("train") is None
+
+
+def test_a_replaced_output_is_deleted_in_the_background_and_waited_for(tmp_path):
+    """Inside ``deferred_removals`` (``run_stages`` holds it), a ``--force`` run renames the
+    old output out of the way and deletes it in a thread; leaving the block waits for it.
+    A deletion cut short (a ``trash-*`` folder left behind) goes with the next run."""
+    ws = Workspace(tmp_path / "ws")
+    calls: list = []
+    key = _key("demo", ["out.zarr"])
+    ws.run_stage("demo", key=key, outputs=["out.zarr"], fn=_writer(calls, "old"))
+    for k in range(200):  # enough files that the deletion is still going when the run returns
+        (tmp_path / "ws" / "out.zarr" / f"f{k}").write_bytes(b"x" * 4096)
+    with ws.deferred_removals():
+        ws.run_stage("demo", key=key, outputs=["out.zarr"], fn=_writer(calls, "new"), force=True)
+        assert (tmp_path / "ws" / "out.zarr" / "data.txt").read_text() == "new"
+        assert not (tmp_path / "ws" / "out.zarr" / "f0").exists()
+        pending = list(ws._removals or [])
+        assert len(pending) == 1  # the old output's deletion, in a thread
+    assert not pending[0].is_alive() and ws._removals is None
+    assert _work_entries(tmp_path / "ws") == []
+    # outside the block an output is removed at once, as before
+    ws.run_stage("demo", key=key, outputs=["out.zarr"], fn=_writer(calls, "again"), force=True)
+    assert ws._removals is None and _work_entries(tmp_path / "ws") == []
+    # a trash folder of a killed run is removed by the next run of any stage
+    (tmp_path / "ws" / ".work" / "trash-1-deadbeef" / "x").mkdir(parents=True)
+    ws.run_stage("other", key=_key("other", ["o.zarr"]), outputs=["o.zarr"],
+                 fn=_writer(calls, "o"))
+    assert _work_entries(tmp_path / "ws") == []

@@ -151,7 +151,7 @@ def infer_field(
     """
     cfg = cfg or InferSection()
     t0 = time.perf_counter()
-    da = open_embedding(ae, storage_options=storage_options)
+    da = open_embedding(ae, storage_options=storage_options, rio=False)  # no .rio needed
     if not isinstance(projector, torch.nn.Module):
         from ..stores.models import load_projector
 

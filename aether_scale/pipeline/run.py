@@ -84,10 +84,11 @@ def run_stage(name: str, ws: Workspace, cfg: RunConfig, *, force: bool = False,
     def fn(work: Work) -> Mapping[str, Any] | None:
         _warn_inputs_gone(ws, p, slog)
         ctx = StageContext(ws, cfg, p, work, slog, force)
-        from ..workers import WorkerPeaks, check_worker_memory
+        from ..workers import WorkerPeaks, check_worker_memory, warm_workers
 
         if st.memory:
             mod, name_ = st.memory.split(":")
+            warm_workers([mod])  # the workers import the stage's code while this process does
             modules, per_task, fix = getattr(importlib.import_module(mod), name_)(ctx)
             check_worker_memory(st.name, modules, per_task, fix)
         peaks = WorkerPeaks().start()
@@ -151,7 +152,8 @@ def run_stages(names: Sequence[str], ws: Workspace | str, cfg: RunConfig, *,
     if names:
         check_ready(names[0], ws, cfg)
     results = []
-    with ClusterSession(cfg.cluster) as session:
+    # the cluster closes first, then the replaced outputs' background deletions are waited for
+    with ws.deferred_removals(), ClusterSession(cfg.cluster) as session:
         for name in names:
             st = stage(name)
             # a stage that is current is skipped without starting a cluster for it

@@ -34,7 +34,9 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +113,7 @@ class Workspace:
         self.fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
         self.fs.makedirs(self.root, exist_ok=True)
         self.fs.makedirs(self.path(MANIFEST_DIR), exist_ok=True)
+        self._removals: list[threading.Thread] | None = None  # see deferred_removals
 
     def __repr__(self) -> str:
         return f"Workspace({self.root!r})"
@@ -195,6 +198,8 @@ class Workspace:
                 if base.startswith(f"{stage}-") and base != f"{stage}-{keep}":
                     log.info(f"[{stage}] removing the work folder of an earlier run: {base}")
                     self._remove(self.path(f"{WORK_DIR}/{base}"))
+                elif base.startswith("trash-"):  # a deletion cut short (or still going:
+                    self._remove(self.path(f"{WORK_DIR}/{base}"))  # two rmtrees do no harm)
         for p in self.fs.ls(self.root, detail=False):
             base = os.path.basename(p.rstrip("/"))
             if base.startswith(".tmp-") and any(base.endswith(f"-{o}") for o in outputs):
@@ -278,6 +283,41 @@ class Workspace:
         return run
 
     # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def deferred_removals(self) -> Iterator[None]:
+        """Within this block, a replaced local output is renamed out of the way at once and
+        deleted in a background thread; leaving the block waits for those deletions.
+
+        ``run_stages`` leaves it after closing its cluster, so deleting the old output of
+        a ``--force`` run (about a second for a 10⁴-file field) overlaps the cluster's
+        shut-down instead of adding to it. The rename is atomic like the removal it
+        replaces; a deletion cut short by a crash leaves a ``.work/trash-*`` folder,
+        which the next run of any stage removes.
+        """
+        outer = self._removals
+        self._removals = [] if outer is None else outer
+        try:
+            yield
+        finally:
+            if outer is None:
+                pending, self._removals = self._removals, None
+                for t in pending:
+                    t.join()
+
+    def _discard(self, p: str) -> None:
+        """Remove an output being replaced: in the background inside
+        :meth:`deferred_removals` (local workspaces), else now."""
+        if self._removals is None or not self.is_local or not os.path.isdir(p):
+            self._remove(p)
+            return
+        trash = self.path(f"{WORK_DIR}/trash-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(os.path.dirname(trash), exist_ok=True)
+        os.rename(p, trash)
+        t = threading.Thread(target=shutil.rmtree, args=(trash,), kwargs={"ignore_errors": True},
+                             name="aether-remove-replaced")
+        t.start()
+        self._removals.append(t)
+
     def _remove(self, p: str) -> None:
         if self.is_local:
             if os.path.isdir(p):
@@ -289,7 +329,7 @@ class Workspace:
 
     def _replace(self, src: str, dst: str) -> None:
         if self.fs.exists(dst):
-            self._remove(dst)
+            self._discard(dst)
         if self.is_local:
             os.replace(src, dst)
             return
