@@ -222,6 +222,10 @@ def run_command(inp: dict, extra: list[str] | None = None) -> dict:
     """``aether-scale infer -w WS --force`` (default settings), timed from outside."""
     exe = Path(sys.executable).with_name("aether-scale")
     cmd = [str(exe), "infer", "-w", inp["workspace"], "--force", *(extra or [])]
+    # a run saves its config in the workspace and the next run without -c starts from it
+    # (a `--set cluster.n_workers=1` tried by hand would stick): removed, so every run
+    # starts from the defaults
+    (Path(inp["workspace"]) / "config.yaml").unlink(missing_ok=True)
     with PeakRSS(interval=1.0) as rss:  # the tree: client, scheduler, workers
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
