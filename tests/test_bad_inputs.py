@@ -328,7 +328,9 @@ def pooled(city, tmp_path_factory) -> tuple[Path, Path]:
 ])
 def test_workers_too_small_for_a_stage_are_refused_before_any_task(pooled, stage, what):
     ws, cfg = pooled
-    res = _cli(stage, "-w", str(ws), "-c", str(cfg), "--force")
+    # infer on a local cluster runs in-process unless told to use the workers
+    extra = ["--set", "infer.scheduler=cluster"] if stage == "infer" else []
+    res = _cli(stage, "-w", str(ws), "-c", str(cfg), "--force", *extra)
     assert res.returncode == 1, res.stderr[-2000:]
     assert what in res.stderr and "cluster.memory_limit" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "KilledWorker" not in res.stderr

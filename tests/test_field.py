@@ -486,6 +486,57 @@ def test_run_infer_stage_with_noaug_and_resume(tmp_path, caplog):
     np.testing.assert_array_equal(open_embedding(ws.path("field.zarr")).values, f)
 
 
+def test_infer_scheduler_follows_the_cluster_kind():
+    from aether_scale.pipeline.registry import infer_in_process, stage
+
+    def cfg(kind, mode="auto", **cl):
+        extra = {"address": "tcp://127.0.0.1:1"} if kind == "address" else {}
+        return load_config(data={"cluster": {"kind": kind, **extra, **cl},
+                                 "infer": {"scheduler": mode}})
+
+    assert infer_in_process(cfg("local")) == 2  # the defaults: 2 workers × 1 thread
+    assert infer_in_process(cfg("local", n_workers=3, threads_per_worker=2)) == 6
+    for kind in ("address", "gateway", "cuda", "threads", "synchronous"):
+        assert infer_in_process(cfg(kind)) is None, kind  # the run's own scheduler
+    assert infer_in_process(cfg("local", "cluster")) is None
+    assert infer_in_process(cfg("address", "threads")) == 2
+    st = stage("infer")
+    assert not st.needs_cluster(cfg("local")) and st.needs_cluster(cfg("local", "cluster"))
+    assert st.needs_cluster(cfg("gateway"))
+
+
+def test_local_kind_infers_in_process_and_on_workers_alike(tmp_path, caplog):
+    """cluster.kind local: infer's tasks run on threads in this process (no cluster is
+    started for it); infer.scheduler cluster sends them to the LocalCluster's worker
+    processes instead. The field is the same bytes either way."""
+    from aether_scale.pipeline import run_stages
+
+    ws = Workspace(str(tmp_path / "ws"))
+    write_tiny_ae(ws.path("ae.zarr"))
+    _put_model(ws, "model", 3)
+    local = {"kind": "local", "n_workers": 2, "memory_limit": "1GiB"}
+    caplog.set_level("INFO")
+    run_stages(["infer"], ws, load_config(data={"cluster": local}))
+    assert "[infer] tasks on 2 threads in this process (cluster.kind local" in caplog.text
+    assert "dask: local cluster" not in caplog.text  # none was started
+    threads_run = Path(ws.path("field.zarr"))
+    files = {str(p.relative_to(threads_run)): p.read_bytes()
+             for p in sorted(threads_run.rglob("*")) if p.is_file()}
+    assert "dask_workers" not in json.load(open(ws.manifest_path("infer")))["stats"]
+    caplog.clear()
+    cfg = load_config(data={"cluster": local, "infer": {"scheduler": "cluster"}})
+    res = run_stages(["infer"], ws, cfg, force=True)
+    assert not res[0].skipped
+    assert "dask: local cluster, 2 workers" in caplog.text
+    assert "in this process" not in caplog.text
+    stats = json.load(open(ws.manifest_path("infer")))["stats"]
+    assert stats["dask_workers"]["workers"] == 2  # measured on the worker processes
+    again = {str(p.relative_to(threads_run)): p.read_bytes()
+             for p in sorted(threads_run.rglob("*")) if p.is_file()}
+    assert again.keys() == files.keys()
+    assert [k for k in files if files[k] != again[k]] == []
+
+
 def test_run_infer_needs_inputs(tmp_path):
     ws = Workspace(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="ingest"):

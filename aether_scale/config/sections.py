@@ -354,6 +354,12 @@ class InferSection(Section):
     threads: int | None = Field(
         None, ge=1, description="torch threads per task thread; default 1 (dask runs the tasks)"
     )
+    scheduler: Literal["auto", "cluster", "threads"] = Field(
+        "auto", description="where the field's tasks run: cluster (the run's dask cluster), "
+        "threads (this process, cluster.n_workers × threads_per_worker threads), or auto: "
+        "threads when cluster.kind is local (worker processes would only add start-up: each "
+        "task holds one chunk, so no worker memory limit is needed), else cluster"
+    )
     precision: Literal["float32", "bfloat16"] = Field(
         "float32", description="projector GEMMs; bfloat16 ≈2× faster on AVX512-BF16 CPUs"
     )

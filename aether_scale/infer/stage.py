@@ -31,6 +31,7 @@ from ..config import InferSection
 from ..devices import bf16_problem, resolve_device
 from ..logs import get_logger
 from ..pipeline import ARTIFACTS
+from ..pipeline.registry import infer_in_process
 from ..stores import field as field_store
 from ..stores.raster import count_retries, ledger_folder, open_embedding, raster_crs, write_chunks
 from ..workspace import stable_hash
@@ -261,15 +262,28 @@ def _call(region: InTask, kw: dict[str, Any]) -> tuple[np.ndarray | None, dict]:
 
 def build(ctx) -> dict[str, Any]:
     """The ``infer`` stage: ``ae.zarr`` + every model → one field each (resumes per chunk)."""
+    import contextlib
+
+    import dask
+
     model, field = ARTIFACTS["model"], ARTIFACTS["field.zarr"]
     stats: dict[str, Any] = {}
-    for name in ctx.plan.outputs:
-        v = field.variant_of(name) or ""
-        src = ctx.reads[model.variant(v)]
-        ctx.log.info(f"[infer] {model.variant(v)}/ → {name}")
-        stats[name] = infer_field(ctx.reads["ae.zarr"], src, ctx.outputs[name], ctx.cfg.infer,
-                                  storage_options=ctx.storage_options,
-                                  ledger=ctx.ledger_path(name))
+    threads = infer_in_process(ctx.cfg)
+    scope: Any = contextlib.nullcontext()
+    if threads is not None:  # the run opened no cluster for this stage (registry)
+        how = ("infer.scheduler: threads" if ctx.cfg.infer.scheduler == "threads" else
+               "cluster.kind local: its worker processes would add start-up only; "
+               "infer.scheduler: cluster uses them")
+        ctx.log.info(f"[infer] tasks on {threads} threads in this process ({how})")
+        scope = dask.config.set(scheduler="threads", num_workers=threads)
+    with scope:
+        for name in ctx.plan.outputs:
+            v = field.variant_of(name) or ""
+            src = ctx.reads[model.variant(v)]
+            ctx.log.info(f"[infer] {model.variant(v)}/ → {name}")
+            stats[name] = infer_field(ctx.reads["ae.zarr"], src, ctx.outputs[name],
+                                      ctx.cfg.infer, storage_options=ctx.storage_options,
+                                      ledger=ctx.ledger_path(name))
     return stats
 
 
