@@ -133,6 +133,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": _cpu_model(),
+        "cpu": _cpu_features(),
         "cpu_count_logical": psutil.cpu_count(logical=True),
         "cpu_count_physical": psutil.cpu_count(logical=False),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -153,6 +154,32 @@ def machine_info() -> dict[str, Any]:
         versions[mod] = str(getattr(m, "__version__", "?"))
     info["versions"] = versions
     return info
+
+
+def _cpu_features() -> dict[str, Any]:
+    """The CPU's family/model and the vector extensions the kernels' speed depends on
+    (one VM name, e.g. "AMD EPYC", covers machines from AVX2-only to AVX-512 + BF16)."""
+    out: dict[str, Any] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        return out
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    for k in ("vendor_id", "cpu family", "model", "stepping"):
+        if k in fields:
+            out[k.replace(" ", "_")] = fields[k]
+    flags = set(fields.get("flags", "").split())
+    out["flags"] = sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
+                                   "amx_bf16", "amx_tile", "f16c"})
+    try:
+        import torch
+
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - torch absent or too old
+        pass
+    return out
 
 
 def _cpu_model() -> str:

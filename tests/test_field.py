@@ -505,6 +505,41 @@ def test_infer_scheduler_follows_the_cluster_kind():
     assert st.needs_cluster(cfg("gateway"))
 
 
+_FAULTS = """
+import json, resource, torch
+from aether_scale.infer.models import keep_activations_on_the_heap
+def faults():
+    x, w = torch.randn(2048, 64), torch.randn(64, 384)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(50):
+        (x @ w).relu_()  # a 3 MiB activation, freed at once, as in each projector batch
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+a = faults()
+tuned = keep_activations_on_the_heap()
+faults()
+print(json.dumps({"before": a, "after": faults(), "tuned": tuned}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_worker_processes_reuse_activations_instead_of_faulting_them_in():
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_ for its workers, which turns each freed
+    activation into an munmap and each new one into fresh page faults; infer's tasks
+    raise glibc's thresholds there (and leave other processes alone)."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
+                         text=True, check=True)
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["before"] > 50 * 500  # 768 pages per 3 MiB activation, every time
+    assert got["after"] < 1000 and got["tuned"] == [8 * 2**20, 32 * 2**20]
+    env.pop("MALLOC_TRIM_THRESHOLD_")
+    run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
+                         text=True, check=True)
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["tuned"] is None and got["after"] < 1000  # glibc adapts by itself
+
+
 def test_local_kind_infers_in_process_and_on_workers_alike(tmp_path, caplog):
     """cluster.kind local: infer's tasks run on threads in this process (no cluster is
     started for it); infer.scheduler cluster sends them to the LocalCluster's worker

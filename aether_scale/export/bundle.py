@@ -338,7 +338,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
             card["onnx"]["ae_projector"] = _export_onnx(
                 _NormalisedAE(ae), os.path.join(tmp, AE_ONNX), "ae", _ae_sample(a["in_dim"]),
                 {**props, "input": "de-quantised AE values (not normalised; nodata: NaN)"},
-                reference=lambda x: ae(F.normalize(x, dim=1)))  # infer.kernel's unfused path
+                reference=lambda x: ae(F.normalize(x, dim=1)))  # what infer.kernel computes
             t = torch.from_numpy(np.random.default_rng(1).standard_normal((1025, td["in_dim"])))
             card["onnx"]["text_projector"] = _export_onnx(
                 txt, os.path.join(tmp, TEXT_ONNX), "text", F.normalize(t.float(), dim=1).numpy(),

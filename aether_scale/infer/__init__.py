@@ -2,8 +2,8 @@
 
 The AETHER *field* is the projector f_θ applied to every AlphaEarth pixel (DESIGN.md,
 "inference"): :mod:`.stage` (one resumable task per field chunk, :func:`infer_field`),
-:mod:`.kernel` (the fused, allocation-free projector, :func:`project_pixels`) and
-:mod:`.models` (the model shipped once per worker). The store is
+:mod:`.kernel` (the projector over a chunk's pixels in cache-sized batches,
+:func:`project_pixels`) and :mod:`.models` (the model shipped once per worker). The store is
 :mod:`aether_scale.stores.field`. Benchmark: ``benchmarks/bench_infer.py``.
 """
 

@@ -42,6 +42,7 @@ from .models import (
     _cached_model,
     _model_payload,
     _set_threads,
+    keep_activations_on_the_heap,
     seed_cache,
 )
 
@@ -72,6 +73,7 @@ def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixel
     its valid-pixel count)."""
     block = region.read()
     _set_threads(threads)
+    keep_activations_on_the_heap()
     dev = str(resolve_device(device, key="infer.device"))
     model = _cached_model(key, payload, dev)
     by, bx, nb = block.shape
