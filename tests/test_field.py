@@ -531,13 +531,15 @@ def test_worker_processes_reuse_activations_instead_of_faulting_them_in():
     run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
                          text=True, check=True)
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["before"] > 50 * 500  # 768 pages per 3 MiB activation, every time
-    assert got["after"] < 1000 and got["tuned"] == [8 * 2**20, 32 * 2**20]
+    every_time = 50 * 768  # 768 pages per 3 MiB activation
+    assert got["before"] > 0.6 * every_time
+    # after: the heap is reused (a fresh clone's run saw 1,536 faults: two activations)
+    assert got["after"] < 0.1 * every_time and got["tuned"] == [8 * 2**20, 32 * 2**20]
     env.pop("MALLOC_TRIM_THRESHOLD_")
     run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
                          text=True, check=True)
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["tuned"] is None and got["after"] < 1000  # glibc adapts by itself
+    assert got["tuned"] is None and got["after"] < 0.1 * every_time  # glibc adapts itself
 
 
 def test_local_kind_infers_in_process_and_on_workers_alike(tmp_path, caplog):

@@ -298,8 +298,12 @@ def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
     cy, cx, cb = chunk_shape(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
     fy, fx = field_chunk(cy, cfg.chunk_px), field_chunk(cx, cfg.chunk_px)
     per_px = 2 if cfg.dtype == "float16" else 1
+    from .models import HEAP_TRIM_THRESHOLD
+
     return (["aether_scale.infer.stage", "torch"],
             [(f"an ae.zarr chunk of {cy}×{cx} px", int(1.5 * cy * cx * cb)),
              (f"a field chunk of {fy}×{fx} px", 2 * fy * fx * 128 * per_px),
-             (f"batches of {cfg.batch_pixels:,} px", cfg.batch_pixels * 1024 * 4)],
+             (f"batches of {cfg.batch_pixels:,} px", cfg.batch_pixels * 1024 * 4),
+             # what keep_activations_on_the_heap lets glibc keep for the next batch
+             ("free heap kept between batches", HEAP_TRIM_THRESHOLD)],
             "lower infer.chunk_px or infer.batch_pixels")
