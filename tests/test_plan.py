@@ -120,6 +120,20 @@ def test_more_workers_never_cost_more(city):
             assert ws[-1] >= s.floor(plan.cal) - 1e-9
 
 
+def test_infer_in_the_client_pays_no_worker_import(city):
+    """cluster.kind local runs infer's tasks in the client (infer.scheduler auto): the
+    plan charges its workers no torch import there, and does with scheduler cluster."""
+    def cfg(scheduler):
+        over = {"cluster": {"kind": "local"}, "infer": {"scheduler": scheduler}}
+        return load_config(data=deep_merge(city["cfg"].model_dump(), over))
+
+    local, on_workers = (_plan(cfg(s), workers=WORKERS) for s in ("auto", "cluster"))
+    a, b = _stage(local, "infer"), _stage(on_workers, "infer")
+    assert "worker_torch_import_s" not in a.figures and "worker_torch_import_s" in b.figures
+    assert b.per_worker_s - a.per_worker_s == pytest.approx(
+        local.cal["worker_torch_import_s"])
+
+
 def test_national_example():
     cfg = load_config("national")
     syn = SyntheticInputs(area_km2=230_000, pois=4_000_000, luc_points=100_000,

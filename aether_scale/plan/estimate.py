@@ -494,6 +494,10 @@ def estimate(cfg: RunConfig, inp: PlanInputs, cal: Calibration, *, workers: list
     if processes:  # fresh worker processes import each stack once, at its first stage
         first = {"ingest": cal["worker_import_s"], "pois": cal["worker_geo_import_s"],
                  "infer": cal["worker_torch_import_s"]}
+        from ..pipeline.registry import infer_in_process
+
+        if infer_in_process(cfg) is not None:  # infer's tasks run in the client
+            del first["infer"]
         for s in stages:
             if s.tasks and s.stage in first:
                 s.per_worker_s += first[s.stage]
