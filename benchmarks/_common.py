@@ -160,13 +160,9 @@ def _cpu_features() -> dict[str, Any]:
     """The CPU's family/model and the vector extensions the kernels' speed depends on
     (one VM name, e.g. "AMD EPYC", covers machines from AVX2-only to AVX-512 + BF16)."""
     out: dict[str, Any] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read().split("\n\n")[0]
-    except OSError:
+    fields = _cpuinfo()
+    if not fields:
         return out
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
     for k in ("vendor_id", "cpu family", "model", "stepping"):
         if k in fields:
             out[k.replace(" ", "_")] = fields[k]
@@ -182,15 +178,19 @@ def _cpu_features() -> dict[str, Any]:
     return out
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            text = f.read().split("\n\n")[0]
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return {}
+    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or "unknown"
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:

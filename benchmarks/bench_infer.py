@@ -246,6 +246,16 @@ def run_command(inp: dict, extra: list[str] | None = None) -> dict:
             "log_tail": (proc.stderr or proc.stdout).strip().splitlines()[-4:], **rss.as_dict()}
 
 
+def best_command(inp: dict, repeats: int, extra: list[str] | None = None
+                 ) -> tuple[dict, list[dict]]:
+    """``repeats`` runs of :func:`run_command`: the fastest (with every run's seconds in
+    ``all_seconds``) and all of them."""
+    runs = [run_command(inp, extra) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    best["all_seconds"] = [r["seconds"] for r in runs]
+    return best, runs
+
+
 def _stage_stats(man: dict) -> dict:
     """The field's statistics from the infer manifest (wherever the stage put them)."""
     def find(o):
@@ -453,9 +463,7 @@ def main() -> None:
     Path(ref_tif).unlink(missing_ok=True)
     print(f"reference: {ref['seconds']} s, {ref['pixels_per_s']:,.0f} px/s")
 
-    runs = [run_command(inp) for _ in range(args.repeats)]
-    ours = min(runs, key=lambda r: r["seconds"])
-    ours["all_seconds"] = [r["seconds"] for r in runs]
+    ours, runs = best_command(inp, args.repeats)
     print(f"ours (whole command): {ours['all_seconds']} s → {ours['pixels_per_s']:,.0f} px/s; "
           f"stage {ours['stage'].get('pixels_per_s')}")
 
@@ -472,10 +480,7 @@ def main() -> None:
     from aether_scale.devices import bf16_problem
 
     if bf16_problem(__import__("torch").device("cpu"), "infer.precision") is None:
-        runs16 = [run_command(inp, ["--set", "infer.precision=bfloat16"])
-                  for _ in range(args.repeats)]
-        ours16 = min(runs16, key=lambda r: r["seconds"])
-        ours16["all_seconds"] = [r["seconds"] for r in runs16]
+        ours16, _ = best_command(inp, args.repeats, ["--set", "infer.precision=bfloat16"])
         print(f"ours, bfloat16 (whole command): {ours16['all_seconds']} s → "
               f"{ours16['pixels_per_s']:,.0f} px/s")
 
