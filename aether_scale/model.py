@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemm import Linear
+
 FORMAT = "aether_scale/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 LAST_NAME = "last.pt"
@@ -121,7 +123,9 @@ class AEProj(nn.Module):
     layer's width (always 256 in the reference), ``hidden_dim`` the post-MLP's (the
     reference's ``hidden``), ``use_gate=False`` drops the gate (``h = proj(x) +
     shortcut(x)``), and the shortcut is the identity when ``in_dim == out_dim``. The
-    reference trains with no dropout (``p_drop=0.0``), the default here too.
+    reference trains with no dropout (``p_drop=0.0``), the default here too. Its
+    layers are :class:`aether_scale.gemm.Linear` (``nn.Linear`` with its float32 CPU
+    products through oneDNN).
     """
 
     def __init__(
@@ -139,17 +143,17 @@ class AEProj(nn.Module):
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
         self.proj_dim, self.use_gate = proj_dim, bool(use_gate)
         self.proj = nn.Sequential(
-            nn.Linear(in_dim, proj_dim), nn.ReLU(), nn.Linear(proj_dim, out_dim)
+            Linear(in_dim, proj_dim), nn.ReLU(), Linear(proj_dim, out_dim)
         )
-        self.shortcut: nn.Module = (nn.Linear(in_dim, out_dim) if in_dim != out_dim
+        self.shortcut: nn.Module = (Linear(in_dim, out_dim) if in_dim != out_dim
                                     else nn.Identity())
         if self.use_gate:
             self.gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.post_mlp = nn.Sequential(
-            nn.Linear(out_dim, hidden_dim),
+            Linear(out_dim, hidden_dim),
             nn.GELU(),
             Dropout(dropout),
-            nn.Linear(hidden_dim, out_dim),
+            Linear(hidden_dim, out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +186,7 @@ class TextProj(nn.Module):
     def __init__(self, in_dim: int = 384, out_dim: int = 128) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.proj = Linear(in_dim, out_dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Project ``t`` (n, in_dim) to L2-normalised (n, out_dim)."""

@@ -14,7 +14,8 @@ checkpoint when ``../shared/data`` is present, else a seeded random ``AEProj``):
 - ``gemm_floor``: the projector's matrix products alone (``x·W`` of its four
   GEMMs, the first layer and shortcut as one, float32, the product's batch size)
   on the same valid pixels, in as many single-thread processes as the command
-  has worker threads, all at once; ``ours / floor`` is the fraction reached.
+  has worker threads, all at once, through torch's BLAS path and through oneDNN;
+  the faster is the floor, and ``ours / floor`` is the fraction reached.
 - ``scheduler_ab``: the stage in-process on the command's threads (the default for
   ``cluster.kind: local``) against the same stage on a LocalCluster's worker processes
   (what a remote cluster's workers run). Until 2026-12-02 this was an A/B of a
@@ -22,6 +23,8 @@ checkpoint when ``../shared/data`` is present, else a seeded random ``AEProj``):
   gave 1.035× and 1.077× in-process, short of the 1.15× that kept it, so it was removed.
 - ``ours_bfloat16``: the whole command with ``infer.precision: bfloat16``, where this
   CPU has native bf16 (AVX512-BF16 or AMX).
+- ``ours_blas``: the whole default command with ``AETHER_CPU_GEMM=blas``: its float32
+  products on torch's BLAS path (MKL's sgemm) instead of oneDNN (``aether_scale.gemm``).
 - ``parts``: where a task's time goes, measured on one chunk in this process
   (1 thread): verified AE read, projection (decode → normalise → GEMMs →
   float16), compression + write of the Zarr chunks.
@@ -223,7 +226,8 @@ def fallback_reference(inp: dict, out_tif: str) -> dict:
 
 
 # --------------------------------------------------------------------------- ours
-def run_command(inp: dict, extra: list[str] | None = None) -> dict:
+def run_command(inp: dict, extra: list[str] | None = None, env: dict[str, str] | None = None
+                ) -> dict:
     """``aether-scale infer -w WS --force`` (default settings), timed from outside."""
     exe = Path(sys.executable).with_name("aether-scale")
     cmd = [str(exe), "infer", "-w", inp["workspace"], "--force", *(extra or [])]
@@ -233,7 +237,7 @@ def run_command(inp: dict, extra: list[str] | None = None) -> dict:
     (Path(inp["workspace"]) / "config.yaml").unlink(missing_ok=True)
     with PeakRSS(interval=1.0) as rss:  # the tree: client, scheduler, workers
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
         secs = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -241,16 +245,17 @@ def run_command(inp: dict, extra: list[str] | None = None) -> dict:
         if (Path(inp["workspace"]) / "manifests" / "infer.json").exists() else {}
     stage = _stage_stats(man)
     px = inp["width"] * inp["height"]
-    return {"command": " ".join(["aether-scale", *cmd[1:]]), "seconds": round(secs, 2),
+    return {"command": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), "aether-scale",
+                                 *cmd[1:]]), "seconds": round(secs, 2),
             "pixels": px, "pixels_per_s": round(px / secs, 1), "stage": stage,
             "log_tail": (proc.stderr or proc.stdout).strip().splitlines()[-4:], **rss.as_dict()}
 
 
-def best_command(inp: dict, repeats: int, extra: list[str] | None = None
-                 ) -> tuple[dict, list[dict]]:
+def best_command(inp: dict, repeats: int, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
     """``repeats`` runs of :func:`run_command`: the fastest (with every run's seconds in
     ``all_seconds``) and all of them."""
-    runs = [run_command(inp, extra) for _ in range(repeats)]
+    runs = [run_command(inp, extra, env) for _ in range(repeats)]
     best = min(runs, key=lambda r: r["seconds"])
     best["all_seconds"] = [r["seconds"] for r in runs]
     return best, runs
@@ -272,42 +277,60 @@ def _stage_stats(man: dict) -> dict:
                                    "dtype", "precision")}
 
 
-def _gemm_worker(n_px: int, batch: int, seed: int, start, q) -> None:
+def _gemm_worker(n_px: int, batch: int, seed: int, backend: str, start, q) -> None:
     import torch
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(seed)
     shapes = [(64, 384), (256, 128), (128, 256), (256, 128)]  # [W1;Ws], W2, W3, W4
     ws = [torch.randn(k, m, generator=g) for k, m in shapes]
+    wts = [w.t().contiguous() for w in ws]  # (out, in): a Linear's weight, oneDNN's layout
     bs = [torch.randn(m, generator=g) for _, m in shapes]
     xs = [torch.randn(batch, k, generator=g) for k, _ in shapes]
     outs = [torch.empty(batch, m) for _, m in shapes]
-    for x, w, b, o in zip(xs, ws, bs, outs, strict=True):  # warm-up
-        torch.addmm(b, x, w, out=o)
+    if backend == "onednn":
+        lp = torch.ops.mkldnn._linear_pointwise
+        run = lambda: [lp(x, wt, b, "none", [], "") for x, wt, b in zip(xs, wts, bs, strict=True)]  # noqa: E731
+    else:
+        run = lambda: [torch.addmm(b, x, w, out=o) for x, w, b, o in zip(xs, ws, bs, outs, strict=True)]  # noqa: E731
+    run()  # warm-up
     start.wait()  # all processes start together
     t = time.perf_counter()
     for _ in range(-(-n_px // batch)):
-        for x, w, b, o in zip(xs, ws, bs, outs, strict=True):
-            torch.addmm(b, x, w, out=o)
+        run()
     q.put(time.perf_counter() - t)
 
 
-def gemm_floor(n_px: int, procs: int, batch: int) -> dict:
-    """Seconds for the projector's GEMMs alone over ``n_px`` pixels split over ``procs``
-    single-thread processes running at once (the command's worker threads)."""
+def _gemm_time(n_px: int, procs: int, batch: int, backend: str) -> float:
     ctx = mp.get_context("spawn")
     start, q = ctx.Barrier(procs), ctx.Queue()
-    ps = [ctx.Process(target=_gemm_worker, args=(-(-n_px // procs), batch, i, start, q))
+    ps = [ctx.Process(target=_gemm_worker, args=(-(-n_px // procs), batch, i, backend, start, q))
           for i in range(procs)]
     for p in ps:
         p.start()
     secs = max(q.get(timeout=600) for _ in ps)
     for p in ps:
         p.join()
+    return secs
+
+
+def gemm_floor(n_px: int, procs: int, batch: int) -> dict:
+    """Seconds for the projector's GEMMs alone over ``n_px`` pixels split over ``procs``
+    single-thread processes running at once (the command's worker threads), through
+    torch's BLAS path (``addmm``: MKL's sgemm) and through oneDNN (what
+    :mod:`aether_scale.gemm` uses); the floor is the faster of the two."""
+    import torch
+
+    times = {"blas": _gemm_time(n_px, procs, batch, "blas")}
+    if torch.backends.mkldnn.is_available():
+        times["onednn"] = _gemm_time(n_px, procs, batch, "onednn")
+    best = min(times, key=times.get)
+    secs = times[best]
     flop = n_px * 2 * (64 * 384 + 256 * 128 + 128 * 256 + 256 * 128)
     return {"pixels": n_px, "processes": procs, "threads_each": 1, "batch_pixels": batch,
             "seconds": round(secs, 3), "pixels_per_s": round(n_px / secs, 1),
-            "gflop_per_s": round(flop / secs / 1e9, 1)}
+            "gflop_per_s": round(flop / secs / 1e9, 1), "backend": best,
+            "seconds_by_backend": {k: round(v, 3) for k, v in times.items()}}
 
 
 def scheduler_ab(inp: dict, workers: int, repeats: int) -> dict:
@@ -484,6 +507,12 @@ def main() -> None:
         print(f"ours, bfloat16 (whole command): {ours16['all_seconds']} s → "
               f"{ours16['pixels_per_s']:,.0f} px/s")
 
+    # the A/B of aether_scale.gemm: the same default command, float32 products on torch's
+    # BLAS path (MKL's sgemm) instead of oneDNN
+    ours_blas, _ = best_command(inp, args.repeats, env={"AETHER_CPU_GEMM": "blas"})
+    print(f"ours, AETHER_CPU_GEMM=blas (whole command): {ours_blas['all_seconds']} s → "
+          f"{ours_blas['pixels_per_s']:,.0f} px/s")
+
     frac_cmd = floor["seconds"] / ours["seconds"]
     frac_stage = floor["seconds"] / ours["stage"]["seconds"] if ours["stage"].get("seconds") else None
     command = "python benchmarks/bench_infer.py" + (" --reference PATH" if args.reference else "")
@@ -500,6 +529,11 @@ def main() -> None:
     ]
     summary += stage_rows(ours, ref, floor, origin, ref_name, command) + ab_rows(ab, command)
     summary += bf16_rows(ours16, ref, origin, ref_name, command)
+    summary.append(ratio_row(
+        stage="infer", metric="whole command, float32 products through oneDNN vs torch's "
+        "BLAS path", ours=ours["pixels_per_s"], baseline=ours_blas["pixels_per_s"], unit="px/s",
+        baseline_name="the same command with AETHER_CPU_GEMM=blas", origin={"kind": "ours"},
+        ours_what="default (oneDNN)", command=command))
     result = {
         "benchmark": "field inference: the whole infer command vs the reference's script",
         "machine": machine_info(),
@@ -513,6 +547,7 @@ def main() -> None:
         "task_parts": part,
         "scheduler_ab": ab,
         "ours_bfloat16": ours16,
+        "ours_blas": ours_blas,
         "summary": summary,
     }
     path = write_result("infer", result)

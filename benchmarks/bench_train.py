@@ -311,6 +311,10 @@ def run_reference(store: str, *, epochs: int, max_steps: int | None, device: tor
 
 
 # ----------------------------------------------------------------------------- GEMM floor
+def _onednn_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
+
 def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps: int = 50) -> dict:
     """Seconds per epoch spent in the matrix products of one step alone, per precision.
 
@@ -318,8 +322,9 @@ def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps
     the projector, the text head, the loss's logits and its two backward products;
     forward, input- and weight-gradients) back to back on hot caches — a lower
     bound for any implementation of the same model on this device. ``bfloat16``
-    runs the projector GEMMs and the loss's backward GEMMs in bf16 and the logits
-    in float32, as ``train.precision: bfloat16`` does.
+    runs them all with bf16 operands, as ``train.precision: bfloat16`` does.
+    float32 on the CPU is timed through torch's BLAS path (``mm``: MKL's sgemm) and
+    through oneDNN (what :mod:`aether_scale.gemm` uses); the floor is the faster.
     """
     n, b = 1024, 512
 
@@ -331,19 +336,11 @@ def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps
             (r(n, 128), r(128, 256)), (r(n, 256), r(256, 128)), (r(n, 128), r(128, 256)),  # input grads
             (r(128, n), r(n, 256)), (r(256, n), r(n, 128)), (r(128, n), r(n, 256)),
             (r(384, n), r(n, 64)), (r(128, b), r(b, 384)),                  # weight grads
+            (r(b, 128), r(128, 2 * b)),                                     # the loss's logits
+            (r(b, 2 * b), r(2 * b, 128)), (r(128, b), r(b, 2 * b)),         # and its backward
         ]
 
-    def loss_mats(dt: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        r = lambda *shape, d=dt: torch.randn(*shape, dtype=d, device=device)  # noqa: E731
-        return [(r(b, 128, d=torch.float32), r(128, 2 * b, d=torch.float32)),  # logits, float32
-                (r(b, 2 * b), r(2 * b, 128)), (r(128, b), r(b, 2 * b))]         # backward
-
-    out: dict = {}
-    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        if dt == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            out[name] = "not timed: no native bf16 GEMMs on this CPU (train runs float32 GEMMs)"
-            continue
-        pairs = mats(dt) + loss_mats(dt)
+    def timed(pairs, product) -> float:
         best = math.inf
         for _ in range(rounds):
             if device.type == "cuda":
@@ -351,13 +348,30 @@ def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps
             t0 = time.perf_counter()
             for _ in range(reps):
                 for a, m in pairs:
-                    torch.mm(a, m)
+                    product(a, m)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, (time.perf_counter() - t0) / reps)
+        return best
+
+    out: dict = {}
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if dt == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            out[name] = "not timed: no native bf16 GEMMs on this CPU (train runs float32 GEMMs)"
+            continue
+        pairs = mats(dt)
+        by = {"blas": timed(pairs, torch.mm)}
+        if dt == torch.float32 and device.type == "cpu" and torch.backends.mkldnn.is_available():
+            # a·m as oneDNN's a·(mᵀ)ᵀ, with mᵀ laid out once as a Linear's weight
+            tpairs = [(a, m.t().contiguous()) for a, m in pairs]
+            by["onednn"] = timed(tpairs, _onednn_product)
+        fastest = min(by, key=by.get)
+        best = by[fastest]
         flops = sum(2 * a.shape[0] * a.shape[1] * m.shape[1] for a, m in pairs)
         out[name] = {"ms_per_step": round(best * 1e3, 3), "s_per_epoch": round(best * steps_per_epoch, 3),
-                     "gflop_per_step": round(flops / 1e9, 3), "gflop_per_s": round(flops / best / 1e9, 1)}
+                     "gflop_per_step": round(flops / 1e9, 3), "gflop_per_s": round(flops / best / 1e9, 1),
+                     "backend": fastest,
+                     "ms_per_step_by_backend": {k: round(v * 1e3, 3) for k, v in by.items()}}
     return out
 
 
@@ -371,7 +385,8 @@ def _train_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]
 
 
-def run_command(ws: Path, sets: list[str], epochs: int, tag: str) -> dict:
+def run_command(ws: Path, sets: list[str], epochs: int, tag: str,
+                env: dict[str, str] | None = None) -> dict:
     """``aether-scale train -w ws --force --set train.epochs=<epochs> --set …``: wall seconds,
     the per-epoch losses it printed, its process tree's peak (a started cluster shows)."""
     argv = [*_train_command(), "train", "-w", str(ws), "--force",
@@ -382,7 +397,8 @@ def run_command(ws: Path, sets: list[str], epochs: int, tag: str) -> dict:
     (ws / "config.yaml").unlink(missing_ok=True)
     t0, c0 = time.perf_counter(), _cpu_seconds()
     with PeakRSS() as rss, open(log, "w") as f:
-        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}).returncode
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     text = log.read_text()
     if rc != 0:
@@ -417,11 +433,15 @@ def logged_steady(log: str | Path) -> dict:
 
 
 #: (row, extra --set values): ``default`` is the command as shipped (main model + noaug)
-COMMAND_ROWS: tuple[tuple[str, list[str]], ...] = (
-    ("default", []),
-    ("float32", ["train.variants={}"]),
-    ("bfloat16", ["train.variants={}", "train.precision=bfloat16"]),
-    ("streaming", ["train.variants={}", "train.in_memory=never"]),
+#: (row, --set values, extra environment)
+COMMAND_ROWS: tuple[tuple[str, list[str], dict[str, str]], ...] = (
+    ("default", [], {}),
+    ("float32", ["train.variants={}"], {}),
+    ("bfloat16", ["train.variants={}", "train.precision=bfloat16"], {}),
+    ("streaming", ["train.variants={}", "train.in_memory=never"], {}),
+    # the same float32 command with its float32 products on torch's BLAS path (MKL's sgemm)
+    # instead of oneDNN: the A/B of aether_scale.gemm
+    ("float32-blas", ["train.variants={}"], {"AETHER_CPU_GEMM": "blas"}),
 )
 
 
@@ -431,18 +451,18 @@ def measure_command(ws: Path, rows: list[str]) -> dict:
     timed runs (else the first compiles cold and the difference is meaningless: −2.56
     s/epoch for bfloat16 on 2026-12-02). A user's first run pays the compilation once."""
     out = {}
-    for name, sets in COMMAND_ROWS:
+    for name, sets, env in COMMAND_ROWS:
         if name not in rows:
             continue
-        run_command(ws, sets, 1, f"{name}-warmup")
-        one = run_command(ws, sets, 1, name)
-        three = run_command(ws, sets, 3, name)
+        run_command(ws, sets, 1, f"{name}-warmup", env)
+        one = run_command(ws, sets, 1, name, env)
+        three = run_command(ws, sets, 3, name, env)
         per = (three["wall_s"] - one["wall_s"]) / 2
         cpu_per = (three["cpu_s"] - one["cpu_s"]) / 2
         models = 1 if "train.variants={}" in sets else 1 + len(TrainSection().variants)
         out[name] = {"s_per_epoch": round(per, 3), "cpu_s_per_epoch": round(cpu_per, 3),
                      "models_per_epoch": models, "logged": logged_steady(three["log"]),
-                     "sets": sets, "epochs_1": one, "epochs_3": three}
+                     "sets": sets, "env": env, "epochs_1": one, "epochs_3": three}
         print(f"command {name}: 1 epoch {one['wall_s']:.1f} s, 3 epochs {three['wall_s']:.1f} s "
               f"→ {per:.2f} s/epoch ({models} model(s)); losses {three['losses']}")
     return out
@@ -509,7 +529,7 @@ def main() -> None:
                     help="torch threads for the in-process A/B (default: chosen once, as train does)")
     ap.add_argument("--chunk-rows", type=int, default=65_536)
     ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--command-rows", default=",".join(r for r, _ in COMMAND_ROWS),
+    ap.add_argument("--command-rows", default=",".join(r for r, _, _ in COMMAND_ROWS),
                     help="command rows to time (comma-separated; '' for none)")
     ap.add_argument("--kernels", default="autograd,compile",
                     help="train.kernels values for the A/B ('' for none)")
@@ -594,6 +614,13 @@ def main() -> None:
             unit="s/epoch", origin={"kind": "ours"}, higher_is_better=False,
             baseline_name="the same command in memory", required=round(1 / 1.15, 3),
             ours_what="train.in_memory=never", command=how))
+    if "float32-blas" in cmd and "float32" in cmd:
+        summary.append(ratio_row(
+            stage="train", metric="float32 products through oneDNN vs torch's BLAS path "
+            "(`aether-scale train`, float32)", ours=cmd["float32"]["s_per_epoch"],
+            baseline=cmd["float32-blas"]["s_per_epoch"], unit="s/epoch", origin={"kind": "ours"},
+            higher_is_better=False, baseline_name="the same command with AETHER_CPU_GEMM=blas",
+            ours_what="default (oneDNN)", command=how))
     requirements = {}
     for name, limit in targets.items():
         if name in cmd:

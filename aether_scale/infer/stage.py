@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .. import gemm
 from ..cluster import InTask, active_client
 from ..config import InferSection
 from ..devices import bf16_problem, resolve_device
@@ -68,7 +69,7 @@ def field_chunk(ae_chunk: int, requested: int | None = None) -> int:
 
 def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixels: int,
                  out_dtype: str, device: str, threads: int, precision: str
-                 ) -> tuple[np.ndarray | None, dict[str, int]]:
+                 ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """One field chunk from its AE region: (field block or None when no pixel is valid,
     its valid-pixel count)."""
     block = region.read()
@@ -86,7 +87,10 @@ def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixel
         raise ValueError(f"the projector produced non-finite values for {bad:,} of "
                          f"{n:,} valid pixels (model {key}): its weights may have diverged; "
                          "retrain (a lower train.lr), or check the model folder")
-    return out.reshape(by, bx, out.shape[1]), {"valid": n}
+    rec: dict[str, Any] = {"valid": n}
+    if dev == "cpu" and precision == "float32":  # which path its float32 products took
+        rec["cpu_gemm"] = gemm.backend()
+    return out.reshape(by, bx, out.shape[1]), rec
 
 
 def _check_workers_device(client: Any, device: str) -> None:
@@ -241,6 +245,8 @@ def infer_field(
         "dim": out_dim,
         "dtype": cfg.dtype,
         "precision": cfg.precision,
+        # torch's BLAS or oneDNN for float32 CPU products, as the tasks reported it
+        "cpu_gemm": sorted({r["cpu_gemm"] for r in records.values() if r.get("cpu_gemm")}) or None,
         "chunks": [cy, cx],
         "read_chunks": [ry, rx],
         "n_chunks": n_chunks,

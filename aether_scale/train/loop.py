@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import gemm
 from ..config import TrainSection
 from ..config.sections import TRAIN_LEGACY_DEFAULTS
 from ..devices import choose_threads, resolve_device
@@ -321,7 +322,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
 
         model = DDP(heads, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=cfg.use_aug,
-                         rank=shard.rank, world_size=shard.world_size, grad_dtype=gemm_dtype)
+                         rank=shard.rank, world_size=shard.world_size, gemm_dtype=gemm_dtype)
     scale = float(shard.world_size)
     say(f"[train] {n_rows:,} triplets ({store.n:,} in store) · {kind} · {device} {cfg.precision} · "
         f"kernels {kernels} · "
@@ -339,6 +340,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         "loader": kind,
         "kernels": kernels,
         "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
+        # float32 CPU products: torch's BLAS path or oneDNN (aether_scale.gemm)
+        "cpu_gemm": gemm.backend() if device.type == "cpu" else None,
         "steps_per_epoch": steps,
     }
 

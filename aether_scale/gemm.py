@@ -1,0 +1,161 @@
+"""Float32 matrix products on the CPU through oneDNN, where torch's own path is slower.
+
+torch's CPU build sends a float32 ``mm``/``addmm``/``linear`` to MKL's ``sgemm``; its
+bfloat16 products already go to oneDNN. On AMD CPUs MKL does not use AVX-512, and on
+the 2-core Zen 5 benchmark machine (AVX-512) oneDNN's float32 matmul ran the
+projector's and the loss's shapes at 2.0–3.2× MKL's speed (404 vs 197 GFLOP/s over
+the six forward shapes of one training step; ``benchmarks/bench_train.py`` and
+``bench_infer.py`` record the same-run A/B). Same math, same float32 arithmetic:
+only the summation order inside each dot product differs (|Δ| ~ 1e-6 relative).
+
+- :func:`mm_nt` ``(a, b) → a·bᵀ`` (b in the layout of a Linear's weight) and
+  :class:`Linear` (an ``nn.Linear`` whose float32 CPU forward and backward use it)
+  are what the projectors, the loss and the field's kernel call.
+- :func:`backend` is the one rule: ``onednn`` when this torch has the op and a
+  one-time check on this machine agrees with ``torch.mm``; ``blas`` (torch's own
+  path) otherwise, or when ``AETHER_CPU_GEMM=blas`` is set (for A/B runs and as
+  an escape hatch). CUDA, bfloat16 under autocast and anything but 2-D float32
+  inputs always take torch's own path.
+
+The oneDNN op is wrapped as a torch custom op (``aether::linear``) with its own
+autograd formula, so ``torch.compile`` keeps it as one opaque call and still fuses
+the elementwise work around it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BACKENDS", "ENV", "Linear", "backend", "mm_nt", "use_onednn"]
+
+#: ``AETHER_CPU_GEMM`` values
+BACKENDS = ("auto", "onednn", "blas")
+ENV = "AETHER_CPU_GEMM"
+
+_lock = threading.Lock()
+_resolved: dict[str, str] = {}
+#: this process's answer once :func:`backend` has run (read by :func:`use_onednn`)
+_ACTIVE: bool | None = None
+
+
+def _onednn_op():
+    ops = getattr(torch.ops, "mkldnn", None)
+    if ops is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return ops._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _self_check(op) -> str | None:
+    """None when oneDNN's product agrees with ``torch.mm`` here, else why not."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(67, 131, generator=g)
+    b = torch.randn(45, 131, generator=g)
+    try:
+        got = op(a, b, None, "none", [], "")
+        strided = op(a.t().contiguous().t(), b.t().contiguous().t(), None, "none", [], "")
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        return f"{type(e).__name__}: {e}"
+    want = torch.mm(a.double(), b.double().t()).float()
+    for name, out in (("contiguous", got), ("strided", strided)):
+        if out.shape != want.shape or not torch.allclose(out, want, rtol=1e-4, atol=1e-4):
+            return f"its {name} product differs from torch.mm"
+    return None
+
+
+def backend(*, refresh: bool = False) -> str:
+    """``onednn`` or ``blas``: which path float32 CPU products take in this process.
+
+    ``AETHER_CPU_GEMM`` is read on the first call (``refresh=True`` reads it again)."""
+    global _ACTIVE
+    if _ACTIVE is not None and not refresh:
+        return "onednn" if _ACTIVE else "blas"
+    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if want not in BACKENDS:
+        raise ValueError(f"{ENV}={want!r}: use one of {', '.join(BACKENDS)}")
+    if want == "blas":
+        _ACTIVE = False
+        return "blas"
+    with _lock:
+        if "checked" not in _resolved:
+            op = _onednn_op()
+            why = "this torch build has no oneDNN linear op" if op is None else _self_check(op)
+            _resolved["checked"] = "blas" if why else "onednn"
+            _resolved["why"] = why or ""
+        got, why = _resolved["checked"], _resolved["why"]
+    if want == "onednn" and got != "onednn":
+        raise RuntimeError(f"{ENV}=onednn but oneDNN cannot be used here: {why}; "
+                           f"unset {ENV} or set it to blas")
+    if got != "onednn" and why and not _resolved.get("warned"):
+        _resolved["warned"] = "1"
+        warnings.warn(f"float32 CPU products use torch's BLAS path: {why}", RuntimeWarning,
+                      stacklevel=2)
+    _ACTIVE = got == "onednn"
+    return got
+
+
+def use_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether a product of these tensors takes the oneDNN path (2-D float32 on the CPU,
+    autocast off, not inside a TorchScript/ONNX trace, backend ``onednn``)."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2:
+            return False
+    if torch.is_autocast_enabled("cpu") or torch.jit.is_tracing():
+        return False  # autocast's own casts; a TorchScript/ONNX trace records aten ops only
+    return _ACTIVE if _ACTIVE is not None else backend() == "onednn"
+
+
+@torch.library.custom_op("aether::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    x, w, b = inputs
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                          w if ctx.needs_input_grad[0] else None)
+
+
+def _linear_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    gx = _linear_op(grad, w.t(), None) if ctx.needs_input_grad[0] else None     # grad · w
+    # dL/dw = gradᵀ·x, as (gradᵀ)·(xᵀ)ᵀ: oneDNN reads the two transposed views
+    gw = _linear_op(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
+    gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a · bᵀ`` for ``a`` (m, k) and ``b`` (n, k): oneDNN for float32 on the CPU (see
+    :func:`backend`), ``torch.mm`` otherwise. Differentiable either way."""
+    if use_onednn(a, b):
+        return _linear_op(a, b, None)
+    return torch.mm(a, b.t())
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose 2-D float32 CPU forward and
+    backward go through oneDNN (see :func:`backend`); everything else (CUDA, autocast,
+    batched inputs) is ``nn.Linear``'s own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_onednn(x, self.weight):
+            return _linear_op(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)

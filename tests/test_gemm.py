@@ -1,0 +1,125 @@
+"""aether_scale.gemm: float32 CPU products through oneDNN, the same numbers as torch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aether_scale import gemm
+from aether_scale.model import AEProj
+
+
+@pytest.fixture
+def gemm_env(monkeypatch):
+    """Set AETHER_CPU_GEMM for one test; the process's answer is read again after it."""
+    def use(value: str | None) -> str:
+        if value is None:
+            monkeypatch.delenv(gemm.ENV, raising=False)
+        else:
+            monkeypatch.setenv(gemm.ENV, value)
+        return gemm.backend(refresh=True)
+    yield use
+    monkeypatch.delenv(gemm.ENV, raising=False)
+    gemm.backend(refresh=True)
+
+
+def test_this_machine_takes_the_onednn_path(gemm_env) -> None:
+    # x86 CPU builds of torch carry oneDNN; the one-time check must pass on them
+    assert gemm_env(None) == "onednn"
+    assert gemm_env("blas") == "blas"
+    assert not gemm.use_onednn(torch.ones(2, 2))
+    assert gemm_env("onednn") == "onednn"
+    assert gemm.use_onednn(torch.ones(2, 2))
+
+
+def test_a_bad_setting_names_the_variable(gemm_env) -> None:
+    with pytest.raises(ValueError, match="AETHER_CPU_GEMM='mkl'"):
+        gemm_env("mkl")
+
+
+def test_linear_matches_nn_linear_forward_and_backward(gemm_env) -> None:
+    assert gemm_env(None) == "onednn"
+    torch.manual_seed(0)
+    ours = gemm.Linear(300, 160)
+    ref = nn.Linear(300, 160)
+    ref.load_state_dict(ours.state_dict())
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    x = torch.randn(1000, 300, requires_grad=True)
+    g = torch.randn(1000, 160)
+    y, y_ref = ours(x), ref(x)
+    assert y.dtype == torch.float32 and y.shape == (1000, 160)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+    want = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # the input needs no gradient (data): only the weight's and the bias's are formed
+    xd = x.detach()
+    gw, gb = torch.autograd.grad(ours(xd), (ours.weight, ours.bias), g)
+    torch.testing.assert_close(gw, want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_mm_nt_reads_transposed_views(gemm_env) -> None:
+    assert gemm_env(None) == "onednn"
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(128, 257, generator=g)
+    b = torch.randn(96, 257, generator=g)
+    for aa, bb in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+        torch.testing.assert_close(gemm.mm_nt(aa, bb), a @ b.t(), rtol=1e-4, atol=1e-4)
+    big = torch.randn(257, 128, generator=g)  # (k, m): its .t() is a strided (m, k) view
+    torch.testing.assert_close(gemm.mm_nt(big.t(), b), big.t() @ b.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_other_dtypes_and_autocast_take_torchs_own_path(gemm_env) -> None:
+    assert gemm_env(None) == "onednn"
+    lin = gemm.Linear(64, 32)
+    x = torch.randn(16, 64)
+    assert not gemm.use_onednn(x.double())
+    assert not gemm.use_onednn(x[None])           # batched: nn.Linear's own forward
+    assert lin(x[None]).shape == (1, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not gemm.use_onednn(x)
+        assert lin(x).dtype == torch.bfloat16       # autocast still applies to the layer
+
+
+def test_blas_setting_gives_the_same_projector_output(gemm_env) -> None:
+    torch.manual_seed(1)
+    model = AEProj(64, 256, 128).eval()
+    x = F.normalize(torch.randn(4096, 64), dim=1)
+    outs = {}
+    for setting in ("blas", None):
+        gemm_env(setting)
+        with torch.no_grad():
+            outs[setting] = model(x)
+    torch.testing.assert_close(outs[None], outs["blas"], rtol=0, atol=2e-6)
+
+
+def test_compile_keeps_the_onednn_product(gemm_env) -> None:
+    assert gemm_env(None) == "onednn"
+    torch.manual_seed(2)
+    lin = gemm.Linear(48, 24)
+    ref = nn.Linear(48, 24)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(256, 48, requires_grad=True)
+
+    def f(m, x):
+        return torch.relu(m(x)).square().sum()
+
+    got = torch.compile(f)(lin, x)
+    (gx,) = torch.autograd.grad(got, (x,))
+    want = f(ref, x)
+    (gx_ref,) = torch.autograd.grad(want, (x,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_torchscript_trace_records_torchs_own_linear(gemm_env) -> None:
+    assert gemm_env(None) == "onednn"
+    model = AEProj(64, 256, 128).eval()
+    x = F.normalize(torch.randn(8, 64), dim=1)
+    traced = torch.jit.trace(model, (x,))
+    assert "aether::linear" not in str(traced.graph)
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+    assert gemm.backend() == "onednn"  # the trace did not turn the fast path off
