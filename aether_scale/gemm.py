@@ -17,9 +17,10 @@ only the summation order inside each dot product differs (|Δ| ~ 1e-6 relative).
   an escape hatch). CUDA, bfloat16 under autocast and anything but 2-D float32
   inputs always take torch's own path.
 
-The oneDNN op is wrapped as a torch custom op (``aether::linear``) with its own
-autograd formula, so ``torch.compile`` keeps it as one opaque call and still fuses
-the elementwise work around it.
+Eagerly the oneDNN op runs through a small ``autograd.Function``; inside
+``torch.compile`` through a torch custom op (``aether::linear``) with the same
+gradient formula, so inductor keeps it as one opaque call and still fuses the
+elementwise work around it.
 """
 
 from __future__ import annotations
@@ -113,9 +114,43 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
     return _ACTIVE if _ACTIVE is not None else backend() == "onednn"
 
 
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def _linear_grads(grad: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None,
+                  needs: tuple[bool, ...], has_bias: bool):
+    """``x·wᵀ + b``'s gradients (``needs``: which of x, w, b want one)."""
+    gx = _onednn_linear(grad, w.t(), None) if needs[0] else None        # grad · w
+    # dL/dw = gradᵀ·x, as (gradᵀ)·(xᵀ)ᵀ: oneDNN reads the two transposed views
+    gw = _onednn_linear(grad.t(), x.t(), None) if needs[1] else None
+    gb = grad.sum(0) if has_bias and needs[2] else None
+    return gx, gw, gb
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Eager ``x·wᵀ + b`` through oneDNN with its gradients (no torch._dynamo import: a
+    custom op's first call costs a process ~1.1 s of importing it)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):  # type: ignore[override]
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, w)
+        return _onednn_linear(x, w, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        return _linear_grads(grad, x, w, ctx.needs_input_grad, ctx.has_bias)
+
+
+# Inside torch.compile the same product is an opaque custom op: inductor then keeps the
+# oneDNN call as it is and fuses the elementwise work around it (traced through the
+# autograd.Function above, inductor fails to lower the oneDNN op in a training graph).
 @torch.library.custom_op("aether::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return _onednn_linear(x, w, b)
 
 
 @_linear_op.register_fake
@@ -132,21 +167,27 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad):
     x, w = ctx.saved_tensors
-    gx = _linear_op(grad, w.t(), None) if ctx.needs_input_grad[0] else None     # grad · w
-    # dL/dw = gradᵀ·x, as (gradᵀ)·(xᵀ)ᵀ: oneDNN reads the two transposed views
-    gw = _linear_op(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
-    gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return gx, gw, gb
+    return _linear_grads(grad, x, w, ctx.needs_input_grad, ctx.has_bias)
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x·wᵀ + b`` through oneDNN: plain under no_grad/inference, else with its gradients."""
+    if torch.compiler.is_compiling():
+        return _linear_op(x, w, b)
+    if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad
+                                           or (b is not None and b.requires_grad)):
+        return _onednn_linear(x, w, b)
+    return _OneDNNLinear.apply(x, w, b)
 
 
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a · bᵀ`` for ``a`` (m, k) and ``b`` (n, k): oneDNN for float32 on the CPU (see
     :func:`backend`), ``torch.mm`` otherwise. Differentiable either way."""
     if use_onednn(a, b):
-        return _linear_op(a, b, None)
+        return _linear(a, b, None)
     return torch.mm(a, b.t())
 
 
@@ -157,5 +198,5 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_onednn(x, self.weight):
-            return _linear_op(x, self.weight, self.bias)
+            return _linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

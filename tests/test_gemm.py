@@ -123,3 +123,24 @@ def test_a_torchscript_trace_records_torchs_own_linear(gemm_env) -> None:
     assert "aether::linear" not in str(traced.graph)
     torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
     assert gemm.backend() == "onednn"  # the trace did not turn the fast path off
+
+
+def test_the_eager_path_does_not_import_the_compiler(tmp_path) -> None:
+    """A custom op's first call imports torch._dynamo (~1.1 s a process): the eager forward
+    and backward, which the infer command and every worker run, must not pay it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from aether_scale.model import AEProj\n"
+            "m = AEProj()\n"
+            "m(torch.randn(32, 64)).sum().backward()\n"
+            "with torch.inference_mode():\n"
+            "    m(torch.randn(32, 64))\n"
+            "from aether_scale import gemm\n"
+            "assert gemm.backend() == 'onednn', gemm.backend()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={k: v for k, v in __import__("os").environ.items()
+                                          if k != gemm.ENV})
+    assert out.stdout.strip() == "False", out.stderr
