@@ -119,11 +119,13 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
 
 
 def _linear_grads(grad: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor | None,
-                  needs: tuple[bool, ...], has_bias: bool):
-    """``x·wᵀ + b``'s gradients (``needs``: which of x, w, b want one)."""
-    gx = _onednn_linear(grad, w.t(), None) if needs[0] else None        # grad · w
+                  needs: tuple[bool, ...], has_bias: bool, product=None):
+    """``x·wᵀ + b``'s gradients (``needs``: which of x, w, b want one), their products
+    through ``product`` (default: the oneDNN op itself)."""
+    mm = product or _onednn_linear
+    gx = mm(grad, w.t(), None) if needs[0] else None        # grad · w
     # dL/dw = gradᵀ·x, as (gradᵀ)·(xᵀ)ᵀ: oneDNN reads the two transposed views
-    gw = _onednn_linear(grad.t(), x.t(), None) if needs[1] else None
+    gw = mm(grad.t(), x.t(), None) if needs[1] else None
     gb = grad.sum(0) if has_bias and needs[2] else None
     return gx, gw, gb
 
@@ -167,7 +169,9 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 def _linear_backward(ctx, grad):
     x, w = ctx.saved_tensors
-    return _linear_grads(grad, x, w, ctx.needs_input_grad, ctx.has_bias)
+    # the backward's products are the custom op too: in a compiled backward graph a bare
+    # oneDNN op is lowered by inductor, which fails on some transposed layouts
+    return _linear_grads(grad, x, w, ctx.needs_input_grad, ctx.has_bias, _linear_op)
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
