@@ -432,8 +432,8 @@ def logged_steady(log: str | Path) -> dict:
             "steady_s_per_epoch": round(sum(steady), 3) if steady else None}
 
 
-#: (row, extra --set values): ``default`` is the command as shipped (main model + noaug)
-#: (row, --set values, extra environment)
+#: (row, --set values, extra environment): ``default`` is the command as shipped (main
+#: model + noaug)
 COMMAND_ROWS: tuple[tuple[str, list[str], dict[str, str]], ...] = (
     ("default", [], {}),
     ("float32", ["train.variants={}"], {}),
@@ -624,9 +624,17 @@ def main() -> None:
     requirements = {}
     for name, limit in targets.items():
         if name in cmd:
+            # the slower of the two estimates: (wall₃ − wall₁)/2 carries the first epochs'
+            # noise (on 2026-12-02 it gave bf16 2.80 s/epoch against 4.20 and 4.48 s logged
+            # for epochs 2 and 3), and no epoch can cost less than the loop's own seconds
+            outside = cmd[name]["s_per_epoch"]
+            logged = (cmd[name]["logged"].get("steady_s_per_model") or [None])[0]
+            value = max(outside, logged) if logged is not None else outside
             requirements[f"command_{name}_s_per_epoch"] = {
-                "limit": limit, "value": cmd[name]["s_per_epoch"],
-                "met": cmd[name]["s_per_epoch"] <= limit}
+                "limit": limit, "value": value, "from_outside": outside, "own_log": logged,
+                "rule": "the slower of (wall of 3 epochs − wall of 1)/2 and the command's own "
+                        "epoch log (epochs 2+)",
+                "met": value <= limit}
     if "streaming" in cmd and "float32" in cmd:
         rel = cmd["streaming"]["s_per_epoch"] / cmd["float32"]["s_per_epoch"]
         requirements["streaming_within_15pct"] = {"limit": 1.15, "value": round(rel, 3),

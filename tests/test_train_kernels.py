@@ -3,6 +3,7 @@ resolves; ``precision: bfloat16`` only where bf16 GEMMs are native."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,41 @@ def test_bfloat16_runs_float32_gemms_where_bf16_is_emulated(monkeypatch) -> None
     with pytest.raises(ValueError, match="old GPU"):
         runtime.compute_dtype(cfg, torch.device("cpu"), said.append)
     assert runtime.compute_dtype(TrainSection(), torch.device("cpu"), said.append) == torch.float32
+
+
+def test_a_failing_compiled_backward_falls_back_and_training_goes_on(monkeypatch, tmp_path) -> None:
+    """An error raised in the compiled graph's backward (inductor failing to lower an op,
+    2026-12-02) must not stop the run: the step is redone with the modules, with a warning."""
+    from fixtures import make_problem, small_cfg
+
+    from aether_scale.stores.triplets import write_triplets
+    from aether_scale.train import train_model
+
+    class _FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            return z.view_as(z)
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("LoweringException: lowering failed")
+
+    calls = {"compiled": 0}
+
+    def fake_compile(fn, **kw):
+        def run(x, t):
+            calls["compiled"] += 1
+            z, zt = fn(x, t)
+            return _FailingBackward.apply(z), zt
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    src = write_triplets(str(tmp_path / "t.zarr"), **make_problem(600, seed=4), chunk_rows=256)
+    with pytest.warns(RuntimeWarning, match="compiled backward failed"):
+        s = train_model(src, small_cfg(epochs=2, batch_size=128, kernels="compile"),
+                        str(tmp_path / "m"), log=None)
+    assert calls["compiled"] == 1            # tried once, then the modules
+    assert s["kernels"] == "autograd" and s["epochs_run"] == 2
+    m = __import__("json").loads((tmp_path / "m" / "metrics.json").read_text())
+    assert m["kernels"] == "autograd" and len(m["epochs"]) == 2
+    assert all(np.isfinite(e["loss"]) for e in m["epochs"])

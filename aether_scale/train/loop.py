@@ -355,6 +355,19 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
             "triplets": str(triplets_uri),
         }
 
+    def forward_backward(base: torch.Tensor, aug: torch.Tensor | None, text: torch.Tensor):
+        """One step's forward, loss and backward (the optimizer step is the caller's)."""
+        if cfg.use_aug:
+            z, z_p = model(torch.cat((base, aug)), text)
+            z_b, z_a = z.split(base.shape[0])
+        else:
+            z_b, z_p = model(base, text)
+            z_a = None
+        out = loss_fn(z_b, z_a, z_p)
+        (out.loss * scale if scale != 1.0 else out.loss).backward()
+        return out
+
+    backward_ok = False
     if isinstance(batches, StreamingBatches):
         batches.start(start_epoch, cfg.epochs)
     try:
@@ -367,14 +380,25 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 lr = cosine_lr(step, total_steps, cfg.lr, cfg.lr_final_frac)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                if cfg.use_aug:
-                    z, z_p = model(torch.cat((base, aug)), text)
-                    z_b, z_a = z.split(base.shape[0])
+                if heads.kernels == "compile" and not backward_ok and shard.world_size == 1:
+                    # the compiled graph's backward runs (and may first compile) here: an
+                    # error in it falls back to the modules like one in the forward does
+                    try:
+                        out = forward_backward(base, aug, text)
+                    except Exception as e:  # noqa: BLE001 - e.g. inductor failing to lower an op
+                        if heads.kernels != "compile":
+                            raise
+                        warnings.warn(
+                            f"train.kernels=compile: the compiled backward failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "running the modules eagerly (train.kernels=autograd)",
+                            RuntimeWarning, stacklevel=2)
+                        heads.kernels = run_info["kernels"] = "autograd"
+                        opt.zero_grad(set_to_none=True)
+                        out = forward_backward(base, aug, text)
+                    backward_ok = True
                 else:
-                    z_b, z_p = model(base, text)
-                    z_a = None
-                out = loss_fn(z_b, z_a, z_p)
-                (out.loss * scale if scale != 1.0 else out.loss).backward()
+                    out = forward_backward(base, aug, text)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sums.append(torch.stack((out.loss.detach(),
@@ -383,6 +407,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 step += 1
             if len(sums) != steps:
                 raise RuntimeError(f"epoch {epoch}: {len(sums)} steps, expected {steps}")
+            run_info["kernels"] = heads.kernels  # "autograd" after a fall back from compile
             mean = torch.stack(sums).double().mean(0).cpu().tolist()
             rec = {
                 "epoch": epoch,
