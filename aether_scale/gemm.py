@@ -25,8 +25,8 @@ elementwise work around it.
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 import warnings
 
 import torch
@@ -39,10 +39,9 @@ __all__ = ["BACKENDS", "ENV", "Linear", "backend", "mm_nt", "use_onednn"]
 BACKENDS = ("auto", "onednn", "blas")
 ENV = "AETHER_CPU_GEMM"
 
-_lock = threading.Lock()
-_resolved: dict[str, str] = {}
 #: this process's answer once :func:`backend` has run (read by :func:`use_onednn`)
 _ACTIVE: bool | None = None
+_WARNED = False
 
 
 def _onednn_op():
@@ -55,8 +54,13 @@ def _onednn_op():
         return None
 
 
-def _self_check(op) -> str | None:
-    """None when oneDNN's product agrees with ``torch.mm`` here, else why not."""
+@functools.cache
+def _onednn_problem() -> str | None:
+    """Why oneDNN cannot serve this process's float32 products (None: it can). Checked
+    once: its product must agree with ``torch.mm``, contiguous and strided."""
+    op = _onednn_op()
+    if op is None:
+        return "this torch build has no oneDNN linear op"
     g = torch.Generator().manual_seed(0)
     a = torch.randn(67, 131, generator=g)
     b = torch.randn(45, 131, generator=g)
@@ -76,7 +80,7 @@ def backend(*, refresh: bool = False) -> str:
     """``onednn`` or ``blas``: which path float32 CPU products take in this process.
 
     ``AETHER_CPU_GEMM`` is read on the first call (``refresh=True`` reads it again)."""
-    global _ACTIVE
+    global _ACTIVE, _WARNED
     if _ACTIVE is not None and not refresh:
         return "onednn" if _ACTIVE else "blas"
     want = os.environ.get(ENV, "auto").strip().lower() or "auto"
@@ -85,22 +89,16 @@ def backend(*, refresh: bool = False) -> str:
     if want == "blas":
         _ACTIVE = False
         return "blas"
-    with _lock:
-        if "checked" not in _resolved:
-            op = _onednn_op()
-            why = "this torch build has no oneDNN linear op" if op is None else _self_check(op)
-            _resolved["checked"] = "blas" if why else "onednn"
-            _resolved["why"] = why or ""
-        got, why = _resolved["checked"], _resolved["why"]
-    if want == "onednn" and got != "onednn":
+    why = _onednn_problem()
+    if want == "onednn" and why:
         raise RuntimeError(f"{ENV}=onednn but oneDNN cannot be used here: {why}; "
                            f"unset {ENV} or set it to blas")
-    if got != "onednn" and why and not _resolved.get("warned"):
-        _resolved["warned"] = "1"
+    if why and not _WARNED:
+        _WARNED = True
         warnings.warn(f"float32 CPU products use torch's BLAS path: {why}", RuntimeWarning,
                       stacklevel=2)
-    _ACTIVE = got == "onednn"
-    return got
+    _ACTIVE = why is None
+    return "onednn" if _ACTIVE else "blas"
 
 
 def use_onednn(*tensors: torch.Tensor) -> bool:
