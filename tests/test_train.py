@@ -524,3 +524,56 @@ def test_run_train_under_two_ranks_rank0_owns_the_workspace(tmp_path) -> None:
         assert r[1]["skipped"] is expect_skipped and r[1]["outputs"] == []
     m = json.loads(open(os.path.join(ws.path("model"), "metrics.json")).read())
     assert m["world_size"] == 2 and m["n_triplets"] == 600
+
+
+# ----------------------------------------------------------------------------- raw chunk reads
+def test_uncompressed_chunks_are_read_in_place_and_checked(tmp_path) -> None:
+    """The triplets' vectors (codecs bytes + crc32c) are read straight from their files:
+    the rows equal Zarr's for any range (parts of chunks, the short last chunk), a
+    chunk-sized buffer is filled in place, and a flipped byte or a truncated file anywhere
+    in a chunk fails its read naming the chunk, also when only some of its rows are asked
+    for (the checksum covers the whole chunk)."""
+    import shutil
+
+    import zarr
+
+    from aether_scale.stores.chunks import CorruptStoreError, StoreRef, _raw_layout, read_rows
+
+    d = make_problem(300)
+    p = write_triplets(str(tmp_path / "t.zarr"), **d, chunk_rows=64)
+    ref = StoreRef.of(p)
+    z = zarr.open_array(f"{p}/text")
+    assert _raw_layout(ref, z) is not None  # the fast path is the one under test
+    assert _raw_layout(ref, zarr.open_array(f"{p}/poi_id")) is None  # zstd: through Zarr
+    for a, b in [(0, 300), (0, 64), (5, 6), (60, 70), (63, 200), (256, 300), (299, 300)]:
+        got = read_rows(ref, "text", a, b, fix="fix it")
+        assert got.dtype == np.float32 and np.array_equal(got, d["text"][a:b]), (a, b)
+    buf = np.full((64, d["text"].shape[1]), np.nan, np.float32)
+    last = read_rows(ref, "text", 256, 300, fix="fix it", out=buf)
+    assert np.shares_memory(last, buf) and np.array_equal(last, d["text"][256:300])
+    with pytest.raises(ValueError, match="cannot hold"):
+        read_rows(ref, "text", 0, 65, fix="fix it", out=buf)
+
+    st = TripletStore(p)
+    slots = st.buffers(st.chunk_rows)
+    base, aug, text = st.read(64, 128, out=slots)
+    assert all(np.shares_memory(x, s) for x, s in zip((base, aug, text), slots, strict=True))
+    assert np.array_equal(aug, d["aug"][64:128]) and np.array_equal(text, d["text"][64:128])
+
+    for damage in ("flip", "truncate"):
+        q = tmp_path / damage / "t.zarr"
+        shutil.copytree(p, q)
+        chunk = q / "text" / "c" / "2" / "0"
+        raw = bytearray(chunk.read_bytes())
+        if damage == "flip":
+            raw[len(raw) - 100] ^= 0x01  # a row near the end of the chunk
+            chunk.write_bytes(bytes(raw))
+        else:
+            chunk.write_bytes(bytes(raw[:-9]))
+        qref = StoreRef.of(str(q))
+        assert np.array_equal(read_rows(qref, "text", 0, 128, fix="x"), d["text"][:128])
+        for a, b in [(128, 192), (130, 131), (100, 300)]:  # only rows before the damage, too
+            with pytest.raises(CorruptStoreError,
+                               match=r"t\.zarr: chunk text/c/2/0 cannot be decoded.*damaged — "
+                                     r"rerun"):
+                read_rows(qref, "text", a, b, fix="rerun")

@@ -111,14 +111,21 @@ class TripletStore:
     def ids(self) -> np.ndarray:
         return np.asarray(read_rows(self.ref, "poi_id", 0, self.n, fix=_FIX), dtype=np.int64)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def read(self, start: int, stop: int, out: tuple[np.ndarray | None, ...] | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Rows ``[start, stop)`` of base, aug (None unless needed), text as float32.
 
-        Raises :class:`TripletStoreError` naming the field and row of a non-finite
-        value, :class:`~.chunks.CorruptStoreError` for a damaged chunk.
+        ``out``: ``(base, aug, text)`` float32 buffers to read into, each with at least
+        ``stop - start`` rows (see :func:`~.chunks.read_rows`; a streaming reader passes
+        the same chunk-sized buffers every epoch). Raises :class:`TripletStoreError`
+        naming the field and row of a non-finite value,
+        :class:`~.chunks.CorruptStoreError` for a damaged chunk.
         """
+        into = dict(zip(("base", "aug", "text"), out, strict=True)) if out is not None else {}
+
         def rows(name: str) -> np.ndarray:
-            return np.asarray(read_rows(self.ref, name, start, stop, fix=_FIX), dtype=np.float32)
+            a = read_rows(self.ref, name, start, stop, fix=_FIX, out=into.get(name))
+            return a if a.dtype == np.float32 else a.astype(np.float32)
 
         base = rows("base")
         aug = rows("aug") if self.need_aug else None
@@ -130,6 +137,14 @@ class TripletStore:
                     f"{self.uri}: field {name!r} has non-finite values (first at row {bad}); "
                     "the pool/text stage must drop rows without a valid vector")
         return base, aug, text
+
+    def buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Empty ``(base, aug, text)`` buffers of ``rows`` rows for :meth:`read` (None for
+        aug unless needed), in the fields' stored dtypes."""
+        def buf(arr) -> np.ndarray:
+            return np.empty((rows, int(arr.shape[1])), dtype=arr.dtype)
+
+        return buf(self.base), (buf(self.aug) if self.need_aug else None), buf(self.text)
 
 
 class ArrayRows:

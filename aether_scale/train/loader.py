@@ -170,28 +170,35 @@ class InMemoryBatches:
 _EPOCH_END = object()
 
 
-def _gather(parts: list[tuple[np.ndarray | None, ...]], offsets: np.ndarray,
-            idx: np.ndarray) -> tuple[np.ndarray | None, ...]:
+def _gather(parts: list[tuple[tuple[np.ndarray | None, ...], np.ndarray | None]],
+            offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray | None, ...]:
     """Rows ``idx`` (ascending, into the concatenation of ``parts``) of each field, as new arrays.
 
-    Each field's output is allocated once and filled by ``np.take(..., out=)`` straight
-    from the chunks, one row copy each: fancy indexing per chunk followed by a
-    concatenation copied every row twice and took ~8× longer (1.6 s vs 0.2 s per
-    epoch of 340k rows with 384-d text, measured on the 2-core benchmark machine).
+    A part is ``(arrays, kept)``: a chunk's fields and the rows of it in the training
+    subsample (None: all rows). Each field's output is allocated once and filled by
+    ``np.take(..., out=)`` straight from the chunks, one row copy each: fancy indexing per
+    chunk followed by a concatenation copied every row twice and took ~8× longer (1.6 s
+    vs 0.2 s per epoch of 340k rows with 384-d text, measured on the 2-core benchmark
+    machine).
     """
     cut = np.searchsorted(idx, offsets[1:-1])
     bounds = list(zip([0, *cut], [*cut, len(idx)], strict=True))
-    pieces = [(j, lo, hi, idx[lo:hi] - offsets[j]) for j, (lo, hi) in enumerate(bounds) if hi > lo]
+    pieces = []
+    for j, (lo, hi) in enumerate(bounds):
+        if hi > lo:
+            rows = idx[lo:hi] - offsets[j]
+            kept = parts[j][1]
+            pieces.append((j, lo, hi, rows if kept is None else kept[rows]))
     out: list[np.ndarray | None] = []
-    for k in range(len(parts[0])):
-        first = parts[0][k]
+    for k in range(len(parts[0][0])):
+        first = parts[0][0][k]
         if first is None:
             out.append(None)
             continue
         dst = np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)
         for j, lo, hi, rows in pieces:
             # rows lie in range by construction; "clip" lets take write into out unbuffered
-            np.take(parts[j][k], rows, axis=0, out=dst[lo:hi], mode="clip")
+            np.take(parts[j][0][k], rows, axis=0, out=dst[lo:hi], mode="clip")
         out.append(dst)
     return tuple(out)
 
@@ -233,6 +240,7 @@ class StreamingBatches:
         self._queue: queue.Queue | None = None
         self._next_epoch: int | None = None
         self._end_epoch: int | None = None
+        self._slots: list[tuple[np.ndarray | None, ...]] | None = None
         self.pin = device.type == "cuda"
 
     # ---- plan
@@ -266,22 +274,28 @@ class StreamingBatches:
         b = self.local_batch
         left: tuple[np.ndarray | None, ...] | None = None
         done = 0
+        # one chunk-sized buffer per field and buffer slot, reused every group and epoch
+        # (batches are copies, so a slot is free again once its group's batches are cut)
+        if self._slots is None:
+            self._slots = [self.store.buffers(self.store.chunk_rows)
+                           for _ in range(min(self.buffer_chunks, len(self.bounds)))]
         for g0 in range(0, len(mine), self.buffer_chunks):
             if done == steps:
                 break
-            parts: list[tuple[np.ndarray | None, ...]] = [left] if left is not None else []
-            for ci in mine[g0 : g0 + self.buffer_chunks]:
+            parts: list[tuple[tuple[np.ndarray | None, ...], np.ndarray | None]] = (
+                [(left, None)] if left is not None else [])
+            sizes = [left[0].shape[0]] if left is not None else []
+            for slot, ci in enumerate(mine[g0 : g0 + self.buffer_chunks]):
                 a, z = self.bounds[ci]
-                arrays = self.store.read(a, z)
-                if self.keep is not None:
-                    m = self.keep[a:z]
-                    arrays = tuple(x[m] if x is not None else None for x in arrays)
-                parts.append(arrays)
+                arrays = self.store.read(a, z, out=self._slots[slot])
+                kept = None if self.keep is None else np.flatnonzero(self.keep[a:z])
+                parts.append((arrays, kept))
+                sizes.append(z - a if kept is None else kept.size)
             # in-buffer shuffle without concatenating the buffer: each batch is gathered
             # straight from the chunks (one copy per row); rows are taken in ascending
             # buffer order within a batch (the loss does not depend on row order), which
             # keeps the reads of one batch local
-            offsets = np.cumsum([0] + [p[0].shape[0] for p in parts])
+            offsets = np.cumsum([0, *sizes])
             perm = rng.permutation(int(offsets[-1]))
             n_full = perm.shape[0] // b
             for i in range(min(n_full, steps - done)):
