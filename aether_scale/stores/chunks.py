@@ -462,7 +462,7 @@ def read_rows(ref: StoreRef, array: str, start: int, stop: int, *, fix: str,
         if a >= b:
             continue
         enc = _encode_key(arr, (ci,) + (0,) * (arr.ndim - 1))
-        if raw is not None and dst is not None:
+        if raw is not None:  # (then dst is set)
             here = dst[a - start:]
             lo = a - ci * c
             # the whole chunk fits in place (a reader's chunk-sized buffer): read all of it

@@ -284,18 +284,16 @@ class StreamingBatches:
                 break
             parts: list[tuple[tuple[np.ndarray | None, ...], np.ndarray | None]] = (
                 [(left, None)] if left is not None else [])
-            sizes = [left[0].shape[0]] if left is not None else []
             for slot, ci in enumerate(mine[g0 : g0 + self.buffer_chunks]):
                 a, z = self.bounds[ci]
                 arrays = self.store.read(a, z, out=self._slots[slot])
                 kept = None if self.keep is None else np.flatnonzero(self.keep[a:z])
                 parts.append((arrays, kept))
-                sizes.append(z - a if kept is None else kept.size)
             # in-buffer shuffle without concatenating the buffer: each batch is gathered
             # straight from the chunks (one copy per row); rows are taken in ascending
             # buffer order within a batch (the loss does not depend on row order), which
             # keeps the reads of one batch local
-            offsets = np.cumsum([0, *sizes])
+            offsets = np.cumsum([0, *(x[0].shape[0] if k is None else k.size for x, k in parts)])
             perm = rng.permutation(int(offsets[-1]))
             n_full = perm.shape[0] // b
             for i in range(min(n_full, steps - done)):
