@@ -451,3 +451,43 @@ def test_task_sums_dtype_holds_code_sums_exactly() -> None:
     big = Buffer.circle(100.0, 10.0, -10.0)
     area = (2 * big.pad_rows + 1) * (2 * big.pad_cols + 1)
     assert area * 127 * 127 < 2**24  # the bound the float32 choice rests on
+
+
+def test_pool_tasks_reuse_freed_memory_under_dasks_malloc_setting():
+    """dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc
+    hand every array above 128 KiB back to the kernel on free, so the next one faults its
+    pages in again. Inside ``reuse_freed_memory`` (each pool task) a loop of 1 MiB
+    temporaries faults in a small fraction of what it does outside; without the variable
+    (glibc adapting by itself) the block changes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import resource, numpy as np
+from aether_scale.workers import reuse_freed_memory, _static_malloc_settings
+def faults(n=200):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        a = np.ones(131072)  # 1 MiB, freed at the next iteration
+        a += 1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+outside = faults()
+with reuse_freed_memory():
+    with reuse_freed_memory():  # nested: one setting, restored by the outer block
+        inside = faults()
+after = faults()
+print(_static_malloc_settings() is not None, outside, inside, after)
+"""
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", *map(int, out[1:])
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    static, outside, inside, after = run({**env, "MALLOC_TRIM_THRESHOLD_": "65536"})
+    assert static and outside > 200 * 200  # ~256 pages per 1 MiB array, every time
+    assert inside < outside / 10
+    assert after > 200 * 200  # the worker's own setting is back after the block
+    static, outside, inside, after = run(env)
+    assert not static and outside < 200 * 200  # glibc's own adaptive thresholds

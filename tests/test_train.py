@@ -527,6 +527,44 @@ def test_run_train_under_two_ranks_rank0_owns_the_workspace(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- raw chunk reads
+def test_uncompressed_chunks_are_written_as_zarr_writes_them(tmp_path) -> None:
+    """``append_rows`` writes the chunk files of an uncompressed array itself: the files
+    (values, padding of the short last chunk, crc32c) and the metadata are byte for byte
+    what Zarr's own ``append`` writes, the rows read back equal, and an array that is not
+    at a chunk boundary (or is compressed) goes through Zarr."""
+    import zarr
+
+    from aether_scale.stores.chunks import StoreRef, _raw_layout, append_rows, compressors
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(23, 5)).astype(np.float32)
+    arrays = {}
+    for name in ("mine", "zarr"):
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        arrays[name] = (g.create_array("v", shape=(0, 5), chunks=(8, 5), dtype="float32",
+                                       compressors=compressors(None),
+                                       config={"write_empty_chunks": True}),
+                        g.create_array("z", shape=(0,), chunks=(8,), dtype="int64",
+                                       compressors=compressors()))
+    ref = StoreRef.of(tmp_path / "mine.zarr")
+    mine, ours_z = arrays["mine"]
+    assert _raw_layout(ref, mine) is not None  # the direct path is the one under test
+    for a, b in [(0, 16), (16, 20), (20, 23)]:  # 20: not at a chunk boundary → Zarr
+        append_rows(ref, "v", mine, data[a:b])
+        arrays["zarr"][0].append(data[a:b], axis=0)
+        append_rows(ref, "z", ours_z, np.arange(a, b))
+        arrays["zarr"][1].append(np.arange(a, b), axis=0)
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+    got, want = files(tmp_path / "mine.zarr"), files(tmp_path / "zarr.zarr")
+    assert sorted(got) == sorted(want) and "v/c/2/0" in got
+    assert got == want
+    back = zarr.open_group(str(tmp_path / "mine.zarr"), mode="r")
+    np.testing.assert_array_equal(back["v"][:], data)
+    np.testing.assert_array_equal(back["z"][:], np.arange(23))
+
+
 def test_uncompressed_chunks_are_read_in_place_and_checked(tmp_path) -> None:
     """The triplets' vectors (codecs bytes + crc32c) are read straight from their files:
     the rows equal Zarr's for any range (parts of chunks, the short last chunk), a

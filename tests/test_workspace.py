@@ -194,6 +194,55 @@ def test_hand_placed_workspace_entry_is_fingerprinted_by_content(tmp_path):
     assert not again.skipped and len(calls) == 2
 
 
+def test_checksummed_zarr_chunks_are_fingerprinted_by_their_own_crc32c(tmp_path):
+    """Chunks of a Zarr v3 array ending in crc32c are fingerprinted by size and their own
+    checksum: a rewritten chunk changes the fingerprint, a copy matches, and only the last
+    4 bytes of a chunk are read (a payload byte flipped under an intact checksum is not seen
+    here; the read itself refuses that chunk). Other files and sharded arrays stay hashed
+    by content."""
+    import numpy as np
+    import zarr
+
+    from aether_scale.stores.chunks import CorruptStoreError, StoreRef, compressors, read_rows
+
+    root = zarr.open_group(str(tmp_path / "ae.zarr"), mode="w", zarr_format=3)
+    a = root.create_array("ae", shape=(8, 4), chunks=(4, 4), dtype="int8",
+                          compressors=compressors(None))
+    a[:] = np.arange(32, dtype="int8").reshape(8, 4)
+    sh = root.create_array("sh", shape=(8,), chunks=(2,), shards=(8,), dtype="int8")
+    sh[:] = 1
+    (tmp_path / "ae.zarr" / "notes.txt").write_text("a")
+    fp0 = fingerprint_path(str(tmp_path / "ae.zarr"))
+    shutil.copytree(tmp_path / "ae.zarr", tmp_path / "copy.zarr")
+    assert fingerprint_path(str(tmp_path / "copy.zarr")) == fp0
+
+    a[0, 0] = 99  # a real rewrite: new bytes, new checksum
+    fp1 = fingerprint_path(str(tmp_path / "ae.zarr"))
+    assert fp1 != fp0
+
+    chunk = tmp_path / "ae.zarr" / "ae" / "c" / "1" / "0"
+    blob = bytearray(chunk.read_bytes())
+    blob[0] ^= 0xFF  # payload damaged, checksum left as it was
+    chunk.write_bytes(bytes(blob))
+    assert fingerprint_path(str(tmp_path / "ae.zarr")) == fp1
+    with pytest.raises(CorruptStoreError, match="c/1/0"):
+        read_rows(StoreRef.of(tmp_path / "ae.zarr"), "ae", 4, 8, fix="fix it")
+
+    blob[-1] ^= 0xFF  # the checksum itself changed: seen
+    chunk.write_bytes(bytes(blob))
+    fp2 = fingerprint_path(str(tmp_path / "ae.zarr"))
+    assert fp2 != fp1
+
+    shard = tmp_path / "ae.zarr" / "sh" / "c" / "0"
+    blob = bytearray(shard.read_bytes())
+    blob[0] ^= 0xFF  # a shard's trailer checks only its index: hashed whole, so seen
+    shard.write_bytes(bytes(blob))
+    fp3 = fingerprint_path(str(tmp_path / "ae.zarr"))
+    assert fp3 != fp2
+    (tmp_path / "ae.zarr" / "notes.txt").write_text("b")  # same size, other content
+    assert fingerprint_path(str(tmp_path / "ae.zarr")) != fp3
+
+
 def test_missing_workspace_input_names_its_workspace_path(tmp_path):
     ws = Workspace(tmp_path / "ws")
     calls: list = []

@@ -183,11 +183,12 @@ class _LocalTextRows:
         if self.error is not None:
             raise self.error
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Vectors of ``rows`` (any order), into ``out`` when given."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size:
             self.wait(int(rows.max()) + 1)
-        return np.asarray(self.vectors[rows], dtype=np.float32)
+        return np.asarray(np.take(self.vectors, rows, axis=0, out=out))
 
     def close(self) -> None:
         import shutil

@@ -72,11 +72,12 @@ class TextStore:
         pos = np.clip(np.searchsorted(srt, poi_id), 0, srt.size - 1)
         return np.where(srt[pos] == poi_id, order[pos], -1).astype(np.int64)
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Vectors of ``rows`` (any order, repeats allowed) as (len(rows), dim) float32,
-        reading each chunk they touch once, checked."""
+        reading each chunk they touch once, checked; into ``out`` when given."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        if out is None:
+            out = np.empty((rows.size, self.dim), dtype=np.float32)
         if not rows.size:
             return out
         c = self.chunk_rows

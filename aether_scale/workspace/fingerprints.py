@@ -2,8 +2,12 @@
 for everything else — so a copied or moved workspace stays current.
 
 Files up to 256 MiB are hashed whole; larger ones by their size and 64 evenly spaced
-64 KiB blocks; object-store files by their ETag (derived from the content). Results are
-cached per process by (path, size, mtime, inode).
+64 KiB blocks; object-store files by their ETag (derived from the content). Chunks of a
+Zarr v3 array whose codec chain ends in ``crc32c`` (every workspace array) already carry
+a checksum of their own bytes: on a local disk they are fingerprinted by size and that trailing checksum,
+4 bytes read per chunk instead of the whole chunk (a hand-placed 2.4 GB ``ae.zarr`` took
+3.6 s to hash on every run). A chunk changed without its checksum is a damaged store,
+which the read detects. Results are cached per process by (path, size, mtime, inode).
 """
 
 from __future__ import annotations
@@ -60,6 +64,38 @@ def _file_fingerprint(fs: Any, path: str, info: Mapping[str, Any]) -> str:
     return out
 
 
+def _chunk_fingerprint(fs: Any, path: str, info: Mapping[str, Any]) -> str:
+    """A crc32c-terminated Zarr chunk: its size and its own trailing checksum."""
+    size = int(info.get("size") or 0)
+    if size < 4:
+        return _file_fingerprint(fs, path, info)
+    with fs.open(path, "rb") as f:
+        f.seek(size - 4)
+        tail = f.read(4)
+    return f"crc32c:{tail.hex()}:{size}"
+
+
+def _checksummed_arrays(fs: Any, files: Mapping[str, Any]) -> set[str]:
+    """Folders (with trailing ``/``) of the Zarr v3 arrays among ``files`` whose last
+    codec is crc32c: each of their chunk files ends in a checksum of its bytes. A sharded
+    array's last codec is ``sharding_indexed`` (its trailer checks only the index), so it
+    is not one of them."""
+    out: set[str] = set()
+    for sub in files:
+        if not sub.endswith("/zarr.json"):
+            continue
+        try:
+            with fs.open(sub, "rb") as f:
+                md = json.loads(f.read())
+            codecs = md.get("codecs") or []
+            last = codecs[-1].get("name") if codecs and isinstance(codecs[-1], dict) else None
+        except (OSError, ValueError, AttributeError):
+            continue  # not metadata we can read: its folder is hashed by content
+        if md.get("node_type") == "array" and last == "crc32c":
+            out.add(sub[: -len("zarr.json")])
+    return out
+
+
 def _is_local_fs(fs: Any) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
@@ -72,6 +108,7 @@ def fingerprint_path(path: str, storage_options: Mapping[str, Any] | None = None
 
     Files up to 256 MiB are hashed whole; larger ones by size and 64 evenly spaced
     64 KiB blocks (a change elsewhere in a multi-GB tile is not seen: use ``--force``).
+    Local chunks of crc32c-terminated Zarr v3 arrays use their size and own checksum.
     Object-store files use their ETag. Raises FileNotFoundError. A remote read that
     fails in passing is retried (:func:`aether_scale.storage.with_retries`).
     """
@@ -90,9 +127,15 @@ def _fingerprint_path(path: str, storage_options: Mapping[str, Any] | None) -> s
     h = hashlib.blake2b(digest_size=8)
     if fs.isdir(p):
         base = p.rstrip("/") + "/"
-        for sub, info in sorted(fs.find(p, detail=True).items()):
+        files = fs.find(p, detail=True)
+        # object stores already give each file a content ETag in the listing
+        arrays = _checksummed_arrays(fs, files) if _is_local_fs(fs) else set()
+        for sub, info in sorted(files.items()):
             h.update(sub[len(base):].encode() + b"\0")
-            h.update(_file_fingerprint(fs, sub, info).encode())
+            chunk = (arrays and not sub.endswith("/zarr.json")
+                     and sub[: sub.rfind("/") + 1].startswith(tuple(arrays)))
+            fp = _chunk_fingerprint if chunk else _file_fingerprint
+            h.update(fp(fs, sub, info).encode())
         return h.hexdigest()
     h.update(_file_fingerprint(fs, p, fs.info(p)).encode())
     return h.hexdigest()
