@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import StoreRef, append_rows, compressors, finish_store, quiet_zarr, read_rows, verify_store
+from .chunks import (
+    StoreRef,
+    append_rows,
+    compressors,
+    finish_store,
+    quiet_zarr,
+    read_rows,
+    verify_store,
+)
 
 __all__ = ["NAME", "REQUIRED", "ArrayRows", "TripletStore", "TripletStoreError", "TripletWriter",
            "write_triplets"]
