@@ -2,9 +2,7 @@
 stage starts (:func:`check_worker_memory`: refuse workers too small for what the
 stage's tasks import and hold, after one restart to give back heap kept from earlier
 stages) and the measure while it runs (:class:`WorkerPeaks`: each worker's peak
-resident memory over the stage, recorded in its manifest) — and, inside one task,
-:func:`reuse_freed_memory`: the allocator keeps what the task frees for the task's next
-allocations instead of handing each back to the kernel at once.
+resident memory over the stage, recorded in its manifest).
 """
 
 from __future__ import annotations
@@ -12,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import dask
@@ -21,7 +18,7 @@ import dask
 from .cluster import active_client
 from .logs import get_logger
 
-__all__ = ["WorkerPeaks", "check_worker_memory", "reuse_freed_memory"]
+__all__ = ["WorkerPeaks", "check_worker_memory"]
 
 log = get_logger("cluster")
 
@@ -184,78 +181,3 @@ def check_worker_memory(stage: str, modules: Sequence[str], per_task: Sequence[t
         f"{_SLACK / mib:.0f} MiB) × {threads} thread(s); "
         f"{w} has {limit / mib:,.0f} MiB and pauses at {float(pause):.0%}. Fix: set "
         f"cluster.memory_limit to at least {need / float(pause) / mib * 1.1:,.0f}MiB, or {fix}")
-
-
-# ------------------------------------------------------------------ allocator settings
-# glibc mallopt parameters (malloc.h) and the values held inside reuse_freed_memory
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_TASK_MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for this setting on 64-bit
-_TASK_TRIM_THRESHOLD = 64 * 2**20
-_ENV = {_M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", _M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_"}
-_alloc_lock = threading.Lock()
-_alloc_users = 0
-
-
-def _static_malloc_settings() -> dict[int, int] | None:
-    """The allocator settings this process was started with through glibc's environment
-    variables (dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` for every worker), or
-    None when there are none (glibc then adapts its thresholds by itself) or the C
-    library is not glibc."""
-    given = {k: os.environ.get(v) for k, v in _ENV.items()}
-    if not any(given.values()):
-        return None
-    try:
-        given_int = {k: int(v) for k, v in given.items() if v}
-    except ValueError:
-        return None
-    # a variable left unset keeps glibc's default (128 KiB for both)
-    return {k: given_int.get(k, 128 * 1024) for k in _ENV}
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        lib.mallopt, lib.malloc_trim  # noqa: B018 - both must exist (glibc)
-    except (OSError, AttributeError):
-        return None
-    return lib
-
-
-@contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[None]:
-    """Inside the block, memory the process frees is kept for its next allocations; at
-    the end the process's settings come back and what was kept is returned to the system.
-
-    Only where the process was started with static glibc thresholds, as dask's nanny
-    starts every worker (``MALLOC_TRIM_THRESHOLD_=65536``, so that idle workers give
-    memory back). Under that setting glibc also stops adapting its mmap threshold: every
-    array above 128 KiB is a fresh ``mmap`` whose pages fault in one by one, and a pool
-    task's per-batch temporaries (0.1–2 MB each) faulted 1.1 GB in per raster chunk
-    (2.3 M page faults and 5.9 s of system time per worker at 1 M POIs, against 19 k
-    faults with the thresholds below). Nested and concurrent blocks (threads of one
-    worker) share one setting; the last one out restores it. Elsewhere (no such
-    variables, or not glibc) it does nothing.
-    """
-    global _alloc_users
-    base = _static_malloc_settings()
-    lib = _libc() if base is not None else None
-    if lib is None:
-        yield
-        return
-    with _alloc_lock:
-        _alloc_users += 1
-        if _alloc_users == 1:
-            lib.mallopt(_M_MMAP_THRESHOLD, max(base[_M_MMAP_THRESHOLD], _TASK_MMAP_THRESHOLD))
-            lib.mallopt(_M_TRIM_THRESHOLD, max(base[_M_TRIM_THRESHOLD], _TASK_TRIM_THRESHOLD))
-    try:
-        yield
-    finally:
-        with _alloc_lock:
-            _alloc_users -= 1
-            if _alloc_users == 0:
-                lib.mallopt(_M_MMAP_THRESHOLD, base[_M_MMAP_THRESHOLD])
-                lib.mallopt(_M_TRIM_THRESHOLD, base[_M_TRIM_THRESHOLD])
-                lib.malloc_trim(0)

@@ -507,7 +507,7 @@ def test_infer_scheduler_follows_the_cluster_kind():
 
 _FAULTS = """
 import json, resource, torch
-from aether_scale.infer.models import keep_activations_on_the_heap
+from aether_scale.heap import keep_freed_memory
 def faults():
     x, w = torch.randn(2048, 64), torch.randn(64, 384)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -516,7 +516,7 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faults()
 a = faults()
-tuned = keep_activations_on_the_heap()
+tuned = keep_freed_memory()
 faults()
 print(json.dumps({"before": a, "after": faults(), "tuned": tuned}))
 """

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from fixtures import make_problem, small_cfg
 
+from aether_scale.heap import retained_heap as _retained_heap
 from aether_scale.loss import AetherLoss, info_nce_terms, symmetric_info_nce
 from aether_scale.model import AEProj, TextProj
 from aether_scale.stores.triplets import write_triplets
 from aether_scale.train import train_model
-from aether_scale.train.runtime import retained_heap as _retained_heap
 
 BF16_NATIVE = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 

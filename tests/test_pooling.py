@@ -453,41 +453,45 @@ def test_task_sums_dtype_holds_code_sums_exactly() -> None:
     assert area * 127 * 127 < 2**24  # the bound the float32 choice rests on
 
 
-def test_pool_tasks_reuse_freed_memory_under_dasks_malloc_setting():
-    """dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which makes glibc
-    hand every array above 128 KiB back to the kernel on free, so the next one faults its
-    pages in again. Inside ``reuse_freed_memory`` (each pool task) a loop of 1 MiB
-    temporaries faults in a small fraction of what it does outside; without the variable
-    (glibc adapting by itself) the block changes nothing."""
+def test_pool_tasks_keep_freed_memory_under_dasks_malloc_setting():
+    """dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, under which glibc
+    hands every block above 128 KiB back to the kernel on free (a pool task's per-batch
+    temporaries then faulted 1.1 GB in per raster chunk). A pool task in such a process
+    sets the heap's thresholds (``aether_scale.heap.keep_freed_memory``), after which 1 MiB
+    temporaries are reused instead of faulted in; without the variable it sets nothing."""
+    import json
     import os
     import subprocess
     import sys
 
     code = """
-import resource, numpy as np
-from aether_scale.workers import reuse_freed_memory, _static_malloc_settings
+import json, resource, numpy as np
+from tests.test_pooling import make_raster, points_for, BUFFERS
+from aether_scale.config import BufferSpec
+from aether_scale.pool import pool_buffers
+from aether_scale import heap
 def faults(n=200):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
         a = np.ones(131072)  # 1 MiB, freed at the next iteration
         a += 1
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-outside = faults()
-with reuse_freed_memory():
-    with reuse_freed_memory():  # nested: one setting, restored by the outer block
-        inside = faults()
-after = faults()
-print(_static_malloc_settings() is not None, outside, inside, after)
+before = faults()
+da, _ = make_raster()
+px, py = points_for(da)
+pool_buffers(da, px, py, [BufferSpec(**b) for b in BUFFERS])
+print(json.dumps({"before": before, "after": faults(), "tuned": heap._worker_tuned}))
 """
     def run(env):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True).stdout.split()
-        return out[0] == "True", *map(int, out[1:])
+                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__))))
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    static, outside, inside, after = run({**env, "MALLOC_TRIM_THRESHOLD_": "65536"})
-    assert static and outside > 200 * 200  # ~256 pages per 1 MiB array, every time
-    assert inside < outside / 10
-    assert after > 200 * 200  # the worker's own setting is back after the block
-    static, outside, inside, after = run(env)
-    assert not static and outside < 200 * 200  # glibc's own adaptive thresholds
+    got = run({**env, "MALLOC_TRIM_THRESHOLD_": "65536"})
+    every_time = 200 * 256  # 256 pages per 1 MiB array
+    assert got["before"] > 0.6 * every_time
+    assert got["tuned"] == [[8 * 2**20, 32 * 2**20]] and got["after"] < 0.1 * every_time
+    got = run(env)
+    assert got["tuned"] == [] and got["before"] < 0.1 * every_time  # glibc adapts itself

@@ -9,7 +9,7 @@ and the gated shortcut as one product) lived here until the same-run A/B of
 ``torch.compile`` for the whole stage (8.4 M px, in-process threads), short of the
 1.15× that would justify a second copy of the math. Its one real advantage, no
 allocation per batch, mattered only on dask workers, whose glibc the nanny starts
-with ``MALLOC_TRIM_THRESHOLD_`` set: :func:`~.models.keep_activations_on_the_heap`
+with ``MALLOC_TRIM_THRESHOLD_`` set: :func:`~aether_scale.heap.keep_freed_memory`
 fixes that at its cause.
 """
 

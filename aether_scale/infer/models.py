@@ -8,31 +8,19 @@ it). Without a distributed client the same cache serves the in-process scheduler
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
-import os
 import pickle
-import sys
 import threading
 from collections import Counter
 
 import torch
 
-__all__ = ["keep_activations_on_the_heap", "model_load_count"]
+__all__ = ["model_load_count"]
 
 _MODEL_CACHE: dict[tuple[str, str], torch.nn.Module] = {}
 _LOAD_COUNTS: Counter[str] = Counter()
 _CACHE_LOCK = threading.Lock()
 _THREADS_SET: list[int] = []
-_MALLOC_TUNED: list[tuple[int, int]] = []
-
-#: glibc ``mallopt`` parameters, and what infer's tasks set them to on dask workers:
-#: allocations up to 8 MiB (a batch's activations are ≤ 3 MiB) come from the heap, and up
-#: to 32 MiB of free heap is kept for the next batch instead of going back to the OS
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD = 8 * 2**20, 32 * 2**20
-
 
 def model_load_count(key: str | None = None) -> int:
     """How many times this process unpickled a model (``key``: one model's hash; None: all).
@@ -85,36 +73,6 @@ def _set_threads(n: int) -> None:
     if not _THREADS_SET or _THREADS_SET[-1] != n:
         torch.set_num_threads(n)
         _THREADS_SET.append(n)
-
-
-def keep_activations_on_the_heap() -> tuple[int, int] | None:
-    """Let this process reuse freed activations instead of faulting in fresh pages for
-    each batch (once per process; returns the two thresholds set, or None).
-
-    dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``
-    (``distributed.nanny.pre-spawn-environ``). Setting any glibc threshold turns off
-    glibc's adaptive mmap threshold, so every block over 128 KiB becomes its own mmap,
-    unmapped again on free: each of the projector's ~10 activations per batch was
-    page-faulted anew, and the stage ran at half speed on workers (49.6 vs 26.1 s for
-    8.4 M px, before and after this call, measured on a LocalCluster of 2 here). Only
-    where that variable is set (elsewhere glibc adapts by itself) and only on glibc.
-    """
-    if _MALLOC_TUNED:
-        return _MALLOC_TUNED[0]
-    if not sys.platform.startswith("linux") or "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        return None
-    with _CACHE_LOCK:
-        if not _MALLOC_TUNED:
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-                return None
-            if (mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) != 1
-                    or mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) != 1):
-                return None
-            _MALLOC_TUNED.append((HEAP_MMAP_THRESHOLD, HEAP_TRIM_THRESHOLD))
-    return _MALLOC_TUNED[0]
 
 
 def seed_cache(key: str, projector: torch.nn.Module) -> None:

@@ -30,6 +30,7 @@ from .. import gemm
 from ..cluster import InTask, active_client
 from ..config import InferSection
 from ..devices import bf16_problem, resolve_device
+from ..heap import keep_freed_memory
 from ..logs import get_logger
 from ..pipeline import ARTIFACTS
 from ..pipeline.registry import infer_in_process
@@ -43,7 +44,6 @@ from .models import (
     _cached_model,
     _model_payload,
     _set_threads,
-    keep_activations_on_the_heap,
     seed_cache,
 )
 
@@ -74,7 +74,7 @@ def _infer_chunk(region: InTask, *, payload: bytes | None, key: str, batch_pixel
     its valid-pixel count)."""
     block = region.read()
     _set_threads(threads)
-    keep_activations_on_the_heap()
+    keep_freed_memory()
     dev = str(resolve_device(device, key="infer.device"))
     model = _cached_model(key, payload, dev)
     by, bx, nb = block.shape
@@ -298,18 +298,18 @@ def build(ctx) -> dict[str, Any]:
 def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
     """What one infer task imports (torch and the model) and holds: the AE chunk its
     field chunk lies in, the field chunk, the projector's batch buffers."""
+    from ..heap import WORKER_TRIM_THRESHOLD
     from ..stores.raster import chunk_shape
 
     cfg = ctx.cfg.infer
     cy, cx, cb = chunk_shape(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
     fy, fx = field_chunk(cy, cfg.chunk_px), field_chunk(cx, cfg.chunk_px)
     per_px = 2 if cfg.dtype == "float16" else 1
-    from .models import HEAP_TRIM_THRESHOLD
 
     return (["aether_scale.infer.stage", "torch"],
             [(f"an ae.zarr chunk of {cy}×{cx} px", int(1.5 * cy * cx * cb)),
              (f"a field chunk of {fy}×{fx} px", 2 * fy * fx * 128 * per_px),
              (f"batches of {cfg.batch_pixels:,} px", cfg.batch_pixels * 1024 * 4),
-             # what keep_activations_on_the_heap lets glibc keep for the next batch
-             ("free heap kept between batches", HEAP_TRIM_THRESHOLD)],
+             # what keep_freed_memory lets glibc keep for the next batch
+             ("free heap kept between batches", WORKER_TRIM_THRESHOLD)],
             "lower infer.chunk_px or infer.batch_pixels")

@@ -36,9 +36,9 @@ import xarray as xr
 
 from ..cluster import InTask, _PauseWatch, active_client, n_task_slots, result
 from ..config import BufferSpec
+from ..heap import keep_freed_memory
 from ..logs import Progress
 from ..stores.ledger import Ledger
-from ..workers import reuse_freed_memory
 from .grid import Grid, as_yxc, grid_of
 from .kernels import Buffer, RegionSpec, finalize, partial_sums
 
@@ -131,12 +131,12 @@ def _task(lazy: InTask, payload: InTask, ledger: Ledger | None, key: str) -> Tas
         secs["kernel_cpu"] = time.thread_time() - c1
         return out
 
-    with reuse_freed_memory():  # the kernel's per-batch temporaries, under dask's malloc
-        sums = storage.with_retries(run, what=f"pool chunk {key}")
-        t0 = time.perf_counter()
-        vec, cnt = finalize(sums[whole], kw["kind"], normalize=normalize)
-        part = sums[~whole].astype(sums_dtype(kw["kind"], kw["buffers"]), copy=False)
-        secs["finalize"] = time.perf_counter() - t0
+    keep_freed_memory()  # the kernel's per-batch temporaries, under dask's malloc setting
+    sums = storage.with_retries(run, what=f"pool chunk {key}")
+    t0 = time.perf_counter()
+    vec, cnt = finalize(sums[whole], kw["kind"], normalize=normalize)
+    part = sums[~whole].astype(sums_dtype(kw["kind"], kw["buffers"]), copy=False)
+    secs["finalize"] = time.perf_counter() - t0
     res = TaskResult(index[~whole], part, index[whole], vec, cnt, 0, secs)
     if ledger is not None:
         storage.with_retries(lambda: ledger.save_arrays(

@@ -306,13 +306,15 @@ def build(ctx) -> dict[str, Any]:
 
 
 def worker_memory(ctx) -> tuple[list[str], list[tuple[str, int]], str]:
-    """What one pool task imports and holds: an AE chunk (stored and decoded) and its
-    prefix-sum strip."""
+    """What one pool task imports and holds: an AE chunk (stored and decoded), its
+    prefix-sum strip, and the free heap glibc keeps for the next batch."""
+    from ..heap import WORKER_TRIM_THRESHOLD
     from ..stores.raster import chunk_shape
 
     cy, cx, cb = chunk_shape(ctx.reads["ae.zarr"], storage_options=ctx.storage_options)
     strip = ctx.cfg.pool.block_mb * 2**20
     return (["aether_scale.pool.stage"],
             [(f"an ae.zarr chunk of {cy}×{cx} px", int(1.5 * cy * cx * cb)),
-             ("prefix-sum strip", int(1.5 * strip))],
+             ("prefix-sum strip", int(1.5 * strip)),
+             ("free heap kept between batches (aether_scale.heap)", WORKER_TRIM_THRESHOLD)],
             "re-ingest with a smaller ingest.chunk_px, or lower pool.block_mb")

@@ -48,6 +48,7 @@ from .. import gemm
 from ..config import TrainSection
 from ..config.sections import TRAIN_LEGACY_DEFAULTS
 from ..devices import choose_threads, resolve_device
+from ..heap import retained_heap
 from ..loss import AetherLoss
 from ..model import (
     CHECKPOINT_NAME,
@@ -64,7 +65,6 @@ from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
     compute_dtype,
     make_optimizer,
-    retained_heap,
     rng_state,
     set_rng_state,
     write_json,

@@ -4,10 +4,9 @@ the optimizer, RNG state, atomic JSON.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,42 +14,10 @@ import torch
 from ..config import TrainSection
 from ..devices import bf16_problem
 
-__all__ = ["compute_dtype", "make_optimizer", "retained_heap", "rng_state",
+__all__ = ["compute_dtype", "make_optimizer", "rng_state",
            "set_rng_state", "write_json"]
 
 
-
-
-@contextlib.contextmanager
-def retained_heap(enabled: bool = True) -> Iterator[bool]:
-    """glibc: while active, keep freed blocks of up to 32 MiB in the heap instead of unmapping them.
-
-    A CPU training step allocates and frees the same few MiB of temporaries every
-    step; with glibc's defaults they are unmapped and page-faulted back each time
-    (≈2,000 minor faults per step at batch 512, several ms of kernel time on 2
-    cores). With these settings a step takes ~1 fault. On exit glibc's default
-    thresholds (128 KiB) are set back and the heap is trimmed, so the rest of the
-    process is unaffected. Yields whether it took effect: False off glibc, when
-    ``enabled`` is false, or with ``AETHER_KEEP_MALLOC=1`` in the environment.
-    """
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    libc = None
-    if enabled and os.environ.get("AETHER_KEEP_MALLOC") != "1":
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)):
-                libc = None
-        except (OSError, AttributeError):
-            libc = None
-    try:
-        yield libc is not None
-    finally:
-        if libc is not None:
-            libc.mallopt(m_trim_threshold, 128 << 10)
-            libc.mallopt(m_mmap_threshold, 128 << 10)
-            libc.malloc_trim(0)
 
 
 def compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], None]) -> torch.dtype:
