@@ -534,7 +534,8 @@ def test_uncompressed_chunks_are_written_as_zarr_writes_them(tmp_path) -> None:
     at a chunk boundary (or is compressed) goes through Zarr."""
     import zarr
 
-    from aether_scale.stores.chunks import StoreRef, _raw_layout, append_rows, compressors
+    from aether_scale.stores.chunks import StoreRef, compressors
+    from aether_scale.stores.rows import _raw_layout, append_rows
 
     rng = np.random.default_rng(0)
     data = rng.normal(size=(23, 5)).astype(np.float32)
@@ -575,7 +576,8 @@ def test_uncompressed_chunks_are_read_in_place_and_checked(tmp_path) -> None:
 
     import zarr
 
-    from aether_scale.stores.chunks import CorruptStoreError, StoreRef, _raw_layout, read_rows
+    from aether_scale.stores.chunks import CorruptStoreError, StoreRef
+    from aether_scale.stores.rows import _raw_layout, read_rows
 
     d = make_problem(300)
     p = write_triplets(str(tmp_path / "t.zarr"), **d, chunk_rows=64)

@@ -203,7 +203,8 @@ def test_checksummed_zarr_chunks_are_fingerprinted_by_their_own_crc32c(tmp_path)
     import numpy as np
     import zarr
 
-    from aether_scale.stores.chunks import CorruptStoreError, StoreRef, compressors, read_rows
+    from aether_scale.stores.chunks import CorruptStoreError, StoreRef, compressors
+    from aether_scale.stores.rows import read_rows
 
     root = zarr.open_group(str(tmp_path / "ae.zarr"), mode="w", zarr_format=3)
     a = root.create_array("ae", shape=(8, 4), chunks=(4, 4), dtype="int8",

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .chunks import StoreRef, compressors, finish_store, quiet_zarr, read_rows, verify_store
+from .chunks import StoreRef, compressors, finish_store, quiet_zarr, verify_store
+from .rows import read_rows
 
 __all__ = ["NAME", "TextStore", "write_text_store"]
 

@@ -27,13 +27,12 @@ import numpy as np
 
 from .chunks import (
     StoreRef,
-    append_rows,
     compressors,
     finish_store,
     quiet_zarr,
-    read_rows,
     verify_store,
 )
+from .rows import append_rows, read_rows
 
 __all__ = ["NAME", "REQUIRED", "ArrayRows", "TripletStore", "TripletStoreError", "TripletWriter",
            "write_triplets"]
@@ -124,7 +123,7 @@ class TripletStore:
         """Rows ``[start, stop)`` of base, aug (None unless needed), text as float32.
 
         ``out``: ``(base, aug, text)`` float32 buffers to read into, each with at least
-        ``stop - start`` rows (see :func:`~.chunks.read_rows`; a streaming reader passes
+        ``stop - start`` rows (see :func:`~.rows.read_rows`; a streaming reader passes
         the same chunk-sized buffers every epoch). Raises :class:`TripletStoreError`
         naming the field and row of a non-finite value,
         :class:`~.chunks.CorruptStoreError` for a damaged chunk.
@@ -173,7 +172,7 @@ class TripletWriter:
     :class:`ArrayRows`, anything whose ``take(rows, out=)`` gathers rows in any order):
     rows are added with their *row* in it, and the vectors of a chunk are gathered once,
     into one reused buffer, when the chunk is written. Chunks of the uncompressed
-    vectors are written straight to their files (:func:`~.chunks.append_rows`).
+    vectors are written straight to their files (:func:`~.rows.append_rows`).
     """
 
     def __init__(self, uri: str, n_bands: int, text: Any, chunk_rows: int, *,
