@@ -11,43 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+from fixtures import BUFFERS, PIX, make_raster, points_for
 
 from aether_scale.config import BufferSpec
 from aether_scale.pool import pool_buffers
 
-PIX = 10.0
-
-
 # --------------------------------------------------------------------------- fixtures
-def make_raster(
-    h: int = 70, w: int = 90, c: int = 8, *, chunk: int = 16, seed: int = 0,
-    y_decreasing: bool = True, kind: str = "codes",
-) -> tuple[xr.DataArray, np.ndarray]:
-    """A chunked (y, x, band) raster with nodata holes; returns (DataArray, decoded float64)."""
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(-127, 128, size=(h, w, c), dtype=np.int16).astype(np.int8)
-    codes[5:14, 20:33] = -128  # a nodata block crossing chunk edges
-    codes[h - 6 :, : w // 3] = -128  # nodata at the raster edge
-    holes = rng.random((h, w)) < 0.05
-    codes[holes] = -128
-    codes[rng.random((h, w)) < 0.01, 3] = -128  # nodata in one band only: pixel invalid too
-    q = codes.astype(np.float64)
-    dec = np.sign(q) * (q / 127.5) ** 2
-    dec[codes == -128] = np.nan
-    x = 500_000.0 + PIX / 2 + PIX * np.arange(w)
-    y = 6_000_000.0 + PIX / 2 + PIX * np.arange(h)
-    if y_decreasing:
-        y = y[::-1]
-        codes, dec = codes[::-1].copy(), dec[::-1].copy()
-    if kind == "codes":
-        data, dim = codes, "band"
-    else:
-        data, dim = dec.astype(np.float32), "dim"
-    da = xr.DataArray(data, dims=("y", "x", dim), coords={"y": y, "x": x}).chunk(
-        {"y": chunk, "x": chunk}
-    )
-    return da, dec
-
 
 def brute_force(dec: np.ndarray, xs: np.ndarray, ys: np.ndarray, px: float, py: float,
                 spec: dict) -> tuple[np.ndarray, int]:
@@ -71,35 +40,8 @@ def brute_force(dec: np.ndarray, xs: np.ndarray, ys: np.ndarray, px: float, py: 
     return m / np.linalg.norm(m), n
 
 
-def points_for(da: xr.DataArray, n: int = 150, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Random points + points near chunk edges, raster edges, in nodata, and outside."""
-    rng = np.random.default_rng(seed)
-    xs, ys = da.x.values, da.y.values
-    x0, x1 = xs.min() - PIX / 2, xs.max() + PIX / 2
-    y0, y1 = ys.min() - PIX / 2, ys.max() + PIX / 2
-    px = list(rng.uniform(x0, x1, n))
-    py = list(rng.uniform(y0, y1, n))
-    # just either side of chunk boundaries (every 16 px) and of the raster edges
-    for cx in (16, 32, 48):
-        for eps in (-0.3, 0.3):
-            px.append(x0 + cx * PIX + eps)
-            py.append(rng.uniform(y0, y1))
-            px.append(rng.uniform(x0, x1))
-            py.append(y1 - cx * PIX + eps)
-    px += [x0 + 0.1, x1 - 0.1, x0 + 0.1, x1 - 0.1]
-    py += [y0 + 0.1, y1 - 0.1, y1 - 0.1, y0 + 0.1]
-    px += [x0 - 3.0, x1 + 25.0]  # outside
-    py += [y0 + 100.0, y1 - 50.0]
-    return np.array(px), np.array(py)
 
 
-BUFFERS = [
-    {"shape": "circle", "radius_m": 50.0},
-    {"shape": "circle", "radius_m": 100.0},
-    {"shape": "circle", "radius_m": 215.0},  # wider than a 16-px chunk (160 m)
-    {"shape": "square", "radius_px": 4},
-    {"shape": "square", "radius_px": 20},  # window wider than a chunk
-]
 
 
 def check_against_brute_force(da, dec, px, py, buffers, res, *, atol=1e-5) -> None:
@@ -466,7 +408,7 @@ def test_pool_tasks_keep_freed_memory_under_dasks_malloc_setting():
 
     code = """
 import json, resource, numpy as np
-from tests.test_pooling import make_raster, points_for, BUFFERS
+from fixtures import make_raster, points_for, BUFFERS
 from aether_scale.config import BufferSpec
 from aether_scale.pool import pool_buffers
 from aether_scale import heap
@@ -484,8 +426,7 @@ print(json.dumps({"before": before, "after": faults(), "tuned": heap._worker_tun
 """
     def run(env):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(
-                                 os.path.abspath(__file__))))
+                             text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
