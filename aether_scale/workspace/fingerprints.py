@@ -129,11 +129,11 @@ def _fingerprint_path(path: str, storage_options: Mapping[str, Any] | None) -> s
         base = p.rstrip("/") + "/"
         files = fs.find(p, detail=True)
         # object stores already give each file a content ETag in the listing
-        arrays = _checksummed_arrays(fs, files) if _is_local_fs(fs) else set()
+        arrays = tuple(_checksummed_arrays(fs, files)) if _is_local_fs(fs) else ()
         for sub, info in sorted(files.items()):
             h.update(sub[len(base):].encode() + b"\0")
             chunk = (arrays and not sub.endswith("/zarr.json")
-                     and sub[: sub.rfind("/") + 1].startswith(tuple(arrays)))
+                     and sub[: sub.rfind("/") + 1].startswith(arrays))
             fp = _chunk_fingerprint if chunk else _file_fingerprint
             h.update(fp(fs, sub, info).encode())
         return h.hexdigest()
