@@ -24,6 +24,7 @@ from aether_scale.infer import (
     model_load_count,
     project_pixels,
 )
+from aether_scale.infer.kernel import project_chunk
 from aether_scale.model import TextProj, save_checkpoint
 from aether_scale.pipeline import run_stage
 from aether_scale.stores import field as field_store
@@ -653,3 +654,37 @@ def test_windows_of_one_pass_read_each_chunk_once(tmp_path, monkeypatch):
         assert a.flags.writeable and b.flags.writeable  # the caller's copy, not the cache
     np.asarray(ch.CheckedWindow.of(ref, "embedding", index, wins[0], fix="-", reuse="pass-2"))
     assert reads == [(0, 0, 0), (0, 0, 0)]
+
+
+class _Poisoned(torch.nn.Module):
+    """A projector whose output is +inf, -inf or NaN in one element of chosen rows."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        y = self.lin(x).clone()
+        y[:, 0] = torch.where(x[:, 0] > 0.25, float("inf"), y[:, 0])
+        y[:, 5] = torch.where(x[:, 1] < -0.25, float("nan"), y[:, 5])
+        y[:, 15] = torch.where(x[:, 2] > 0.25, float("-inf"), y[:, 15])
+        y[:, 9] = torch.where(x[:, 3] > 0.25, 1e30, y[:, 9])  # huge but finite
+        return y
+
+
+def test_every_non_finite_row_is_counted_and_nothing_else():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(3000, 64)).astype(np.float32)
+    codes = aef.encode(x / np.linalg.norm(x, axis=1, keepdims=True))
+    codes[rng.choice(3000, 200, replace=False), 4] = -128  # nodata rows: not counted
+    valid = ~(codes == -128).any(axis=1)
+    v = aef.decode(codes).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    poisoned = (v[:, 0] > 0.25) | (v[:, 1] < -0.25) | (v[:, 2] > 0.25)
+    want = int(np.count_nonzero(poisoned & valid))
+    assert 0 < want < valid.sum() and np.count_nonzero((v[:, 3] > 0.25) & valid & ~poisoned)
+    for batch in (97, 2048):
+        out, m, non_finite = project_chunk(codes, _Poisoned(), batch_pixels=batch,
+                                           out_dtype="float16")
+        assert (m, non_finite) == (int(valid.sum()), want)
