@@ -116,11 +116,11 @@ def project_chunk(
                 z = model(F.normalize(t, dim=1))
             if z.dtype != torch.float32:
                 z = F.normalize(z.float(), dim=1)
-            # A row is finite iff its sum is: NaN or ±inf in any element makes the
-            # sum non-finite, and a finite projection cannot overflow float32 when
-            # summed (unit rows; anything near 1e38 would not fit the float16 field
-            # either). One reduction instead of an element-wise mask: ~10 % of the
-            # forward pass at 2,048 pixels per batch.
+            # NaN or ±inf in any element makes the row's sum non-finite. The projector's
+            # rows are unit vectors, so their sums cannot overflow; another module's
+            # finite row whose sum passes float32's range (~3.4e38) is counted too, and
+            # could not be stored in a float16 field (max 65,504) anyway. One reduction
+            # instead of an element-wise mask: ~10 % of the forward pass per batch.
             ok = torch.isfinite(z.sum(dim=1))
             if not bool(ok.all()):
                 non_finite += int((~ok).sum())
