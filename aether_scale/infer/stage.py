@@ -128,9 +128,14 @@ def _store_windows(ae: Any, storage_options: dict | None, arr: Any) -> Any:
         return None  # bands split across chunks: the dask path rechunks them
     index = read_index(ref)  # (open_embedding has verified the store against it)
     fix = "run `aether-scale ingest --force`"
-    run = uuid.uuid4().hex  # this pass: a worker thread reads each AE chunk once in it
-    return lambda win: CheckedWindow.of(ref, "embedding", index, win, fix=fix, opened=opened,
-                                        reuse=run)
+    run = uuid.uuid4().hex  # this pass: a process reads each AE chunk once in it
+
+    def window(win: tuple[int, int, int, int]) -> CheckedWindow:
+        return CheckedWindow.of(ref, "embedding", index, win, fix=fix, opened=opened,
+                                reuse=run)
+
+    window.reuse = run  # type: ignore[attr-defined]
+    return window
 
 
 def infer_field(
@@ -230,6 +235,10 @@ def infer_field(
             records, n_todo = write_chunks(build, job, label="infer", token=token, log=log,
                                            progress=progress, group=group)
     finally:
+        if windows is not None:  # this pass's AE chunks, shared by this process's threads
+            from ..stores.chunk_cache import CACHE
+
+            CACHE.release(windows.reuse)
         if client is None:  # the in-process run changed this process's torch threads
             torch.set_num_threads(threads_before)
             with _CACHE_LOCK:

@@ -29,7 +29,6 @@ import contextlib
 import json
 import math
 import os
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -360,11 +359,10 @@ class CheckedWindow:
     touches, or None for a store without an index. ``np.asarray(window)`` reads it.
 
     ``reuse``: a token naming one pass over a store that does not change during it
-    (a stage run's). Windows with the same token keep the last chunk they read in
-    their thread, verified when it was read, and a next window in the same chunk
-    reads it from there: a 1024² AE chunk feeding four 512² field tasks is then
-    read and decompressed once per worker thread that runs them, not four times.
-    Memory stays one chunk per thread, what a window holds while it is read."""
+    (a stage run's). Windows with the same token share the chunks they read, verified
+    when read, through :data:`~.chunk_cache.CACHE`: a 1024² AE chunk feeding four 512²
+    field tasks is read and decompressed once per process, whichever of its threads
+    run them, even at the same moment. Memory stays at most one chunk per thread."""
 
     ref: StoreRef
     array: str
@@ -414,16 +412,7 @@ class CheckedWindow:
     def _read(self, idx: tuple[int, int, int], size: int | None) -> np.ndarray:
         if self.reuse is None:
             return _read_chunk(self.ref, self.array, idx, size, self.fix)
-        key = (self.reuse, self.ref.uri, self.array, idx, size)
-        last = getattr(_LAST_CHUNK, "entry", None)
-        if last is not None and last[0] == key:
-            return last[1]
-        _LAST_CHUNK.entry = None  # never two chunks held at once
-        block = _read_chunk(self.ref, self.array, idx, size, self.fix)
-        block.flags.writeable = False  # shared by the windows that reuse it
-        _LAST_CHUNK.entry = (key, block)
-        return block
+        from .chunk_cache import CACHE
 
-
-#: per thread: the last chunk a :class:`CheckedWindow` with a ``reuse`` token read
-_LAST_CHUNK = threading.local()
+        return CACHE.get(self.reuse, (self.ref.uri, self.array, idx, size),
+                         lambda: _read_chunk(self.ref, self.array, idx, size, self.fix))

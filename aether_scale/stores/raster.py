@@ -357,12 +357,17 @@ def write_chunks(build: RasterBuild, job: Callable[[int, int, tuple[int, int, in
                  "written")
     task = dask.delayed(chunk_job, pure=True)
     # task keys name the store too: the same chunk of another build is another task
-    # (a cluster still holding an earlier run's result must not answer for this one)
+    # (a cluster still holding an earlier run's result must not answer for this one).
+    # Schedulers order independent tasks by key (dask.order: the threaded one runs them
+    # in reverse key order), so the keys carry the submission order: with i-j alone a
+    # group's chunks ran a whole row of chunks apart and its input chunk was read again
     tok = dask.base.tokenize(token, build.store, build.ledger)
+    width = len(str(len(todo)))
     tasks = []
-    for i, j in todo:
+    for n, (i, j) in enumerate(todo):
         fn, args = job(i, j, build.window(i, j))
-        tasks.append(task(build, i, j, fn, *args, dask_key_name=f"{label}-{tok}-{i}-{j}"))
+        tasks.append(task(build, i, j, fn, *args,
+                          dask_key_name=f"{label}-{tok}-{n:0{width}d}-{i}-{j}"))
     with Progress(log, label, len(grid), "chunks", done=len(grid) - len(todo),
                   every_s=None if progress else float("inf")) as prog:
         run_tasks(tasks, progress=prog)
