@@ -16,6 +16,13 @@ only the summation order inside each dot product differs (|Δ| ~ 1e-6 relative).
   path) otherwise, or when ``AETHER_CPU_GEMM=blas`` is set (for A/B runs and as
   an escape hatch). CUDA, bfloat16 under autocast and anything but 2-D float32
   inputs always take torch's own path.
+- :func:`calibrate` makes ``auto`` concrete for one workload: the train and infer
+  stages time their own products (shapes, batch rows, forward or forward and
+  backward, this process's threads) both ways before their first step and keep the
+  faster. Which path wins depends on the CPU and the workload: on the AMD EPYC
+  hosts oneDNN trained 1.28–1.34× faster than MKL (``bench_train.py``, 2026-12-02),
+  on an Intel Xeon (Sapphire Rapids) MKL trained 1.26× faster (5.25 vs 6.61 s per
+  epoch) while oneDNN still ran the field's forward products 1.32× faster.
 
 Eagerly the oneDNN op runs through a small ``autograd.Function``; inside
 ``torch.compile`` through a torch custom op (``aether::linear``) with the same
@@ -26,14 +33,18 @@ elementwise work around it.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
+import time
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BACKENDS", "ENV", "Linear", "backend", "mm_nt", "use_onednn"]
+__all__ = ["BACKENDS", "ENV", "Linear", "backend", "calibrate", "mm_nt", "use_onednn"]
 
 #: ``AETHER_CPU_GEMM`` values
 BACKENDS = ("auto", "onednn", "blas")
@@ -202,3 +213,69 @@ class Linear(nn.Linear):
         if use_onednn(x, self.weight):
             return _linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+#: blas must beat oneDNN by this factor to be chosen (closer is this machine's noise)
+CALIBRATION_MARGIN = 0.95
+_CALIBRATED: dict[tuple, dict] = {}
+_CAL_LOCK = threading.Lock()
+
+
+def calibrate(products: Sequence[tuple[int, int, int]], *, backward: bool,
+              repeats: int = 5) -> dict:
+    """Time one workload's float32 products both ways and make the faster this
+    process's path (:func:`backend` ``auto`` only; ``AETHER_CPU_GEMM`` set, or oneDNN
+    unusable here, measures nothing).
+
+    ``products``: ``(rows, in, out)`` of each product (a Linear's input rows and
+    shape), ``backward``: time the gradients' products too (training). Both paths run
+    the same random products, interleaved over ``repeats`` rounds; each keeps its best
+    round. ``blas`` is chosen only when at least 5 % faster (:data:`CALIBRATION_MARGIN`).
+    A workload measured before in this process (same products, same threads) is not
+    measured again. Returns ``{"backend", "measured", "ms": {path: best round}}``.
+    """
+    global _ACTIVE
+    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if want != "auto" or backend(refresh=True) != "onednn":
+        return {"backend": backend(), "measured": False, "ms": None}
+    key = (tuple((int(m), int(i), int(o)) for m, i, o in products), bool(backward),
+           torch.get_num_threads())
+    with _CAL_LOCK:  # the threads of one process calibrate once, not against each other
+        found = _CALIBRATED.get(key)
+        if found is None:
+            found = _CALIBRATED[key] = _measure(key[0], backward, repeats)
+        _ACTIVE = found["backend"] == "onednn"
+        return dict(found)
+
+
+def _measure(products: tuple[tuple[int, int, int], ...], backward: bool, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(m, i, generator=g) for m, i, _ in products]
+    ws = [torch.randn(o, i, generator=g) / math.sqrt(i) for _, i, o in products]
+    bs = [torch.randn(o, generator=g) for _, _, o in products]
+    if backward:
+        for t in (*xs, *ws, *bs):
+            t.requires_grad_(True)
+    gys = [torch.randn(m, o, generator=g) for m, _, o in products]
+
+    def run(onednn: bool) -> None:
+        for x, w, b, gy in zip(xs, ws, bs, gys, strict=True):
+            if backward:
+                y = _OneDNNLinear.apply(x, w, b) if onednn else F.linear(x, w, b)
+                torch.autograd.grad(y, (x, w, b), gy)
+            else:
+                with torch.inference_mode():
+                    _onednn_linear(x, w, b) if onednn else F.linear(x, w, b)
+
+    best = {"onednn": math.inf, "blas": math.inf}
+    for name in best:
+        run(name == "onednn")  # warm-up: first-call set-up, caches
+    for r in range(repeats):
+        for name in (("onednn", "blas") if r % 2 == 0 else ("blas", "onednn")):
+            t = time.perf_counter()
+            for _ in range(3):
+                run(name == "onednn")
+            best[name] = min(best[name], (time.perf_counter() - t) / 3)
+    chosen = "blas" if best["blas"] < CALIBRATION_MARGIN * best["onednn"] else "onednn"
+    return {"backend": chosen, "measured": True,
+            "ms": {k: round(v * 1e3, 3) for k, v in best.items()}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,59 @@ def test_the_eager_path_does_not_import_the_compiler(tmp_path) -> None:
                          check=True, env={k: v for k, v in __import__("os").environ.items()
                                           if k != gemm.ENV})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_calibrate_keeps_the_faster_path_of_its_own_measurement(gemm_env) -> None:
+    """``auto``: both paths timed on the workload's products; the choice follows the
+    measurement (BLAS only when ≥ 5 % faster) and becomes this process's path; a set
+    AETHER_CPU_GEMM is obeyed without measuring."""
+    assert gemm_env(None) == "onednn"
+    products = [(384, 64, 256), (384, 256, 128), (192, 128, 384)]
+    gemm._CALIBRATED.clear()
+    cal = gemm.calibrate(products, backward=True, repeats=2)
+    assert cal["measured"] and set(cal["ms"]) == {"onednn", "blas"}
+    assert all(v > 0 for v in cal["ms"].values())
+    faster = ("blas" if cal["ms"]["blas"] < gemm.CALIBRATION_MARGIN * cal["ms"]["onednn"]
+              else "onednn")
+    assert cal["backend"] == faster == gemm.backend()
+    assert gemm.use_onednn(torch.ones(2, 2)) == (faster == "onednn")
+    # measured once per process and workload: the same answer, from the first measurement
+    assert gemm.calibrate(products, backward=True) == cal and len(gemm._CALIBRATED) == 1
+    for forced in ("blas", "onednn"):
+        gemm_env(forced)
+        got = gemm.calibrate(products, backward=True)
+        assert got == {"backend": forced, "measured": False, "ms": None}
+        assert gemm.backend() == forced
+    gemm._CALIBRATED.clear()
+
+
+def test_training_records_the_path_it_measured(tmp_path, gemm_env) -> None:
+    """A float32 CPU run of ≥ 256 steps per epoch measures its own products before the
+    first step and records the path and both timings; a small run measures nothing."""
+    from fixtures import make_problem, small_cfg
+
+    from aether_scale.stores.triplets import write_triplets
+    from aether_scale.train import train_model
+    from aether_scale.train.runtime import CALIBRATE_MIN_STEPS
+
+    assert gemm_env(None) == "onednn"
+    gemm._CALIBRATED.clear()
+    store = write_triplets(str(tmp_path / "t.zarr"), **make_problem(8 * CALIBRATE_MIN_STEPS),
+                           chunk_rows=512)
+    lines: list[str] = []
+    big = train_model(store, small_cfg(epochs=1, batch_size=8, kernels="autograd"),
+                      str(tmp_path / "big"), log=lines.append)
+    small = train_model(store, small_cfg(epochs=1, batch_size=64, kernels="autograd"),
+                        str(tmp_path / "small"), log=lines.append)
+    runs = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("big", "small")]
+    ms = runs[0]["cpu_gemm_ms"]
+    assert set(ms) == {"onednn", "blas"}
+    assert runs[0]["cpu_gemm"] == ("blas" if ms["blas"] < gemm.CALIBRATION_MARGIN * ms["onednn"]
+                                   else "onednn")
+    assert sum("float32 CPU products:" in line for line in lines) == 1
+    # the small run measured nothing and took the default path: the big run's choice
+    # ended with it (a later stage in the same process, e.g. infer, starts from auto)
+    assert runs[1]["cpu_gemm_ms"] is None and runs[1]["cpu_gemm"] == "onednn"
+    assert gemm.backend() == "onednn"
+    assert big["best_epoch"] == 0 and small["best_epoch"] == 0
+    gemm._CALIBRATED.clear()

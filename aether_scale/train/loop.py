@@ -63,6 +63,7 @@ from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
 from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
+    choose_cpu_gemm,
     compute_dtype,
     make_optimizer,
     rng_state,
@@ -216,6 +217,7 @@ def train_model(
                           storage_options=storage_options, device=device, shard=shard, t_start=t_start)
     finally:
         torch.set_num_threads(threads_before)
+        gemm.backend(refresh=True)  # a path measured for this run is not the process's
 
 
 def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[[str], None],
@@ -281,6 +283,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     txt = TextProj(store.text_dim, cfg.out_dim)
     gemm_dtype = compute_dtype(cfg, device, say)
     kernels = choose_kernels(cfg, device, steps)
+    gemm_cal = choose_cpu_gemm(cfg, device, gemm_dtype, (ae, txt), steps, say)  # before compiling
     heads = _Heads(ae, txt, kernels=kernels, compute_dtype=gemm_dtype).to(device)
     val = (InMemoryBatches(store, batch_size=min(cfg.batch_size, len(val_rows)), rows=val_rows,
                            seed=cfg.seed, device=device) if val_rows is not None else None)
@@ -342,6 +345,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
         "gemm_dtype": str(gemm_dtype).removeprefix("torch."),
         # float32 CPU products: torch's BLAS path or oneDNN (aether_scale.gemm)
         "cpu_gemm": gemm.backend() if device.type == "cpu" else None,
+        "cpu_gemm_ms": None if gemm_cal is None else gemm_cal["ms"],  # as measured (or not)
         "steps_per_epoch": steps,
     }
 

@@ -1,5 +1,5 @@
-"""The machinery around the training loop on this device: heap retention, GEMM precision,
-the optimizer, RNG state, atomic JSON.
+"""The machinery around the training loop on this device: heap retention, GEMM precision
+and path, the optimizer, RNG state, atomic JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ import torch
 from ..config import TrainSection
 from ..devices import bf16_problem
 
-__all__ = ["compute_dtype", "make_optimizer", "rng_state",
+__all__ = ["choose_cpu_gemm", "compute_dtype", "make_optimizer", "rng_state",
            "set_rng_state", "write_json"]
+
+#: float32 CPU runs with at least this many steps per epoch measure their products' path
+#: (:func:`choose_cpu_gemm`); below it the measurement (about a second on 2 cores, half of
+#: it first-call set-up the run would pay anyway) is a visible part of the run (tests, demos)
+CALIBRATE_MIN_STEPS = 256
 
 
 
@@ -40,6 +45,35 @@ def compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], 
             "float32 here")
         return torch.float32
     return torch.bfloat16
+
+
+def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
+                    modules: tuple[torch.nn.Module, ...], steps_per_epoch: int,
+                    say: Callable[[str], None]) -> dict | None:
+    """For float32 training on the CPU: which path this run's products take, measured
+    both ways on this run's own products (:func:`aether_scale.gemm.calibrate`: each
+    Linear of ``modules`` at its rows per step, and the loss's similarity product,
+    forward and backward). None (the default path, nothing measured) on other devices
+    and dtypes and for runs under :data:`CALIBRATE_MIN_STEPS` steps per epoch."""
+    from .. import gemm
+
+    if device.type != "cpu" or dtype != torch.float32 or steps_per_epoch < CALIBRATE_MIN_STEPS:
+        return None
+    b = int(cfg.batch_size)
+    views = 2 if cfg.use_aug else 1  # the AE projector sees base and augmented rows
+    products = []
+    for i, mod in enumerate(modules):
+        rows = b * views if i == 0 else b
+        products += [(rows, m.in_features, m.out_features) for m in mod.modules()
+                     if isinstance(m, torch.nn.Linear)]
+    products.append((b, int(cfg.out_dim), views * b))  # the loss: (n, d)·(k·n, d)ᵀ
+    cal = gemm.calibrate(products, backward=True)
+    if cal["measured"]:
+        ms = cal["ms"]
+        say(f"[train] float32 CPU products: {cal['backend']} (this run's products, forward "
+            f"and backward, measured here: oneDNN {ms['onednn']:.1f} ms, torch's BLAS "
+            f"{ms['blas']:.1f} ms; AETHER_CPU_GEMM=onednn|blas sets it)")
+    return cal
 
 
 def make_optimizer(params, cfg: TrainSection, device: torch.device) -> torch.optim.Optimizer:
