@@ -677,9 +677,9 @@ def test_local_cluster_output_identical_to_threads(tmp_path: Path) -> None:
             Client(cluster) as client:
         with get_task_stream(client) as ts:
             s2 = ingest_tiles(paths, dist, crs="EPSG:27700", chunk_px=64)
-        # the blocks really were read in the worker processes
+        # the blocks really were read in the worker processes (keys: label-token-order-i-j)
         block_tasks = [t for t in ts.data
-                       if re.fullmatch(r"ingest-[0-9a-f]+-\d+-\d+", str(t["key"]))]
+                       if re.fullmatch(r"ingest-[0-9a-f]+-\d+-\d+-\d+", str(t["key"]))]
         assert len(block_tasks) == s2["chunks"] == s2["chunks_computed"]
         assert {t["worker"] for t in block_tasks} <= set(client.scheduler_info()["workers"])
         # an overlap conflict raised on a worker reaches the caller as IngestError
