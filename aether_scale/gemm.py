@@ -16,10 +16,11 @@ only the summation order inside each dot product differs (|Δ| ~ 1e-6 relative).
   path) otherwise, or when ``AETHER_CPU_GEMM=blas`` is set (for A/B runs and as
   an escape hatch). CUDA, bfloat16 under autocast and anything but 2-D float32
   inputs always take torch's own path.
-- :func:`calibrate` makes ``auto`` concrete for one workload: the train and infer
-  stages time their own products (shapes, batch rows, forward or forward and
-  backward, this process's threads) both ways before their first step and keep the
-  faster. Which path wins depends on the CPU and the workload: on the AMD EPYC
+- :func:`calibrate` makes ``auto`` concrete for one workload: the train stage times
+  its own products (shapes, batch rows, forward and backward, this process's
+  threads) both ways before its first step and keeps the faster (infer keeps
+  oneDNN: its forward products were as fast or faster through it on every host
+  measured, ``bench_infer.py``'s GEMM floor). Which path wins depends on the CPU and the workload: on the AMD EPYC
   hosts oneDNN trained 1.28–1.34× faster than MKL (``bench_train.py``, 2026-12-02),
   on an Intel Xeon (Sapphire Rapids) MKL trained 1.26× faster (5.25 vs 6.61 s per
   epoch) while oneDNN still ran the field's forward products 1.32× faster.
