@@ -88,6 +88,11 @@ def _onednn_problem() -> str | None:
     return None
 
 
+def _wanted() -> str:
+    """``AETHER_CPU_GEMM`` as set (``auto`` when unset or empty)."""
+    return os.environ.get(ENV, "auto").strip().lower() or "auto"
+
+
 def backend(*, refresh: bool = False) -> str:
     """``onednn`` or ``blas``: which path float32 CPU products take in this process.
 
@@ -95,7 +100,7 @@ def backend(*, refresh: bool = False) -> str:
     global _ACTIVE, _WARNED
     if _ACTIVE is not None and not refresh:
         return "onednn" if _ACTIVE else "blas"
-    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    want = _wanted()
     if want not in BACKENDS:
         raise ValueError(f"{ENV}={want!r}: use one of {', '.join(BACKENDS)}")
     if want == "blas":
@@ -236,7 +241,7 @@ def calibrate(products: Sequence[tuple[int, int, int]], *, backward: bool,
     measured again. Returns ``{"backend", "measured", "ms": {path: best round}}``.
     """
     global _ACTIVE
-    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    want = _wanted()
     if want != "auto" or backend(refresh=True) != "onednn":
         return {"backend": backend(), "measured": False, "ms": None}
     key = (tuple((int(m), int(i), int(o)) for m, i, o in products), bool(backward),

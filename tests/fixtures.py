@@ -179,3 +179,14 @@ BUFFERS = [
     {"shape": "square", "radius_px": 4},
     {"shape": "square", "radius_px": 20},  # window wider than a chunk
 ]
+
+
+def count_chunk_reads(monkeypatch) -> list[tuple]:
+    """Record the chunk index of every verified chunk read (``stores.chunks._read_chunk``)
+    from now on in this test; the reads still happen."""
+    from aether_scale.stores import chunks as ch
+
+    reads: list[tuple] = []
+    real = ch._read_chunk
+    monkeypatch.setattr(ch, "_read_chunk", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    return reads

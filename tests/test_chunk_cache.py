@@ -9,7 +9,7 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
-from fixtures import projector, write_tiny_ae
+from fixtures import count_chunk_reads, projector, write_tiny_ae
 
 from aether_scale.config import InferSection
 from aether_scale.infer import infer_field
@@ -108,9 +108,7 @@ def test_infer_with_two_threads_reads_each_ae_chunk_once(tmp_path, monkeypatch):
 
     path = str(tmp_path / "ae.zarr")
     write_tiny_ae(path, ny=128, nx=192, chunk=64)  # 2 × 3 AE chunks
-    reads: list[tuple] = []
-    real = ch._read_chunk
-    monkeypatch.setattr(ch, "_read_chunk", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    reads = count_chunk_reads(monkeypatch)
     model = projector()
     cfg = InferSection(chunk_px=32, read_chunk_px=32)  # 4 field chunks in each AE chunk
     with dask.config.set(scheduler="threads", num_workers=2):

@@ -14,7 +14,16 @@ import pytest
 import rioxarray  # noqa: F401  (registers .rio)
 import torch
 import xarray as xr
-from fixtures import CHUNK, NX, NY, projector, random_codes, unit, write_tiny_ae
+from fixtures import (
+    CHUNK,
+    NX,
+    NY,
+    count_chunk_reads,
+    projector,
+    random_codes,
+    unit,
+    write_tiny_ae,
+)
 
 from aether_scale import aef
 from aether_scale.config import InferSection, load_config
@@ -630,7 +639,7 @@ def test_infer_from_a_store_reads_each_window_itself_and_checks_it(tmp_path):
 
 def test_windows_of_one_pass_read_each_chunk_once(tmp_path, monkeypatch):
     """CheckedWindow.reuse: windows of one pass (one token) that lie in the same chunk
-    read and verify it once per thread and give the same pixels as fresh reads; another
+    read and verify it once (per process) and give the same pixels as fresh reads; another
     pass (another token) reads it again, so a store changed between runs is re-checked."""
     from aether_scale.stores import chunks as ch
 
@@ -638,9 +647,7 @@ def test_windows_of_one_pass_read_each_chunk_once(tmp_path, monkeypatch):
     write_tiny_ae(path)
     ref = ch.StoreRef.of(path, None)
     index = ch.read_index(ref)
-    reads: list[tuple] = []
-    real = ch._read_chunk
-    monkeypatch.setattr(ch, "_read_chunk", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    reads = count_chunk_reads(monkeypatch)
     half = CHUNK // 2
     wins = [(0, half, 0, half), (0, half, half, CHUNK), (half, CHUNK, 0, half)]
     fresh = [np.asarray(ch.CheckedWindow.of(ref, "embedding", index, w, fix="-")) for w in wins]
