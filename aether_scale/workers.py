@@ -75,6 +75,8 @@ class WorkerPeaks:
 
 #: a worker's heap grows beyond the blocks a task holds (temporaries, allocator slack)
 _SLACK = 48 * 2**20
+#: how long the memory check waits for a cluster that has no worker at the moment
+_WAIT_FOR_WORKERS_S = 60.0
 
 
 def _import_quietly(modules: Sequence[str]) -> None:
@@ -133,6 +135,17 @@ def check_worker_memory(stage: str, modules: Sequence[str], per_task: Sequence[t
     if client is None:
         return
     workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        # none right now: e.g. the one worker died importing the stage's code early
+        # (warm_workers) and its nanny is starting it again — wait for it, then check
+        # (returning here would let the tasks find out, one lost worker at a time)
+        try:
+            client.wait_for_workers(1, timeout=_WAIT_FOR_WORKERS_S)
+        except TimeoutError:
+            log.info(f"[{stage}] no dask worker after {_WAIT_FOR_WORKERS_S:.0f} s: their "
+                     "memory is not checked before the stage")
+            return
+        workers = client.scheduler_info().get("workers", {})
     limited = {w: d for w, d in workers.items() if d.get("memory_limit")}
     if not limited:
         return

@@ -337,6 +337,29 @@ def test_workers_too_small_for_a_stage_are_refused_before_any_task(pooled, stage
     assert max(len(line) for line in res.stderr.splitlines()) <= 300
 
 
+def test_the_memory_check_waits_for_a_worker_that_is_being_restarted():
+    """A cluster with no worker when the check starts (its one worker died importing the
+    stage's code early and its nanny is starting it again; here: scaled up 2 s later)
+    is waited for and checked, not let through to lose the tasks' workers one by one."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from aether_scale.workers import check_worker_memory
+
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True,
+                      memory_limit="300MiB", dashboard_address=":0") as cluster, \
+            Client(cluster):
+        later = threading.Timer(2.0, cluster.scale, args=(1,))
+        later.start()
+        try:
+            with pytest.raises(MemoryError, match="cluster.memory_limit"):
+                # 300 MiB pauses at 240: 1 GiB per task cannot fit, whatever the imports
+                check_worker_memory("infer", ["json"], [("a block", 2**30)], "lower it")
+        finally:
+            later.cancel()
+
+
 def test_a_cluster_whose_workers_stay_paused_ends_with_an_explanation(monkeypatch):
     """Workers paused for lack of memory run nothing: the wait ends with the numbers."""
     import dask
