@@ -377,8 +377,9 @@ def parts(inp: dict) -> dict:
     from aether_scale.infer.kernel import BATCH_PIXELS, project_chunk
     from aether_scale.model import load_projector
     from aether_scale.stores import field as fs
-    from aether_scale.stores.chunks import CheckedWindow, StoreRef, read_index
+    from aether_scale.stores.chunks import StoreRef, read_index
     from aether_scale.stores.raster import open_embedding
+    from aether_scale.stores.reads import CheckedWindow
 
     torch.set_num_threads(1)
     ref = StoreRef.of(str(Path(inp["workspace"]) / "ae.zarr"), None)

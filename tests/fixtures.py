@@ -182,11 +182,11 @@ BUFFERS = [
 
 
 def count_chunk_reads(monkeypatch) -> list[tuple]:
-    """Record the chunk index of every verified chunk read (``stores.chunks._read_chunk``)
+    """Record the chunk index of every verified chunk read (``stores.reads.verified_chunk``)
     from now on in this test; the reads still happen."""
-    from aether_scale.stores import chunks as ch
+    from aether_scale.stores import reads as rd
 
     reads: list[tuple] = []
-    real = ch._read_chunk
-    monkeypatch.setattr(ch, "_read_chunk", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    real = rd.verified_chunk
+    monkeypatch.setattr(rd, "verified_chunk", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
     return reads

@@ -642,6 +642,7 @@ def test_windows_of_one_pass_read_each_chunk_once(tmp_path, monkeypatch):
     read and verify it once (per process) and give the same pixels as fresh reads; another
     pass (another token) reads it again, so a store changed between runs is re-checked."""
     from aether_scale.stores import chunks as ch
+    from aether_scale.stores.reads import CheckedWindow
 
     path = str(tmp_path / "ae.zarr")
     write_tiny_ae(path)
@@ -650,16 +651,16 @@ def test_windows_of_one_pass_read_each_chunk_once(tmp_path, monkeypatch):
     reads = count_chunk_reads(monkeypatch)
     half = CHUNK // 2
     wins = [(0, half, 0, half), (0, half, half, CHUNK), (half, CHUNK, 0, half)]
-    fresh = [np.asarray(ch.CheckedWindow.of(ref, "embedding", index, w, fix="-")) for w in wins]
+    fresh = [np.asarray(CheckedWindow.of(ref, "embedding", index, w, fix="-")) for w in wins]
     assert len(reads) == 3
     reads.clear()
-    got = [np.asarray(ch.CheckedWindow.of(ref, "embedding", index, w, fix="-", reuse="pass-1"))
+    got = [np.asarray(CheckedWindow.of(ref, "embedding", index, w, fix="-", reuse="pass-1"))
            for w in wins]
     assert reads == [(0, 0, 0)]
     for a, b in zip(fresh, got, strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.flags.writeable and b.flags.writeable  # the caller's copy, not the cache
-    np.asarray(ch.CheckedWindow.of(ref, "embedding", index, wins[0], fix="-", reuse="pass-2"))
+    np.asarray(CheckedWindow.of(ref, "embedding", index, wins[0], fix="-", reuse="pass-2"))
     assert reads == [(0, 0, 0), (0, 0, 0)]
 
 

@@ -39,7 +39,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_module_path_stays_close_to_float32() -> None:
-    from aether_scale.train.loop import _Heads
+    from aether_scale.train.heads import Heads
 
     ae, txt = _heads(dtype=torch.float32)
     x = F.normalize(torch.randn(256, 64), dim=1)
@@ -48,7 +48,7 @@ def test_bf16_module_path_stays_close_to_float32() -> None:
     grads = {}
     outs = {}
     for dt in (torch.float32, torch.bfloat16):
-        heads = _Heads(ae, txt, kernels="autograd", compute_dtype=dt).train()
+        heads = Heads(ae, txt, kernels="autograd", compute_dtype=dt).train()
         torch.manual_seed(5)
         z, zt = heads(x, t)
         assert z.dtype == zt.dtype == torch.float32  # outputs in the weights' dtype

@@ -383,8 +383,8 @@ def test_store_windows_read_the_same_as_the_dask_graph(tmp_path) -> None:
 def test_task_sums_dtype_holds_code_sums_exactly() -> None:
     """Tasks send code sums in float32 / int32 only while every sum is an exact integer
     there; float fields keep float64."""
-    from aether_scale.pool.engine import sums_dtype
     from aether_scale.pool.kernels import Buffer
+    from aether_scale.pool.tasks import sums_dtype
 
     assert sums_dtype("codes", [Buffer.circle(100.0, 10.0, -10.0)]) == np.float32
     assert sums_dtype("codes", [Buffer.circle(1000.0, 10.0, -10.0)]) == np.int32

@@ -12,7 +12,7 @@ from aether_scale.config import TrainSection
 from aether_scale.loss import AetherLoss, symmetric_info_nce_reference
 from aether_scale.model import AEProj, TextProj
 from aether_scale.train import loop, runtime
-from aether_scale.train.loop import COMPILE_MIN_STEPS, _Heads, choose_kernels
+from aether_scale.train.heads import COMPILE_MIN_STEPS, Heads, choose_kernels
 
 
 def _step(kernels: str, x: torch.Tensor, t: torch.Tensor):
@@ -20,7 +20,7 @@ def _step(kernels: str, x: torch.Tensor, t: torch.Tensor):
     ae, txt = AEProj(64, 256, 128), TextProj(384, 128)
     with torch.no_grad():
         ae.gate.fill_(0.4)
-    heads = _Heads(ae, txt, kernels=kernels).train()
+    heads = Heads(ae, txt, kernels=kernels).train()
     z, zt = heads(x, t)
     n = t.shape[0]
     out = AetherLoss()(z[:n], z[n:], zt)
@@ -56,7 +56,7 @@ def test_a_failing_compile_falls_back_to_the_modules(monkeypatch) -> None:
     monkeypatch.setattr(torch, "compile", broken)
     x = F.normalize(torch.randn(16, 64), dim=1)
     t = F.normalize(torch.randn(8, 384), dim=1)
-    heads = _Heads(AEProj(), TextProj(384), kernels="compile").train()
+    heads = Heads(AEProj(), TextProj(384), kernels="compile").train()
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         z, zt = heads(x, t)
     assert heads.kernels == "autograd" and z.shape == (16, 128) and zt.shape == (8, 128)

@@ -114,13 +114,14 @@ def _check_workers_device(client: Any, device: str) -> None:
 
 def _store_windows(ae: Any, storage_options: dict | None, arr: Any) -> Any:
     """For ``ae`` given as a store path whose chunks hold all bands: a function from a
-    window to its :class:`~aether_scale.stores.chunks.CheckedWindow` (verified chunk
+    window to its :class:`~aether_scale.stores.reads.CheckedWindow` (verified chunk
     reads, no dask graph). Slicing the whole array's dask graph once per task instead
     costs time that grows with the array (≈5 ms per task at national size, so the task
     list of a country took minutes to build). None for in-memory inputs."""
     if not isinstance(ae, (str, os.PathLike)):
         return None
-    from ..stores.chunks import CheckedWindow, StoreRef, read_index
+    from ..stores.chunks import StoreRef, read_index
+    from ..stores.reads import CheckedWindow
 
     ref = StoreRef.of(ae, storage_options)
     opened = ref.array("embedding")

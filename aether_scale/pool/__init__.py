@@ -5,7 +5,8 @@ Public API (used by the pool stage and by the region features)::
 
     from aether_scale.pool import pool_buffers, pool_polygons, plan_pool
 
-See :mod:`.engine` (points, one task per raster chunk, resumable through a ledger),
+See :mod:`.engine` (points, one task per raster chunk), :mod:`.tasks` (what a chunk's
+task computes, its ledger record for resume, the sliding window of submissions),
 :mod:`.kernels` (the prefix-sum algorithm), :mod:`.polygons` and :mod:`.stage`
 (``triplets.zarr``).
 """

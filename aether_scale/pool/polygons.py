@@ -30,9 +30,9 @@ import xarray as xr
 from affine import Affine
 
 from ..cluster import InTask
-from .engine import run_windowed
 from .grid import as_yxc, grid_of
 from .kernels import CODE_SCALE, _additive
+from .tasks import run_windowed
 
 
 @dataclass

@@ -30,7 +30,8 @@ from ..stores.pois import PoiTable
 from ..stores.raster import raster_crs
 from ..stores.text import TextStore
 from ..stores.triplets import TripletWriter
-from .engine import TASK_PARTS, plan_pool
+from .engine import plan_pool
+from .tasks import TASK_PARTS
 
 __all__ = ["build", "check_same_crs", "pool_triplets"]
 
@@ -281,11 +282,12 @@ def _finish(counts: dict[str, Any], plan: Any, writer: TripletWriter, pois: dict
 
 
 def _store_windows(ae_path: str, storage_options: dict | None) -> Any:
-    """A function from a chunk window to its :class:`~aether_scale.stores.chunks.CheckedWindow`
+    """A function from a chunk window to its :class:`~aether_scale.stores.reads.CheckedWindow`
     (verified chunk reads of ``ae.zarr``, no dask graph): slicing the whole array's graph
     once per task instead costs time that grows with the raster. None when bands are
     split across chunks (the dask path handles that)."""
-    from ..stores.chunks import CheckedWindow, StoreRef, read_index
+    from ..stores.chunks import StoreRef, read_index
+    from ..stores.reads import CheckedWindow
 
     ref = StoreRef.of(ae_path, storage_options)
     opened = ref.array("embedding")

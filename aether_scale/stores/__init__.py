@@ -12,7 +12,9 @@ module                 artifact                    opener / writer
 :mod:`.regions`        ``regions/<task>.parquet``  :class:`~.regions.RegionTable`
 =====================  ==========================  ==========================================
 
-:mod:`.chunks` (checksummed, resumable Zarr chunks and the chunk index) and
+:mod:`.chunks` (checksummed, resumable Zarr chunks and the chunk index), :mod:`.reads`
+(verified chunk reads: a whole array, one window, or a selection),
+:mod:`.chunk_cache` (decoded chunks shared by the threads of one pass) and
 :mod:`.raster` (the (y, x, C) raster contract shared by ``ae.zarr`` and ``field*.zarr``)
 are what the Zarr stores are built from. Stages never open another stage's output with
 zarr, pyarrow or xarray directly: they go through these modules.

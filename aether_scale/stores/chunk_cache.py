@@ -2,7 +2,7 @@
 
 A raster stage's tasks are smaller than the chunks they read: four 512² field tasks
 lie in each 1024² AE chunk, and reading one of them decompresses the whole 64 MiB
-chunk. :class:`~.chunks.CheckedWindow` with a ``reuse`` token reads through
+chunk. :class:`~.reads.CheckedWindow` with a ``reuse`` token reads through
 :data:`CACHE`, so that the tasks of one chunk, whichever threads of the process run
 them and even at the same moment, read and verify it once:
 

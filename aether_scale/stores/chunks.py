@@ -6,8 +6,8 @@ checked on every read), and a finished store carries an index of its chunks,
 ``aether_chunks.json``: per array, the chunk grid and the byte size of every stored
 chunk (chunks never stored hold the fill value by design and are listed as such).
 :func:`verify_store` compares the index with one listing of the store, so a deleted,
-truncated or replaced chunk is found before any data is read; :func:`checked_array`
-reads chunk by chunk and turns a checksum or decode failure into a
+truncated or replaced chunk is found before any data is read; the readers of
+:mod:`.reads` read chunk by chunk and turn a checksum or decode failure into a
 :class:`CorruptStoreError` naming the store and the chunk — a damaged store is never
 read as data.
 
@@ -41,7 +41,6 @@ __all__ = [
     "CHUNK_INDEX",
     "CorruptStoreError",
     "StoreRef",
-    "checked_array",
     "chunk_slices",
     "compressors",
     "finish_store",
@@ -290,129 +289,3 @@ def verify_store(ref: StoreRef, *, fix: str) -> dict[str, Any] | None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptStoreError(f"{ref.uri}: {problems[0]}{more}; the store is damaged — {fix}")
     return index
-
-
-# --------------------------------------------------------------------------- checked reads
-def _read_chunk(ref: StoreRef, array: str, idx: tuple[int, ...], size: int | None,
-                fix: str) -> np.ndarray:
-    """One chunk, verified: present with its recorded size and passing its checksum."""
-    arr = ref.array(array)
-    sl = chunk_slices(idx, arr.shape, arr.chunks)
-    enc = _encode_key(arr, idx)
-    where = f"{ref.uri}: chunk {array}/{enc}"
-    if size is not None:
-        try:
-            got = ref.fs.size(_chunk_path(ref, array, enc))
-        except FileNotFoundError:
-            raise CorruptStoreError(f"{where} is missing; the store is damaged — {fix}") from None
-        if got != size:
-            raise CorruptStoreError(f"{where} has {got} bytes, {size} were written (truncated or "
-                                    f"replaced); the store is damaged — {fix}")
-    try:
-        return np.asarray(arr[sl])
-    except Exception as e:  # noqa: BLE001 - every decode failure means a damaged chunk
-        raise CorruptStoreError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the "
-                                f"store is damaged — {fix}") from None
-
-
-def checked_array(ref: StoreRef, array: str, index: Mapping[str, Any] | None, *, fix: str) -> Any:
-    """The array as a dask array with one verified read per Zarr chunk.
-
-    With an ``index`` (from :func:`verify_store`) each task checks its chunk's presence
-    and size before reading; chunks the index lists as never stored are the fill value
-    without touching storage. Decode or checksum failures raise
-    :class:`CorruptStoreError` naming the store and the chunk.
-    """
-    import dask.array as dsa
-    from dask.base import tokenize
-    from dask.highlevelgraph import HighLevelGraph
-
-    arr = ref.array(array)
-    shape, chunks = tuple(arr.shape), tuple(arr.chunks)
-    stored = None if index is None else index["arrays"].get(array, {}).get("stored")
-    name = f"read-{array}-" + tokenize(ref, array, stored)
-    dsk: dict[tuple, Any] = {}
-    fill = arr.fill_value
-    for idx in np.ndindex(*chunk_grid(shape, chunks)):
-        enc = _encode_key(arr, idx)
-        if stored is not None and enc not in stored:
-            sl = chunk_slices(idx, shape, chunks)
-            dsk[(name, *idx)] = (np.full, tuple(s.stop - s.start for s in sl), fill, arr.dtype)
-        else:
-            size = None if stored is None else stored[enc]
-            dsk[(name, *idx)] = (_read_chunk, ref, array, tuple(idx), size, fix)
-    dchunks = tuple(tuple(min(c, s - i * c) for i in range(g))
-                    for s, c, g in zip(shape, chunks, chunk_grid(shape, chunks), strict=True))
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
-    return dsa.Array(graph, name, dchunks, dtype=arr.dtype,
-                     meta=np.empty((0,) * len(shape), dtype=arr.dtype))
-
-
-@dataclass(frozen=True)
-class CheckedWindow:
-    """A window ``[r0, r1) × [c0, c1)`` (all of the last axis) of a 3-d array, read by
-    verified chunk reads like :func:`checked_array`'s — without a dask graph of the
-    whole array. A raster stage's task carries one: slicing a country's dask array per
-    task costs time that grows with the array, and so does the whole graph.
-
-    ``stored``: the index entries (``{chunk key: bytes}``) of the chunks the window
-    touches, or None for a store without an index. ``np.asarray(window)`` reads it.
-
-    ``reuse``: a token naming one pass over a store that does not change during it
-    (a stage run's). Windows with the same token share the chunks they read, verified
-    when read, through :data:`~.chunk_cache.CACHE`: a 1024² AE chunk feeding four 512²
-    field tasks is read and decompressed once per process, whichever of its threads
-    run them, even at the same moment. Memory stays at most one chunk per thread."""
-
-    ref: StoreRef
-    array: str
-    window: tuple[int, int, int, int]
-    stored: Mapping[str, int] | None
-    fix: str
-    reuse: str | None = None
-
-    @classmethod
-    def of(cls, ref: StoreRef, array: str, index: Mapping[str, Any] | None,
-           window: tuple[int, int, int, int], *, fix: str, opened: Any = None,
-           reuse: str | None = None) -> CheckedWindow:
-        """The window's reader; ``opened``: the Zarr array, already open (the caller
-        building many windows opens it once)."""
-        arr = opened if opened is not None else ref.array(array)
-        stored = None if index is None else index["arrays"].get(array, {}).get("stored", {})
-        if stored is not None:
-            stored = {k: stored[k] for k in (_encode_key(arr, i) for i in
-                                            cls._chunks(arr.chunks, window)) if k in stored}
-        return cls(ref, array, tuple(int(v) for v in window), stored, fix, reuse)
-
-    @staticmethod
-    def _chunks(chunks: Sequence[int], window: tuple[int, int, int, int]
-                ) -> list[tuple[int, int, int]]:
-        r0, r1, c0, c1 = window
-        cy, cx = int(chunks[0]), int(chunks[1])
-        return [(i, j, 0) for i in range(r0 // cy, (r1 - 1) // cy + 1)
-                for j in range(c0 // cx, (c1 - 1) // cx + 1)]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self.ref.array(self.array)
-        r0, r1, c0, c1 = self.window
-        out = np.empty((r1 - r0, c1 - c0, arr.shape[2]), dtype=arr.dtype)
-        for idx in self._chunks(arr.chunks, self.window):
-            sl = chunk_slices(idx, arr.shape, arr.chunks)
-            enc = _encode_key(arr, idx)
-            if self.stored is not None and enc not in self.stored:
-                block = np.full(tuple(s.stop - s.start for s in sl), arr.fill_value, arr.dtype)
-            else:
-                block = self._read(idx, None if self.stored is None else self.stored[enc])
-            a0, a1 = max(r0, sl[0].start), min(r1, sl[0].stop)
-            b0, b1 = max(c0, sl[1].start), min(c1, sl[1].stop)
-            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = block[a0 - sl[0].start:a1 - sl[0].start,
-                                                         b0 - sl[1].start:b1 - sl[1].start]
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def _read(self, idx: tuple[int, int, int], size: int | None) -> np.ndarray:
-        if self.reuse is None:
-            return _read_chunk(self.ref, self.array, idx, size, self.fix)
-        from .chunk_cache import CACHE
-
-        return CACHE.get(self.reuse, (self.ref.uri, self.array, idx, size),
-                         lambda: _read_chunk(self.ref, self.array, idx, size, self.fix))

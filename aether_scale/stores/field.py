@@ -34,8 +34,8 @@ stay one per write chunk; the cost is 16× more objects (a longer listing when a
 opened). Zarr v3 sharding (one object per write chunk, 128-px inner chunks by byte
 range, crc32c on each inner chunk and the shard index) reads the same bytes in one more
 request per shard and keeps the object count, but the chunk index and checked reads of
-:mod:`.chunks` address objects by ``arr.chunks`` — the *inner* chunk of a sharded array —
-so it needs :mod:`.chunks` to learn shards first.
+:mod:`.chunks` and :mod:`.reads` address objects by ``arr.chunks`` — the *inner* chunk of a
+sharded array — so they need to learn shards first.
 
 Open with :func:`open_field`: checked like every workspace raster, dask chunks of one
 write chunk (the stages' task size) whose reads fetch only the Zarr chunks a selection
@@ -53,16 +53,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import aef
-from .chunks import (
-    CorruptStoreError,
-    StoreRef,
-    chunk_grid,
-    chunk_key,
-    chunk_slices,
-    finish_store,
-    read_index,
-)
+from .chunks import StoreRef, chunk_grid, chunk_key, chunk_slices, finish_store, read_index
 from .raster import VARIABLE, RasterBuild, open_raster
+from .reads import ChunkReader
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -144,6 +137,9 @@ def decode(x: np.ndarray, *, normalize: bool = True) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             v /= np.maximum(n, np.float32(1e-30))[..., None]
     return v
+
+
+_DECODE = decode  # for open_field, whose flag of the same name hides it
 
 
 def fill_value(dtype: str) -> Any:
@@ -293,118 +289,6 @@ def _all_nodata(part: np.ndarray) -> bool:
 
 
 # --------------------------------------------------------------------------- reading
-class _FieldReader:
-    """Array-like over a field's ``embedding`` for ``dask.array.from_array``: a selection
-    reads only the Zarr chunks it touches, each checked like every workspace chunk
-    (present with the indexed size, passing its checksum; unstored chunks are the fill
-    value without touching storage), and optionally decodes (:func:`decode`)."""
-
-    def __init__(self, ref: StoreRef, index: Mapping[str, Any] | None, decoded: bool) -> None:
-        arr = ref.array(VARIABLE)
-        self.ref, self.decoded = ref, decoded
-        self.shape = tuple(int(s) for s in arr.shape)
-        self.chunks = tuple(int(c) for c in arr.chunks)
-        if arr.ndim != 3 or self.chunks[2] < self.shape[2]:
-            raise ValueError(f"{ref.uri}: '{VARIABLE}' is chunked {self.chunks} along "
-                             f"{self.shape}; a field keeps all of a pixel's dims in one "
-                             f"chunk — {_FIX}")
-        self.raw_dtype = np.dtype(arr.dtype)
-        self.fill = arr.fill_value
-        self.dtype = np.dtype(np.float32) if decoded else self.raw_dtype
-        self.ndim = 3
-        self.keys = arr.metadata.chunk_key_encoding
-        stored = None if index is None else index["arrays"].get(VARIABLE, {}).get("stored")
-        self.sizes: np.ndarray | None = None  # bytes per chunk, −1 where none was stored
-        if stored is not None:
-            sizes = np.full(chunk_grid(self.shape, self.chunks), -1, dtype=np.int64)
-            for key, size in stored.items():
-                idx = tuple(int(p) for p in key.split("/")[1:])
-                sizes[idx] = size
-            self.sizes = sizes
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        box: list[tuple[int, int]] = []
-        picks: list[Any] = []  # per axis, what to take from the box read
-        for ax, (k, n) in enumerate(zip(key, self.shape, strict=True)):
-            if ax == 2 and self.decoded:  # the norm needs every component: read them all
-                box.append((0, n))
-                picks.append(k)
-            elif isinstance(k, slice):
-                a, b, s = k.indices(n)
-                if s == 1:
-                    box.append((a, max(a, b)))
-                    picks.append(slice(None))
-                else:
-                    idx = np.arange(a, b, s)
-                    lo = int(idx.min()) if idx.size else 0
-                    box.append((lo, int(idx.max()) + 1 if idx.size else 0))
-                    picks.append(idx - lo)
-            elif np.ndim(k) == 0:
-                i = int(k) + (n if int(k) < 0 else 0)
-                box.append((i, i + 1))
-                picks.append(0)
-            else:  # an index array (dask passes at most one)
-                idx = np.asarray(k)
-                idx = np.flatnonzero(idx) if idx.dtype == bool else np.where(idx < 0, idx + n, idx)
-                lo = int(idx.min()) if idx.size else 0
-                box.append((lo, int(idx.max()) + 1 if idx.size else 0))
-                picks.append(idx - lo)
-        out = self._read_box(box)
-        if self.decoded:
-            out = decode(out)
-        for ax in (2, 1, 0):  # integers drop axes: from the last one
-            p = picks[ax]
-            if isinstance(p, slice) and p == slice(None):
-                continue
-            out = out[(slice(None),) * ax + (p,)]
-        return out
-
-    def _read_box(self, box: list[tuple[int, int]]) -> np.ndarray:
-        """The stored values of the box ``[(y0, y1), (x0, x1), (d0, d1)]``."""
-        (y0, y1), (x0, x1), (d0, d1) = box
-        out = np.empty((y1 - y0, x1 - x0, d1 - d0), dtype=self.raw_dtype)
-        if not out.size:
-            return out
-        out[...] = self.fill
-        arr = None
-        cy, cx, _ = self.chunks
-        for a in range(y0 // cy, (y1 - 1) // cy + 1):
-            for b in range(x0 // cx, (x1 - 1) // cx + 1):
-                if self.sizes is not None and self.sizes[a, b, 0] < 0:
-                    continue  # never stored: the fill value
-                if arr is None:
-                    arr = self.ref.array(VARIABLE)
-                sy, sx, _ = chunk_slices((a, b, 0), self.shape, self.chunks)
-                chunk = self._chunk(arr, (a, b, 0))
-                ya, yb = max(y0, sy.start), min(y1, sy.stop)
-                xa, xb = max(x0, sx.start), min(x1, sx.stop)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = chunk[ya - sy.start:yb - sy.start,
-                                                             xa - sx.start:xb - sx.start, d0:d1]
-        return out
-
-    def _chunk(self, arr: Any, idx: tuple[int, int, int]) -> np.ndarray:
-        enc = self.keys.encode_chunk_key(idx)
-        where = f"{self.ref.uri}: chunk {VARIABLE}/{enc}"
-        if self.sizes is not None:
-            want = int(self.sizes[idx])
-            try:
-                got = self.ref.fs.size(f"{self.ref.root}/{VARIABLE}/{enc}")
-            except FileNotFoundError:
-                raise CorruptStoreError(f"{where} is missing; the store is damaged — {_FIX}"
-                                        ) from None
-            if got != want:
-                raise CorruptStoreError(f"{where} has {got} bytes, {want} were written "
-                                        f"(truncated or replaced); the store is damaged — {_FIX}")
-        sl = chunk_slices(idx, self.shape, self.chunks)
-        try:
-            return np.asarray(arr[sl])
-        except Exception as e:  # noqa: BLE001 - every decode failure means a damaged chunk
-            raise CorruptStoreError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the "
-                                    f"store is damaged — {_FIX}") from None
-
-
 def open_field(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None,
                decode: bool = False, chunks: str = "write") -> xr.Dataset:
     """Open a ``field*.zarr`` lazily, checked (see :func:`~.raster.open_raster`).
@@ -428,7 +312,8 @@ def open_field(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | N
                      channel_dims=("dim",))
     ref = StoreRef.of(uri, storage_options)
     index = read_index(ref)
-    reader = _FieldReader(ref, index, decode)
+    reader = ChunkReader(ref, VARIABLE, index, fix=_FIX, transform=_DECODE if decode else None,
+                         dtype=np.float32)
     emb = ds[VARIABLE]
     attrs = dict(emb.attrs)
     if chunks == "write" and "write_chunk_px" in attrs:

@@ -31,7 +31,6 @@ import numpy as np
 from .chunks import (
     CorruptStoreError,
     StoreRef,
-    checked_array,
     chunk_key,
     chunk_slices,
     compressors,
@@ -40,6 +39,7 @@ from .chunks import (
     verify_store,
 )
 from .ledger import Ledger
+from .reads import checked_array
 
 if TYPE_CHECKING:
     import xarray as xr

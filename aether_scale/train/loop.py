@@ -3,8 +3,8 @@ best-on-train, resumable, DDP-ready).
 
 One step: base and augmented views go through :class:`~aether_scale.model.AEProj`
 in a single forward (concatenated, then split — one GEMM chain instead of two;
-``train.kernels``: eager autograd, or ``torch.compile`` of the modules — the default
-on CPU for full-size epochs), the POI text through
+``train.kernels``, see :mod:`.heads`: eager autograd, or ``torch.compile`` of the
+modules — the default on CPU for full-size epochs), the POI text through
 :class:`~aether_scale.model.TextProj`, and
 :class:`~aether_scale.loss.AetherLoss` gives λ·L_AE + (1−λ)·L_AP. AdamW
 (``fused=True`` where the device supports it) with a per-step cosine schedule
@@ -61,6 +61,7 @@ from ..model import (
 )
 from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
+from .heads import Heads, choose_kernels, validate
 from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
     choose_cpu_gemm,
@@ -76,104 +77,13 @@ __all__ = ["cosine_lr", "train_model"]
 METRICS_NAME = "metrics.json"
 # Config keys that do not change what is learned (may differ on resume).
 _RUNTIME_KEYS = frozenset({"device", "threads", "prefetch", "in_memory", "save_every", "kernels"})
-#: ``train.kernels`` values: how the training forward runs (see :class:`_Heads`)
-KERNELS = ("autograd", "compile")
 _LEGACY_DEFAULTS = TRAIN_LEGACY_DEFAULTS
-
-
-#: ``train.kernels: auto`` compiles on CPU when an epoch has at least this many steps:
-#: compilation (≈10 s once per process and batch shape on 2 cores) then pays for itself
-#: within the first epoch; small runs (tests, demos) run the modules eagerly
-COMPILE_MIN_STEPS = 256
-
-
-def choose_kernels(cfg: TrainSection, device: torch.device, steps_per_epoch: int) -> str:
-    """``train.kernels`` resolved. ``auto``: ``compile`` on CPU for epochs of at least
-    :data:`COMPILE_MIN_STEPS` steps (the fastest in the same-run A/B of
-    ``benchmarks/bench_train.py``: at 340k triplets 1.25× autograd's epoch; the former
-    hand-written fused kernels were 1.04× compile and were removed), else ``autograd``."""
-    if cfg.kernels == "auto":
-        return "compile" if device.type == "cpu" and steps_per_epoch >= COMPILE_MIN_STEPS else "autograd"
-    return cfg.kernels
 
 
 def cosine_lr(step: int, total: int, lr: float, final_frac: float) -> float:
     """Learning rate at ``step`` of ``total``: cosine from ``lr`` down to ``final_frac·lr``."""
     t = min(max(step, 0), total) / max(total, 1)
     return lr * (final_frac + (1.0 - final_frac) * 0.5 * (1.0 + math.cos(math.pi * t)))
-
-
-class _Heads(nn.Module):
-    """Both projectors as one module (one DDP wrapper, one optimizer).
-
-    ``kernels`` (``train.kernels``) picks how the training forward runs:
-    ``"autograd"`` calls the modules (under autocast when ``compute_dtype`` is
-    bfloat16), ``"compile"`` the same function through ``torch.compile`` (compiled
-    on the first training batch of each shape; eval mode runs the modules). Outputs
-    are float32 either way.
-    """
-
-    def __init__(self, ae: AEProj, txt: TextProj, *, kernels: str = "autograd",
-                 compute_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        if kernels not in KERNELS:
-            raise ValueError(f"train.kernels must be one of {KERNELS}, got {kernels!r}")
-        self.ae, self.txt = ae, txt
-        self.kernels, self.compute_dtype = kernels, compute_dtype
-        self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._compiled_once = False
-
-    def _run_modules(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low = self.compute_dtype != torch.float32
-        with torch.autocast(x.device.type, dtype=self.compute_dtype, enabled=low):
-            z, z_t = self.ae(x), self.txt(t)
-        return z.float(), z_t.float()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kernels == "compile" and self.training:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._run_modules, dynamic=False)
-            try:
-                return self._compiled(x, t)
-            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor's CPU code
-                if self._compiled_once:
-                    raise
-                warnings.warn(f"train.kernels=compile: torch.compile failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); running the modules "
-                              "eagerly (train.kernels=autograd)", RuntimeWarning, stacklevel=2)
-                self.kernels = "autograd"
-                return self._run_modules(x, t)
-            finally:
-                self._compiled_once = self.kernels == "compile"
-        return self._run_modules(x, t)
-
-
-@torch.no_grad()
-def _validate(heads: _Heads, val: InMemoryBatches, cfg: TrainSection, *, use_aug: bool
-              ) -> dict[str, float]:
-    """The held-out triplets' mean losses in eval mode (no dropout), over fixed batches of
-    ``val.batch_size`` rows in store order, one process (every rank gets the same)."""
-    was = heads.training
-    heads.eval()
-    loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=use_aug)
-    sums = np.zeros(3)
-    nb = 0
-    b = val.batch_size
-    for a in range(0, max(val.n - b + 1, 1), b):
-        base, text = val.base[a:a + b], val.text[a:a + b]
-        if use_aug:
-            z, z_p = heads(torch.cat((base, val.aug[a:a + b])), text)
-            z_b, z_a = z.split(base.shape[0])
-        else:
-            (z_b, z_p), z_a = heads(base, text), None
-        out = loss_fn(z_b, z_a, z_p)
-        sums += [float(out.loss), float(out.L_AE) if out.L_AE is not None else 0.0,
-                 float(out.L_AP)]
-        nb += 1
-    heads.train(was)
-    m = sums / max(nb, 1)
-    return {"val_loss": float(m[0]), "val_L_AE": float(m[1]) if use_aug else None,
-            "val_L_AP": float(m[2])}
 
 
 def _learned_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +194,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     gemm_dtype = compute_dtype(cfg, device, say)
     kernels = choose_kernels(cfg, device, steps)
     gemm_cal = choose_cpu_gemm(cfg, device, gemm_dtype, (ae, txt), steps, say)  # before compiling
-    heads = _Heads(ae, txt, kernels=kernels, compute_dtype=gemm_dtype).to(device)
+    heads = Heads(ae, txt, kernels=kernels, compute_dtype=gemm_dtype).to(device)
     val = (InMemoryBatches(store, batch_size=min(cfg.batch_size, len(val_rows)), rows=val_rows,
                            seed=cfg.seed, device=device) if val_rows is not None else None)
     select = "val_L_AP" if val is not None else "L_AP"
@@ -422,7 +332,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                 "seconds": round(time.perf_counter() - t0, 4),
             }
             if val is not None:
-                rec.update(_validate(heads, val, cfg, use_aug=cfg.use_aug))
+                rec.update(validate(heads, val, cfg, use_aug=cfg.use_aug))
             history.append(rec)
             improved = best is None or rec[select] < best[select]
             if improved:
