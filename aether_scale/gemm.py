@@ -17,8 +17,8 @@ only the summation order inside each dot product differs (|Δ| ~ 1e-6 relative).
   an escape hatch). CUDA, bfloat16 under autocast and anything but 2-D float32
   inputs always take torch's own path.
 - :func:`calibrate` makes ``auto`` concrete for one workload: the train stage times
-  its own products (shapes, batch rows, forward and backward, this process's
-  threads) both ways before its first step and keeps the faster (infer keeps
+  its own step (its modules' copies at its batch, forward and backward, this
+  process's threads) both ways before its first step and keeps the faster (infer keeps
   oneDNN: its forward products were as fast or faster through it on every host
   measured, ``bench_infer.py``'s GEMM floor). Which path wins depends on the CPU and the workload: on the AMD EPYC
   hosts oneDNN trained 1.28–1.34× faster than MKL (``bench_train.py``, 2026-12-02),
@@ -39,7 +39,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -227,61 +227,50 @@ _CALIBRATED: dict[tuple, dict] = {}
 _CAL_LOCK = threading.Lock()
 
 
-def calibrate(products: Sequence[tuple[int, int, int]], *, backward: bool,
-              repeats: int = 5) -> dict:
-    """Time one workload's float32 products both ways and make the faster this
-    process's path (:func:`backend` ``auto`` only; ``AETHER_CPU_GEMM`` set, or oneDNN
-    unusable here, measures nothing).
+def calibrate(step: Callable[[], None], *, key: Hashable, repeats: int = 5) -> dict:
+    """Time one unit of a workload (``step``: e.g. a training step's forward and
+    backward on copies of its modules) with this process's float32 products through
+    oneDNN and through torch's BLAS, and make the faster this process's path
+    (:func:`backend` ``auto`` only; ``AETHER_CPU_GEMM`` set, or oneDNN unusable here,
+    measures nothing).
 
-    ``products``: ``(rows, in, out)`` of each product (a Linear's input rows and
-    shape), ``backward``: time the gradients' products too (training). Both paths run
-    the same random products, interleaved over ``repeats`` rounds; each keeps its best
-    round. ``blas`` is chosen only when at least 5 % faster (:data:`CALIBRATION_MARGIN`).
-    A workload measured before in this process (same products, same threads) is not
-    measured again. Returns ``{"backend", "measured", "ms": {path: best round}}``.
+    The two paths alternate over ``repeats`` rounds of three steps after one warm-up
+    step each; each keeps its best round. ``blas`` is chosen only when at least 5 %
+    faster (:data:`CALIBRATION_MARGIN`). The whole step is timed, not its products one
+    by one: on a 2-core Zen 4 the products alone, each through ``autograd.grad``, put
+    BLAS 1.4× ahead while the training step itself ran 1.13× faster through oneDNN.
+    A workload measured before in this process (same ``key``, same threads) is not
+    measured again. Returns ``{"backend", "measured", "ms": {path: best step}}``.
     """
     global _ACTIVE
     want = _wanted()
     if want != "auto" or backend(refresh=True) != "onednn":
         return {"backend": backend(), "measured": False, "ms": None}
-    key = (tuple((int(m), int(i), int(o)) for m, i, o in products), bool(backward),
-           torch.get_num_threads())
+    key = (key, torch.get_num_threads())
     with _CAL_LOCK:  # the threads of one process calibrate once, not against each other
         found = _CALIBRATED.get(key)
         if found is None:
-            found = _CALIBRATED[key] = _measure(key[0], backward, repeats)
+            found = _CALIBRATED[key] = _measure(step, repeats)
         _ACTIVE = found["backend"] == "onednn"
         return dict(found)
 
 
-def _measure(products: tuple[tuple[int, int, int], ...], backward: bool, repeats: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(m, i, generator=g) for m, i, _ in products]
-    ws = [torch.randn(o, i, generator=g) / math.sqrt(i) for _, i, o in products]
-    bs = [torch.randn(o, generator=g) for _, _, o in products]
-    if backward:
-        for t in (*xs, *ws, *bs):
-            t.requires_grad_(True)
-    gys = [torch.randn(m, o, generator=g) for m, _, o in products]
-
-    def run(onednn: bool) -> None:
-        for x, w, b, gy in zip(xs, ws, bs, gys, strict=True):
-            if backward:
-                y = _OneDNNLinear.apply(x, w, b) if onednn else F.linear(x, w, b)
-                torch.autograd.grad(y, (x, w, b), gy)
-            else:
-                with torch.inference_mode():
-                    _onednn_linear(x, w, b) if onednn else F.linear(x, w, b)
-
+def _measure(step: Callable[[], None], repeats: int) -> dict:
+    global _ACTIVE
     best = {"onednn": math.inf, "blas": math.inf}
-    for name in best:
-        run(name == "onednn")  # warm-up: first-call set-up, caches
-    for r in range(repeats):
-        for name in (("onednn", "blas") if r % 2 == 0 else ("blas", "onednn")):
-            t = time.perf_counter()
-            for _ in range(3):
-                run(name == "onednn")
-            best[name] = min(best[name], (time.perf_counter() - t) / 3)
+    try:
+        for name in best:
+            _ACTIVE = name == "onednn"
+            step()  # warm-up: first-call set-up, caches
+        for r in range(repeats):
+            for name in (("onednn", "blas") if r % 2 == 0 else ("blas", "onednn")):
+                _ACTIVE = name == "onednn"
+                t = time.perf_counter()
+                for _ in range(3):
+                    step()
+                best[name] = min(best[name], (time.perf_counter() - t) / 3)
+    finally:
+        _ACTIVE = True  # calibrate runs only where the default path is oneDNN
     chosen = "blas" if best["blas"] < CALIBRATION_MARGIN * best["onednn"] else "onednn"
     return {"backend": chosen, "measured": True,
             "ms": {k: round(v * 1e3, 3) for k, v in best.items()}}

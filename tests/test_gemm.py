@@ -149,32 +149,42 @@ def test_the_eager_path_does_not_import_the_compiler(tmp_path) -> None:
 
 
 def test_calibrate_keeps_the_faster_path_of_its_own_measurement(gemm_env) -> None:
-    """``auto``: both paths timed on the workload's products; the choice follows the
-    measurement (BLAS only when ≥ 5 % faster) and becomes this process's path; a set
-    AETHER_CPU_GEMM is obeyed without measuring."""
+    """``auto``: both paths timed on one step of the workload (which runs through each
+    path in turn); the choice follows the measurement (BLAS only when ≥ 5 % faster) and
+    becomes this process's path; a set AETHER_CPU_GEMM is obeyed without measuring."""
     assert gemm_env(None) == "onednn"
-    products = [(384, 64, 256), (384, 256, 128), (192, 128, 384)]
+    net = torch.nn.Sequential(gemm.Linear(64, 256), torch.nn.ReLU(), gemm.Linear(256, 128))
+    x = torch.randn(384, 64)
+    paths: list[bool] = []
+
+    def step() -> None:
+        paths.append(gemm.use_onednn(x, x))
+        net(x).square().sum().backward()
+
     gemm._CALIBRATED.clear()
-    cal = gemm.calibrate(products, backward=True, repeats=2)
+    cal = gemm.calibrate(step, key="mlp", repeats=2)
     assert cal["measured"] and set(cal["ms"]) == {"onednn", "blas"}
+    # warm-up once each, then 2 rounds × 3 steps per path, alternating
+    assert paths.count(True) == paths.count(False) == 7 and paths[:2] == [True, False]
     assert all(v > 0 for v in cal["ms"].values())
     faster = ("blas" if cal["ms"]["blas"] < gemm.CALIBRATION_MARGIN * cal["ms"]["onednn"]
               else "onednn")
     assert cal["backend"] == faster == gemm.backend()
     assert gemm.use_onednn(torch.ones(2, 2)) == (faster == "onednn")
     # measured once per process and workload: the same answer, from the first measurement
-    assert gemm.calibrate(products, backward=True) == cal and len(gemm._CALIBRATED) == 1
+    assert gemm.calibrate(step, key="mlp") == cal and len(gemm._CALIBRATED) == 1
+    assert len(paths) == 14
     for forced in ("blas", "onednn"):
         gemm_env(forced)
-        got = gemm.calibrate(products, backward=True)
+        got = gemm.calibrate(step, key="mlp")
         assert got == {"backend": forced, "measured": False, "ms": None}
         assert gemm.backend() == forced
     gemm._CALIBRATED.clear()
 
 
 def test_training_records_the_path_it_measured(tmp_path, gemm_env) -> None:
-    """A float32 CPU run of ≥ 256 steps per epoch measures its own products before the
-    first step and records the path and both timings; a small run measures nothing."""
+    """A float32 CPU run of ≥ 256 steps per epoch measures its own step before the
+    first one and records the path and both timings; a small run measures nothing."""
     from fixtures import make_problem, small_cfg
 
     from aether_scale.stores.triplets import write_triplets

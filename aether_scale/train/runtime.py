@@ -51,27 +51,41 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
                     modules: tuple[torch.nn.Module, ...], steps_per_epoch: int,
                     say: Callable[[str], None]) -> dict | None:
     """For float32 training on the CPU: which path this run's products take, measured
-    both ways on this run's own products (:func:`aether_scale.gemm.calibrate`: each
-    Linear of ``modules`` at its rows per step, and the loss's similarity product,
-    forward and backward). None (the default path, nothing measured) on other devices
-    and dtypes and for runs under :data:`CALIBRATE_MIN_STEPS` steps per epoch."""
+    both ways on this run's own step (:func:`aether_scale.gemm.calibrate`): the AE and
+    text projectors (copies of ``modules``: the run's weights are not touched) on
+    random inputs of one batch, both views, and the loss, forward and backward. None
+    (the default path, nothing measured) on other devices and dtypes and for runs
+    under :data:`CALIBRATE_MIN_STEPS` steps per epoch."""
+    import copy
+
     from .. import gemm
+    from ..loss import AetherLoss
 
     if device.type != "cpu" or dtype != torch.float32 or steps_per_epoch < CALIBRATE_MIN_STEPS:
         return None
+    ae, txt = (copy.deepcopy(m).train() for m in modules)
     b = int(cfg.batch_size)
     views = 2 if cfg.use_aug else 1  # the AE projector sees base and augmented rows
-    products = []
-    for i, mod in enumerate(modules):
-        rows = b * views if i == 0 else b
-        products += [(rows, m.in_features, m.out_features) for m in mod.modules()
-                     if isinstance(m, torch.nn.Linear)]
-    products.append((b, int(cfg.out_dim), views * b))  # the loss: (n, d)·(k·n, d)ᵀ
-    cal = gemm.calibrate(products, backward=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(views * b, ae.in_dim, generator=g), dim=1)
+    t = torch.randn(b, txt.in_dim, generator=g)
+    loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=cfg.use_aug)
+    params = [p for m in (ae, txt) for p in m.parameters()]
+
+    def step() -> None:
+        z = ae(x)
+        z_b, z_a = z.split(b) if views == 2 else (z, None)
+        loss_fn(z_b, z_a, txt(t)).loss.backward()
+        for p in params:
+            p.grad = None
+
+    shapes = (b, views, ae.in_dim, txt.in_dim, tuple(p.shape for p in params), cfg.lam,
+              cfg.use_aug)
+    cal = gemm.calibrate(step, key=("train-step", shapes))
     if cal["measured"]:
         ms = cal["ms"]
-        say(f"[train] float32 CPU products: {cal['backend']} (this run's products, forward "
-            f"and backward, measured here: oneDNN {ms['onednn']:.1f} ms, torch's BLAS "
+        say(f"[train] float32 CPU products: {cal['backend']} (this run's step, forward and "
+            f"backward, measured here: oneDNN {ms['onednn']:.1f} ms, torch's BLAS "
             f"{ms['blas']:.1f} ms; AETHER_CPU_GEMM=onednn|blas sets it)")
     return cal
 
