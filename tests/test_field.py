@@ -527,7 +527,7 @@ def faults():
 faults()
 a = faults()
 tuned = keep_freed_memory()
-faults()
+faults(); faults()  # the heap settles within a few activations (up to 11 seen), then faults none
 print(json.dumps({"before": a, "after": faults(), "tuned": tuned}))
 """
 
@@ -543,7 +543,9 @@ def test_worker_processes_reuse_activations_instead_of_faulting_them_in():
     got = json.loads(run.stdout.strip().splitlines()[-1])
     every_time = 50 * 768  # 768 pages per 3 MiB activation
     assert got["before"] > 0.6 * every_time
-    # after: the heap is reused (a fresh clone's run saw 1,536 faults: two activations)
+    # after: the heap is reused; measured once it has settled (on a Zen 4 host the
+    # activations after the change faulted 3-11 times, then never: a single window of 50
+    # right after it caught up to 6 of them, 4,608 faults, in 4 of 8 runs)
     assert got["after"] < 0.1 * every_time and got["tuned"] == [8 * 2**20, 32 * 2**20]
     env.pop("MALLOC_TRIM_THRESHOLD_")
     run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
