@@ -18,8 +18,9 @@ __all__ = ["choose_cpu_gemm", "compute_dtype", "make_optimizer", "rng_state",
            "set_rng_state", "write_json"]
 
 #: float32 CPU runs with at least this many steps per epoch measure their products' path
-#: (:func:`choose_cpu_gemm`); below it the measurement (about a second on 2 cores, half of
-#: it first-call set-up the run would pay anyway) is a visible part of the run (tests, demos)
+#: on their own step (:func:`choose_cpu_gemm`); below it the measurement (0.4–0.5 s on a
+#: 2-core Zen 4 at batch 512, part of it first-call set-up the run would pay anyway) is a
+#: visible part of the run (tests, demos)
 CALIBRATE_MIN_STEPS = 256
 
 
