@@ -320,8 +320,7 @@ def open_field(uri: str | os.PathLike, *, storage_options: Mapping[str, Any] | N
         by, bx = (int(c) for c in attrs["write_chunk_px"])
     else:
         by, bx = reader.chunks[:2]
-    stored = None if index is None else index["arrays"].get(VARIABLE, {}).get("stored")
-    name = f"field-{'decoded' if decode else 'raw'}-" + tokenize(ref, stored, by, bx)
+    name = f"field-{'decoded' if decode else 'raw'}-" + tokenize(ref, reader.stored, by, bx)
     # (the default getter: dask fuses a selection's slices into it, so a window reads only
     # the Zarr chunks it touches even though a dask chunk is a whole write chunk)
     data = dsa.from_array(reader, chunks=(by, bx, reader.shape[2]), name=name, asarray=False,

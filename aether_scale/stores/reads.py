@@ -15,6 +15,10 @@ touching storage. Three readers build on it, one per way the stages read:
   read only the Zarr chunks they touch, optionally transformed along the last axis
   (:func:`~.field.open_field`: a field's write chunk is 16 Zarr chunks, and a small
   window should fetch one).
+
+The two window readers assemble a window with :func:`read_window`, from the chunks it
+overlaps; they differ only in how they look a chunk's size up and read it (through the
+pass's chunk cache or directly).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import numpy as np
 
 from .chunks import CorruptStoreError, StoreRef, _chunk_path, _encode_key, chunk_grid, chunk_slices
 
-__all__ = ["CheckedWindow", "ChunkReader", "checked_array", "verified_chunk"]
+__all__ = ["UNSTORED", "CheckedWindow", "ChunkReader", "checked_array", "read_window",
+           "verified_chunk"]
 
 
 def verified_chunk(ref: StoreRef, array: str, idx: tuple[int, ...], size: int | None,
@@ -52,6 +57,39 @@ def verified_chunk(ref: StoreRef, array: str, idx: tuple[int, ...], size: int | 
     except Exception as e:  # noqa: BLE001 - every decode failure means a damaged chunk
         raise CorruptStoreError(f"{where} cannot be decoded ({type(e).__name__}: {e}); the "
                                 f"store is damaged — {fix}") from None
+
+
+#: :func:`read_window`'s ``size_of`` answer for a chunk the index lists as never stored
+UNSTORED = -1
+
+
+def read_window(shape: Sequence[int], chunks: Sequence[int], rows: tuple[int, int],
+                cols: tuple[int, int], depth: tuple[int, int], *, dtype: Any, fill: Any,
+                size_of: Callable[[int, int], int | None],
+                read: Callable[[tuple[int, int, int], int | None], np.ndarray]) -> np.ndarray:
+    """Rows ``[r0, r1)``, columns ``[c0, c1)`` and ``[d0, d1)`` of the last axis of a 3-d
+    array chunked ``chunks`` whose last axis is one chunk, assembled from the chunks the
+    window overlaps: ``size_of(a, b)`` is chunk ``(a, b, 0)``'s bytes in the index (None:
+    no index; :data:`UNSTORED`: never stored, so the fill value without a read) and
+    ``read(idx, size)`` its verified values (the whole chunk)."""
+    (r0, r1), (c0, c1), (d0, d1) = rows, cols, depth
+    out = np.empty((r1 - r0, c1 - c0, d1 - d0), dtype=dtype)
+    if not out.size:
+        return out
+    cy, cx = int(chunks[0]), int(chunks[1])
+    for a in range(r0 // cy, (r1 - 1) // cy + 1):
+        for b in range(c0 // cx, (c1 - 1) // cx + 1):
+            sy, sx, _ = chunk_slices((a, b, 0), shape, chunks)
+            ya, yb = max(r0, sy.start), min(r1, sy.stop)
+            xa, xb = max(c0, sx.start), min(c1, sx.stop)
+            size = size_of(a, b)
+            if size == UNSTORED:
+                out[ya - r0:yb - r0, xa - c0:xb - c0] = fill
+                continue
+            chunk = read((a, b, 0), size)
+            out[ya - r0:yb - r0, xa - c0:xb - c0] = chunk[ya - sy.start:yb - sy.start,
+                                                         xa - sx.start:xb - sx.start, d0:d1]
+    return out
 
 
 def _stored(index: Mapping[str, Any] | None, array: str, unlisted: Any = None
@@ -140,18 +178,16 @@ class CheckedWindow:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self.ref.array(self.array)
         r0, r1, c0, c1 = self.window
-        out = np.empty((r1 - r0, c1 - c0, arr.shape[2]), dtype=arr.dtype)
-        for idx in self._chunks(arr.chunks, self.window):
-            sl = chunk_slices(idx, arr.shape, arr.chunks)
-            enc = _encode_key(arr, idx)
-            if self.stored is not None and enc not in self.stored:
-                block = np.full(tuple(s.stop - s.start for s in sl), arr.fill_value, arr.dtype)
-            else:
-                block = self._read(idx, None if self.stored is None else self.stored[enc])
-            a0, a1 = max(r0, sl[0].start), min(r1, sl[0].stop)
-            b0, b1 = max(c0, sl[1].start), min(c1, sl[1].stop)
-            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = block[a0 - sl[0].start:a1 - sl[0].start,
-                                                         b0 - sl[1].start:b1 - sl[1].start]
+        stored = self.stored
+
+        def size_of(a: int, b: int) -> int | None:
+            if stored is None:
+                return None
+            return stored.get(_encode_key(arr, (a, b, 0)), UNSTORED)
+
+        out = read_window(arr.shape, arr.chunks, (r0, r1), (c0, c1), (0, int(arr.shape[2])),
+                          dtype=arr.dtype, fill=arr.fill_value, size_of=size_of,
+                          read=self._read)
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def _read(self, idx: tuple[int, int, int], size: int | None) -> np.ndarray:
@@ -189,10 +225,11 @@ class ChunkReader:
         self.dtype = np.dtype(dtype) if transform is not None and dtype is not None \
             else self.raw_dtype
         self.ndim = 3
-        stored = _stored(index, array)
-        self.sizes: np.ndarray | None = None  # bytes per chunk, −1 where none was stored
+        #: the index's ``{chunk key: bytes}`` of the array (None: no index), e.g. for a token
+        self.stored = stored = _stored(index, array)
+        self.sizes: np.ndarray | None = None  # bytes per chunk, UNSTORED where none was stored
         if stored is not None:
-            sizes = np.full(chunk_grid(self.shape, self.chunks), -1, dtype=np.int64)
+            sizes = np.full(chunk_grid(self.shape, self.chunks), UNSTORED, dtype=np.int64)
             for key, size in stored.items():
                 sizes[tuple(int(p) for p in key.split("/")[1:])] = size
             self.sizes = sizes
@@ -238,25 +275,15 @@ class ChunkReader:
 
     def _read_box(self, box: list[tuple[int, int]]) -> np.ndarray:
         """The stored values of the box ``[(y0, y1), (x0, x1), (d0, d1)]``."""
-        (y0, y1), (x0, x1), (d0, d1) = box
-        out = np.empty((y1 - y0, x1 - x0, d1 - d0), dtype=self.raw_dtype)
-        if not out.size:
-            return out
-        out[...] = self.fill
-        arr = None
-        cy, cx, _ = self.chunks
-        for a in range(y0 // cy, (y1 - 1) // cy + 1):
-            for b in range(x0 // cx, (x1 - 1) // cx + 1):
-                if self.sizes is not None and self.sizes[a, b, 0] < 0:
-                    continue  # never stored: the fill value
-                if arr is None:
-                    arr = self.ref.array(self.array)
-                size = None if self.sizes is None else int(self.sizes[a, b, 0])
-                chunk = verified_chunk(self.ref, self.array, (a, b, 0), size, self.fix,
-                                       opened=arr)
-                sy, sx, _ = chunk_slices((a, b, 0), self.shape, self.chunks)
-                ya, yb = max(y0, sy.start), min(y1, sy.stop)
-                xa, xb = max(x0, sx.start), min(x1, sx.stop)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = chunk[ya - sy.start:yb - sy.start,
-                                                             xa - sx.start:xb - sx.start, d0:d1]
-        return out
+        sizes, opened = self.sizes, []
+
+        def size_of(a: int, b: int) -> int | None:
+            return None if sizes is None else int(sizes[a, b, 0])
+
+        def read(idx: tuple[int, int, int], size: int | None) -> np.ndarray:
+            if not opened:  # opened once per box, and only when a chunk is read
+                opened.append(self.ref.array(self.array))
+            return verified_chunk(self.ref, self.array, idx, size, self.fix, opened=opened[0])
+
+        return read_window(self.shape, self.chunks, box[0], box[1], box[2],
+                           dtype=self.raw_dtype, fill=self.fill, size_of=size_of, read=read)
