@@ -466,8 +466,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="threads the command's cluster has")
     # 3, not 2: on the 2-core Zen 4 host the first command after the reference's script
     # ran 10-20 s slower than the next (45.1 then 35.3 s in one benchmark run, 51.9 then
-    # 32.4 s in the next, 2026-12-03; a dropped page cache or 2 GB of dirty pages before a
-    # run did not reproduce it), so two runs left one usable sample
+    # 32.4 s in the next, 2026-12-03), so two runs left one usable sample. That first run
+    # reads from disk again (vmstat: 5-23 MB/s in, 10-35 % iowait, after the script read
+    # its 2.1 GB float32 tif and wrote a 4.3 GB one); the later runs read from the cache
     ap.add_argument("--repeats", type=int, default=3, help="runs of the command (best kept)")
     ap.add_argument("--skip-ab", action="store_true", help="skip the scheduler A/B")
     args = ap.parse_args()
