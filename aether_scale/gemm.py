@@ -17,8 +17,9 @@ only the summation order inside each dot product differs (|Δ| ~ 1e-6 relative).
   an escape hatch). CUDA, bfloat16 under autocast and anything but 2-D float32
   inputs always take torch's own path.
 - :func:`calibrate` makes ``auto`` concrete for one workload: the train stage times
-  its own step (its modules' copies at its batch, forward and backward, this
-  process's threads) both ways before its first step and keeps the faster (infer keeps
+  its own step (its modules' copies at its batch, run as the run runs them, compiled
+  or eager, forward and backward, this process's threads) both ways before its first
+  step and keeps the faster (infer keeps
   oneDNN: its forward products were as fast or faster through it on every host
   measured, ``bench_infer.py``'s GEMM floor). Which path wins depends on the CPU and the workload: on the AMD EPYC
   hosts oneDNN trained 1.28–1.34× faster than MKL (``bench_train.py``, 2026-12-02),

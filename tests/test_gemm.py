@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aether_scale import gemm
+from aether_scale.config import TrainSection
 from aether_scale.model import AEProj
 
 
@@ -211,4 +212,64 @@ def test_training_records_the_path_it_measured(tmp_path, gemm_env) -> None:
     assert runs[1]["cpu_gemm_ms"] is None and runs[1]["cpu_gemm"] == "onednn"
     assert gemm.backend() == "onednn"
     assert big["best_epoch"] == 0 and small["best_epoch"] == 0
+    gemm._CALIBRATED.clear()
+
+
+def test_a_compiling_run_measures_its_compiled_step_and_reuses_the_graphs(gemm_env) -> None:
+    """train.kernels=compile: the path is measured on compiled copies of the projectors
+    (both paths compiled, in turn), and the run's own Heads then runs the chosen path's
+    graph without compiling again; the measured path is this process's."""
+    from torch._dynamo.utils import counters
+
+    from aether_scale.model import AEProj, TextProj
+    from aether_scale.train.heads import Heads
+    from aether_scale.train.runtime import CALIBRATE_MIN_STEPS, choose_cpu_gemm
+
+    assert gemm_env(None) == "onednn"
+    gemm._CALIBRATED.clear()
+    torch.manual_seed(0)
+    ae, txt = AEProj(), TextProj(384)
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    said: list[str] = []
+    cfg = TrainSection(batch_size=64)
+    graphs0 = counters["stats"]["unique_graphs"]
+    cal = choose_cpu_gemm(cfg, torch.device("cpu"), torch.float32, (ae, txt), CALIBRATE_MIN_STEPS,
+                          said.append, kernels="compile")
+    assert cal is not None and cal["measured"] and cal["kernels"] == "compile"
+    assert counters["stats"]["unique_graphs"] - graphs0 == 2  # one forward graph per path
+    assert len(said) == 1 and "compiled step" in said[0] and cal["backend"] in said[0]
+    assert gemm.backend() == cal["backend"]
+    for k, v in ae.state_dict().items():  # copies were measured: the run's weights untouched
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    heads = Heads(ae, txt, kernels="compile").train()
+    graphs1 = counters["stats"]["unique_graphs"]
+    z, z_t = heads(torch.randn(128, 64), torch.randn(64, 384))
+    (z.sum() + z_t.sum()).backward()
+    assert counters["stats"]["unique_graphs"] == graphs1 and heads.kernels == "compile"
+    gemm._CALIBRATED.clear()
+
+
+def test_a_run_whose_compiled_copies_fail_calibrates_eagerly_and_does_not_compile(
+        gemm_env, monkeypatch) -> None:
+    """Where torch.compile fails (e.g. no C++ compiler for inductor), the copies fall back
+    to eager modules with one warning, the measurement is of the eager step, and the
+    returned kernels tell the run not to try compiling again."""
+    from aether_scale.model import AEProj, TextProj
+    from aether_scale.train.runtime import CALIBRATE_MIN_STEPS, choose_cpu_gemm
+
+    def broken(fn, **_kw):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert gemm_env(None) == "onednn"
+    gemm._CALIBRATED.clear()
+    said: list[str] = []
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        cal = choose_cpu_gemm(TrainSection(batch_size=32), torch.device("cpu"), torch.float32,
+                              (AEProj(), TextProj(384)), CALIBRATE_MIN_STEPS, said.append,
+                              kernels="compile")
+    assert cal["measured"] and cal["kernels"] == "autograd"
+    assert "eager step" in said[0]
     gemm._CALIBRATED.clear()

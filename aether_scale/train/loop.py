@@ -193,7 +193,10 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
     txt = TextProj(store.text_dim, cfg.out_dim)
     gemm_dtype = compute_dtype(cfg, device, say)
     kernels = choose_kernels(cfg, device, steps)
-    gemm_cal = choose_cpu_gemm(cfg, device, gemm_dtype, (ae, txt), steps, say)  # before compiling
+    # measured on copies run as the run runs them (compiled: each path's graph is then cached)
+    gemm_cal = choose_cpu_gemm(cfg, device, gemm_dtype, (ae, txt), steps, say, kernels=kernels)
+    if gemm_cal is not None:
+        kernels = gemm_cal["kernels"]  # autograd where compiling the copies failed
     heads = Heads(ae, txt, kernels=kernels, compute_dtype=gemm_dtype).to(device)
     val = (InMemoryBatches(store, batch_size=min(cfg.batch_size, len(val_rows)), rows=val_rows,
                            seed=cfg.seed, device=device) if val_rows is not None else None)

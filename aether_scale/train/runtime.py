@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,9 @@ __all__ = ["choose_cpu_gemm", "compute_dtype", "make_optimizer", "rng_state",
            "set_rng_state", "write_json"]
 
 #: float32 CPU runs with at least this many steps per epoch measure their products' path
-#: on their own step (:func:`choose_cpu_gemm`); below it the measurement (0.4–0.5 s on a
-#: 2-core Zen 4 at batch 512, part of it first-call set-up the run would pay anyway) is a
-#: visible part of the run (tests, demos)
+#: on their own step (:func:`choose_cpu_gemm`); below it the measurement (0.4–0.5 s of
+#: eager steps on a 2-core Zen 4 at batch 512, plus one compilation more when the run
+#: compiles) is a visible part of the run (tests, demos)
 CALIBRATE_MIN_STEPS = 256
 
 
@@ -50,43 +51,67 @@ def compute_dtype(cfg: TrainSection, device: torch.device, say: Callable[[str], 
 
 def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
                     modules: tuple[torch.nn.Module, ...], steps_per_epoch: int,
-                    say: Callable[[str], None]) -> dict | None:
+                    say: Callable[[str], None], *, kernels: str = "autograd") -> dict | None:
     """For float32 training on the CPU: which path this run's products take, measured
     both ways on this run's own step (:func:`aether_scale.gemm.calibrate`): the AE and
-    text projectors (copies of ``modules``: the run's weights are not touched) on
-    random inputs of one batch, both views, and the loss, forward and backward. None
-    (the default path, nothing measured) on other devices and dtypes and for runs
-    under :data:`CALIBRATE_MIN_STEPS` steps per epoch."""
+    text projectors (copies of ``modules``: the run's weights are not touched) run as the
+    run will run them (:class:`~.heads.Heads` with ``kernels``: compiled, when the run
+    compiles), on random inputs of one batch, both views, and the loss, forward and
+    backward. None (the default path, nothing measured) on other devices and dtypes and
+    for runs under :data:`CALIBRATE_MIN_STEPS` steps per epoch.
+
+    The compiled step is what is timed because the paths rank differently there: on the
+    2-core Zen 4 the eager step ran about as fast either way (oneDNN/BLAS 17.8/17.1 ms)
+    while the compiled one ran 1.09-1.3× faster through BLAS (inductor fuses around
+    aten's products but keeps the oneDNN op opaque), and the run, measuring eagerly,
+    trained on the slower path. Each path's graph is compiled once here and the run's
+    own Heads reuses it (dynamo caches the graph per path, not per module instance), so
+    the measurement costs one compilation more than the run makes anyway. The returned
+    dict's ``kernels`` is how the copies ran (``autograd`` when compiling them failed:
+    the run then does not try again)."""
     import copy
 
     from .. import gemm
     from ..loss import AetherLoss
+    from .heads import Heads
 
     if device.type != "cpu" or dtype != torch.float32 or steps_per_epoch < CALIBRATE_MIN_STEPS:
         return None
     ae, txt = (copy.deepcopy(m).train() for m in modules)
+    heads = Heads(ae, txt, kernels=kernels, compute_dtype=dtype)
     b = int(cfg.batch_size)
     views = 2 if cfg.use_aug else 1  # the AE projector sees base and augmented rows
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(views * b, ae.in_dim, generator=g), dim=1)
     t = torch.randn(b, txt.in_dim, generator=g)
     loss_fn = AetherLoss(cfg.lam, cfg.tau_ae, cfg.tau_poi, use_aug=cfg.use_aug)
-    params = [p for m in (ae, txt) for p in m.parameters()]
+    params = list(heads.parameters())
 
     def step() -> None:
-        z = ae(x)
+        z, z_t = heads(x, t)
         z_b, z_a = z.split(b) if views == 2 else (z, None)
-        loss_fn(z_b, z_a, txt(t)).loss.backward()
+        try:
+            loss_fn(z_b, z_a, z_t).loss.backward()
+        except Exception as e:  # noqa: BLE001 - the compiled backward failing, as in the loop
+            if heads.kernels != "compile":
+                raise
+            warnings.warn(f"train.kernels=compile: the compiled backward failed "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "running the modules eagerly (train.kernels=autograd)",
+                          RuntimeWarning, stacklevel=2)
+            heads.kernels = "autograd"
         for p in params:
             p.grad = None
 
     shapes = (b, views, ae.in_dim, txt.in_dim, tuple(p.shape for p in params), cfg.lam,
-              cfg.use_aug)
+              cfg.use_aug, kernels)
     cal = gemm.calibrate(step, key=("train-step", shapes))
+    cal["kernels"] = heads.kernels
     if cal["measured"]:
         ms = cal["ms"]
-        say(f"[train] float32 CPU products: {cal['backend']} (this run's step, forward and "
-            f"backward, measured here: oneDNN {ms['onednn']:.1f} ms, torch's BLAS "
+        how = "compiled" if heads.kernels == "compile" else "eager"
+        say(f"[train] float32 CPU products: {cal['backend']} (this run's {how} step, forward "
+            f"and backward, measured here: oneDNN {ms['onednn']:.1f} ms, torch's BLAS "
             f"{ms['blas']:.1f} ms; AETHER_CPU_GEMM=onednn|blas sets it)")
     return cal
 
