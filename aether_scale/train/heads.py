@@ -20,7 +20,8 @@ from ..loss import AetherLoss
 from ..model import AEProj, TextProj
 from .loader import InMemoryBatches
 
-__all__ = ["COMPILE_MIN_STEPS", "KERNELS", "Heads", "choose_kernels", "validate"]
+__all__ = ["COMPILE_MIN_STEPS", "KERNELS", "Heads", "choose_kernels", "validate",
+           "warn_compile_failed"]
 
 #: ``train.kernels`` values: how the training forward runs (see :class:`Heads`)
 KERNELS = ("autograd", "compile")
@@ -39,6 +40,15 @@ def choose_kernels(cfg: TrainSection, device: torch.device, steps_per_epoch: int
     if cfg.kernels == "auto":
         return "compile" if device.type == "cpu" and steps_per_epoch >= COMPILE_MIN_STEPS else "autograd"
     return cfg.kernels
+
+
+def warn_compile_failed(what: str, e: Exception) -> None:
+    """The one warning of a compiled run falling back to the eager modules (``what``:
+    the part that failed, e.g. ``torch.compile`` or ``the compiled backward``)."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    warnings.warn(f"train.kernels=compile: {what} failed ({type(e).__name__}: {first}); "
+                  "running the modules eagerly (train.kernels=autograd)", RuntimeWarning,
+                  stacklevel=3)
 
 
 class Heads(nn.Module):
@@ -76,9 +86,7 @@ class Heads(nn.Module):
             except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor's CPU code
                 if self._compiled_once:
                     raise
-                warnings.warn(f"train.kernels=compile: torch.compile failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); running the modules "
-                              "eagerly (train.kernels=autograd)", RuntimeWarning, stacklevel=2)
+                warn_compile_failed("torch.compile", e)
                 self.kernels = "autograd"
                 return self._run_modules(x, t)
             finally:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +60,7 @@ from ..model import (
 )
 from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
-from .heads import Heads, choose_kernels, validate
+from .heads import Heads, choose_kernels, validate, warn_compile_failed
 from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
     choose_cpu_gemm,
@@ -305,11 +304,7 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                     except Exception as e:  # noqa: BLE001 - e.g. inductor failing to lower an op
                         if heads.kernels != "compile":
                             raise
-                        warnings.warn(
-                            f"train.kernels=compile: the compiled backward failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            "running the modules eagerly (train.kernels=autograd)",
-                            RuntimeWarning, stacklevel=2)
+                        warn_compile_failed("the compiled backward", e)
                         heads.kernels = run_info["kernels"] = "autograd"
                         opt.zero_grad(set_to_none=True)
                         out = forward_backward(base, aug, text)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +72,7 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
 
     from .. import gemm
     from ..loss import AetherLoss
-    from .heads import Heads
+    from .heads import Heads, warn_compile_failed
 
     if device.type != "cpu" or dtype != torch.float32 or steps_per_epoch < CALIBRATE_MIN_STEPS:
         return None
@@ -95,10 +94,7 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
         except Exception as e:  # noqa: BLE001 - the compiled backward failing, as in the loop
             if heads.kernels != "compile":
                 raise
-            warnings.warn(f"train.kernels=compile: the compiled backward failed "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "running the modules eagerly (train.kernels=autograd)",
-                          RuntimeWarning, stacklevel=2)
+            warn_compile_failed("the compiled backward", e)
             heads.kernels = "autograd"
         for p in params:
             p.grad = None
