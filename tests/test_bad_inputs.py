@@ -321,18 +321,21 @@ def pooled(city, tmp_path_factory) -> tuple[Path, Path]:
     return Path(ws.root), p
 
 
-@pytest.mark.parametrize("stage,what", [
-    ("pois", "pois: the dask workers are too small"),
-    ("pool", "pool: the dask workers are too small"),
-    ("infer", "infer: the dask workers"),
-])
-def test_workers_too_small_for_a_stage_are_refused_before_any_task(pooled, stage, what):
+@pytest.mark.parametrize("stage", ["pois", "pool", "infer"])
+def test_workers_too_small_for_a_stage_are_refused_before_any_task(pooled, stage):
+    """A 300 MiB worker is refused one of two ways, both before any task and both naming
+    the fix: measured too small after importing the stage's code, or dead while
+    importing it (which of the two depends on how fast the nanny kills it: the pois case
+    met both on the same host)."""
     ws, cfg = pooled
     # infer on a local cluster runs in-process unless told to use the workers
     extra = ["--set", "infer.scheduler=cluster"] if stage == "infer" else []
     res = _cli(stage, "-w", str(ws), "-c", str(cfg), "--force", *extra)
     assert res.returncode == 1, res.stderr[-2000:]
-    assert what in res.stderr and "cluster.memory_limit" in res.stderr, res.stderr[-2000:]
+    refused = (f"{stage}: the dask workers are too small",
+               f"{stage}: the dask workers died while loading what {stage} runs")
+    assert any(w in res.stderr for w in refused), res.stderr[-2000:]
+    assert "cluster.memory_limit" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "KilledWorker" not in res.stderr
     assert max(len(line) for line in res.stderr.splitlines()) <= 300
 
