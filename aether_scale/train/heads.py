@@ -48,7 +48,7 @@ def warn_compile_failed(what: str, e: Exception) -> None:
     first = str(e).splitlines()[0] if str(e) else ""
     warnings.warn(f"train.kernels=compile: {what} failed ({type(e).__name__}: {first}); "
                   "running the modules eagerly (train.kernels=autograd)", RuntimeWarning,
-                  stacklevel=3)
+                  stacklevel=4)
 
 
 class Heads(nn.Module):
@@ -77,6 +77,14 @@ class Heads(nn.Module):
             z, z_t = self.ae(x), self.txt(t)
         return z.float(), z_t.float()
 
+    def fall_back(self, what: str, e: Exception) -> None:
+        """After ``e`` in a compiled step (``what`` failed): run the modules eagerly from
+        now on, with one warning; ``e`` itself is raised when nothing was compiled."""
+        if self.kernels != "compile":
+            raise e
+        warn_compile_failed(what, e)
+        self.kernels = "autograd"
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernels == "compile" and self.training:
             if self._compiled is None:
@@ -86,8 +94,7 @@ class Heads(nn.Module):
             except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor's CPU code
                 if self._compiled_once:
                     raise
-                warn_compile_failed("torch.compile", e)
-                self.kernels = "autograd"
+                self.fall_back("torch.compile", e)
                 return self._run_modules(x, t)
             finally:
                 self._compiled_once = self.kernels == "compile"

@@ -60,7 +60,7 @@ from ..model import (
 )
 from ..stores.triplets import TripletStore
 from .distributed import _init_distributed, rank_seed
-from .heads import Heads, choose_kernels, validate, warn_compile_failed
+from .heads import Heads, choose_kernels, validate
 from .loader import InMemoryBatches, Shard, StreamingBatches, split_rows
 from .runtime import (
     choose_cpu_gemm,
@@ -302,10 +302,8 @@ def _train(triplets_uri: str, cfg: TrainSection, out_dir: str, *, say: Callable[
                     try:
                         out = forward_backward(base, aug, text)
                     except Exception as e:  # noqa: BLE001 - e.g. inductor failing to lower an op
-                        if heads.kernels != "compile":
-                            raise
-                        warn_compile_failed("the compiled backward", e)
-                        heads.kernels = run_info["kernels"] = "autograd"
+                        heads.fall_back("the compiled backward", e)
+                        run_info["kernels"] = heads.kernels
                         opt.zero_grad(set_to_none=True)
                         out = forward_backward(base, aug, text)
                     backward_ok = True

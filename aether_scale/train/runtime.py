@@ -59,11 +59,12 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
     backward. None (the default path, nothing measured) on other devices and dtypes and
     for runs under :data:`CALIBRATE_MIN_STEPS` steps per epoch.
 
-    The compiled step is what is timed because the paths rank differently there: on the
-    2-core Zen 4 the eager step ran about as fast either way (oneDNN/BLAS 17.8/17.1 ms)
-    while the compiled one ran 1.09-1.3× faster through BLAS (inductor fuses around
-    aten's products but keeps the oneDNN op opaque), and the run, measuring eagerly,
-    trained on the slower path. Each path's graph is compiled once here and the run's
+    The compiled step is what is timed because it is what the run steps, and the paths
+    can rank differently there (inductor fuses around aten's products but keeps the
+    oneDNN op opaque): on the 2-core Zen 4 one run measured the eager step at oneDNN/BLAS
+    17.8/17.1 ms (oneDNN kept) and a later one the compiled step at 16.4/13.9 ms (BLAS
+    kept); a third process, compiled, measured 12.1/13.7 ms. That host's noise (±25 %
+    for one step) is as large as the gap, so there the choice is near a coin toss. Each path's graph is compiled once here and the run's
     own Heads reuses it (dynamo caches the graph per path, not per module instance), so
     the measurement costs one compilation more than the run makes anyway. The returned
     dict's ``kernels`` is how the copies ran (``autograd`` when compiling them failed:
@@ -72,7 +73,7 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
 
     from .. import gemm
     from ..loss import AetherLoss
-    from .heads import Heads, warn_compile_failed
+    from .heads import Heads
 
     if device.type != "cpu" or dtype != torch.float32 or steps_per_epoch < CALIBRATE_MIN_STEPS:
         return None
@@ -92,10 +93,7 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
         try:
             loss_fn(z_b, z_a, z_t).loss.backward()
         except Exception as e:  # noqa: BLE001 - the compiled backward failing, as in the loop
-            if heads.kernels != "compile":
-                raise
-            warn_compile_failed("the compiled backward", e)
-            heads.kernels = "autograd"
+            heads.fall_back("the compiled backward", e)
         for p in params:
             p.grad = None
 
