@@ -46,6 +46,19 @@ def _load(v: Any) -> str:
     return "?" if v is None else f"{float(v):.1f}"
 
 
+def _cpu(machine: dict[str, Any]) -> str:
+    """The CPU as the kernels see it: one VM name ("AMD EPYC") covers hosts from AVX2-only to
+    AVX-512 with bf16, so the family/model and the widest vector extension are named."""
+    cpu = machine.get("cpu") or {}
+    name = str(machine.get("processor", "?"))
+    if not cpu.get("cpu_family"):
+        return name
+    flags = set(cpu.get("flags") or [])
+    isa = ("AMX" if "amx_bf16" in flags else "AVX-512 + BF16" if "avx512_bf16" in flags
+           else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name}, family {cpu['cpu_family']} model {cpu.get('model', '?')}, {isa}"
+
+
 def _origin(row: dict[str, Any]) -> str:
     kind, commit = row.get("baseline_kind"), row.get("baseline_commit")
     if kind == "reference":
@@ -101,7 +114,7 @@ def render() -> str:
         m = machine
         machines[stem] = (f"`{stem}.json`: {m.get('time_utc', '?')}, "
                           f"{m.get('cpu_affinity') or m.get('cpu_count_logical', '?')} cores "
-                          f"({m.get('processor', '?')}), load {_load(m.get('load_avg_1m'))}")
+                          f"({_cpu(m)}), load {_load(m.get('load_avg_1m'))}")
     lines.append("")
     lines.append("Measured: " + "; ".join(machines[k] for k in sorted(machines)) + ".")
     return "\n".join(lines)
