@@ -1,25 +1,34 @@
-"""Benchmark: the text stage vs plain ``SentenceTransformer.encode`` over every row.
+"""Benchmark: the text stage vs the reference's own text encoder over every row.
 
-    python benchmarks/bench_text.py            # 50,000 POIs
-    python benchmarks/bench_text.py --quick    # 8,000 POIs, smaller samples
+    python benchmarks/bench_text.py --reference PATH   # 50,000 POIs against the checkout
+    python benchmarks/bench_text.py --quick            # 8,000 POIs, smaller samples
 
 One run measures, on the same generated POI set (realistic repetition: chains,
 common pub/café names, a category list with a long tail, ~10% without a name):
 
-1. **baseline** — ``model.encode(descriptions_of_every_row)``, the reference
-   implementation's approach. Encoding every one of 50k rows takes minutes on a
-   busy 2-core machine, so by default a random sample of rows is encoded and the
-   full time is extrapolated from the measured rate (``--baseline-rows 0``
-   encodes every row);
-2. **stage, cold cache** — ``run_stage("text", ...)`` end to end (read ``pois.parquet``,
-   deduplicate, encode the distinct texts, write ``text.zarr``);
-3. **stage, rerun** — ``run_stage("text", ..., force=True)`` with the cache warm: no
+1. **baseline** — with ``--reference PATH`` (a checkout of github inwind0212/AETHER),
+   its own ``dataio.HFTextEncoder`` (what its ``train.py`` calls through
+   ``encode_texts`` with ``text.backend: hf``; the shipped config's ``hf_model`` is
+   sentence-transformers/all-MiniLM-L6-v2, here the bundled copy of that model, and its
+   ``text.batch_size``) encodes the description of every row, in a fresh interpreter,
+   unmodified. Encoding all 50k rows takes minutes on 2 cores, so by default a random
+   sample of rows is encoded and the full time is extrapolated from the measured rate
+   (``--baseline-rows 0`` encodes every row); the model's load is timed apart and
+   added once. Without a checkout, plain ``SentenceTransformer.encode`` of every row is
+   the baseline, labelled ``fallback``;
+2. **the command** — ``aether-scale text -w WS --force`` from outside, default settings,
+   a cold text cache: imports, model load, reading ``pois.parquet``, de-duplication,
+   encoding the distinct texts, writing ``text.zarr``;
+3. **stage, cold cache** — ``run_stage("text", ...)`` in this process (model loaded);
+4. **stage, rerun** — ``run_stage("text", ..., force=True)`` with the cache warm: no
    model calls;
-4. **local vs dask encoding** (the ``mode=auto`` rule) — the same fresh distinct
+5. **local vs dask encoding** (the ``mode=auto`` rule) — the same fresh distinct
    texts encoded in-process and on a 2-worker LocalCluster (1 thread each),
    including worker model loading.
 
-Writes ``benchmarks/results/text.json``.
+The stage's vectors are compared with the baseline's on the sampled rows (same model,
+same mean pooling and L2 normalisation: equal to float rounding). Writes
+``benchmarks/results/text.json`` with a ``summary`` of same-run ratios.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +49,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _common import PeakRSS, machine_info, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    PeakRSS,
+    add_reference_argument,
+    fallback_origin,
+    machine_info,
+    ratio_row,
+    reference_origin,
+    write_result,
+)
 
 # (subcategory, category, relative frequency) — a long-tailed mix like London OSM/OS data
 CATEGORIES = [
@@ -129,14 +147,92 @@ def write_pois_parquet(df: pd.DataFrame, path: str) -> None:
     gdf = gpd.GeoDataFrame(df, geometry=gpd.points_from_xy(df.x, df.y), crs=27700)
     gdf.to_parquet(os.path.join(path, "part.00000.parquet"), index=False)
 
+# =========================================================================== baseline
+REF_CHILD = r"""
+import json, sys, time
+import numpy as np
+checkout, model_dir, texts_path, out, batch_size = sys.argv[1:6]
+sys.path.insert(0, checkout)
+t0 = time.perf_counter()
+from dataio import HFTextEncoder  # the reference's own code, unmodified
+t_imp = time.perf_counter() - t0
+texts = json.load(open(texts_path))
+t = time.perf_counter()
+enc = HFTextEncoder(model_dir, device="cpu")
+t_load = time.perf_counter() - t
+enc.encode(texts[:64], batch_size=64)  # warm-up, as the stage's model gets one
+t, c = time.perf_counter(), time.process_time()
+X = enc.encode(texts, batch_size=int(batch_size))
+res = {"import_s": t_imp, "load_s": t_load, "encode_s": time.perf_counter() - t,
+       "encode_cpu_s": time.process_time() - c, "n": len(texts)}
+np.save(out + ".npy", X)
+json.dump(res, open(out, "w"))
+"""
+
+
+def reference_batch_size(checkout: str) -> int:
+    """``text.batch_size`` of the checkout's shipped ``config.yaml`` (1024 at cc52099)."""
+    import yaml
+
+    with open(os.path.join(checkout, "config.yaml")) as f:
+        return int((yaml.safe_load(f).get("text") or {}).get("batch_size") or 1024)
+
+
+def run_reference(checkout: str, model_dir: str, texts: list[str], root: str) -> tuple[dict, np.ndarray]:
+    """The reference's HFTextEncoder over ``texts`` in a fresh interpreter (its cwd the checkout)."""
+    import json
+
+    texts_path, out = os.path.join(root, "ref_texts.json"), os.path.join(root, "ref.json")
+    with open(texts_path, "w") as f:
+        json.dump(texts, f)
+    bs = reference_batch_size(checkout)
+    cmd = [sys.executable, "-c", REF_CHILD, checkout, model_dir, texts_path, out, str(bs)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(os.path.join(root, "reference.log"), "wb") as logf, PeakRSS() as rss:
+        rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=checkout,
+                            env=env).returncode
+    if rc != 0:
+        tail = open(os.path.join(root, "reference.log"), errors="replace").read()[-2000:]
+        raise SystemExit(f"the reference's HFTextEncoder exited {rc}:\\n{tail}")
+    res = json.load(open(out))
+    return ({"what": f"dataio.HFTextEncoder({model_dir!r}, device='cpu').encode(texts, "
+                     f"batch_size={bs}) from the checkout, unmodified (what train.py's "
+                     "encode_texts runs for text.backend: hf)",
+             "batch_size": bs, "rows_encoded": res["n"], "seconds": round(res["encode_s"], 2),
+             "cpu_seconds": round(res["encode_cpu_s"], 2),
+             "texts_per_s": round(res["n"] / res["encode_s"], 1),
+             "model_load_s": round(res["load_s"], 2), "import_s": round(res["import_s"], 2),
+             **rss.as_dict()}, np.load(out + ".npy"))
+
+
+def run_command(ws: str, cache_dir: str, root: str) -> dict:
+    """``aether-scale text -w ws --force`` from outside with a fresh text cache."""
+    exe = Path(sys.executable).with_name("aether-scale")
+    argv = ([str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]) + [
+        "text", "-w", ws, "--force", "--set", f"text.cache_dir={cache_dir}"]
+    for name in ("config.yaml",):  # every default, as a user's first run
+        Path(ws, name).unlink(missing_ok=True)
+    log = os.path.join(root, "command.log")
+    t0 = time.perf_counter()
+    with open(log, "wb") as f, PeakRSS() as rss:
+        rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {rc}:\\n{open(log, errors='replace').read()[-2000:]}")
+    return {"argv": ["aether-scale", *argv[-6:]], "wall_s": round(wall, 2),
+            "log_tail": open(log, errors="replace").read()[-600:], **rss.as_dict()}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="8k POIs, small samples (~1 min)")
     ap.add_argument("--rows", type=int, default=None, help="POI rows (default 50000; quick 8000)")
     ap.add_argument("--baseline-rows", type=int, default=None,
-                    help="rows the plain-encode baseline encodes (0 = every row; "
-                         "default 1500, quick 600); the rate is extrapolated to all rows")
+                    help="rows the baseline encodes (0 = every row; default 1500, quick "
+                         "600); its rate is extrapolated to all rows")
+    ap.add_argument("--no-command", dest="command", action="store_false",
+                    help="skip timing the aether-scale text command from outside")
+    add_reference_argument(ap)
     ap.add_argument("--dask-texts", type=int, default=None,
                     help="fresh texts for the local-vs-dask comparison (default 500; quick 200; 0 skips)")
     args = ap.parse_args(argv)
@@ -169,31 +265,49 @@ def main(argv: list[str] | None = None) -> int:
         result["model_load_s"] = round(time.perf_counter() - t0, 2)
         model.encode(texts[:64], batch_size=64)  # warm-up (both paths benefit equally)
 
-        # 1. baseline: plain encode over every row (or a random sample of rows)
+        # 1. baseline over every row (or a random sample of rows, extrapolated)
         rng = np.random.default_rng(1)
-        sample = texts if base_rows in (0, None) or base_rows >= n else \
-            [texts[i] for i in rng.choice(n, size=base_rows, replace=False)]
-        with PeakRSS() as rss_base:
-            t0 = time.perf_counter()
-            plain = model.encode(sample, batch_size=256, normalize_embeddings=True,
-                                 convert_to_numpy=True)
-            dt = time.perf_counter() - t0
-        rate = len(sample) / dt
-        result["baseline"] = {
-            "what": "SentenceTransformer.encode over every row (batch 256)",
-            "rows_encoded": len(sample), "seconds": round(dt, 2),
-            "texts_per_s": round(rate, 1),
-            "all_rows_seconds": round(n / rate, 1) if len(sample) < n else round(dt, 2),
-            "all_rows_extrapolated": len(sample) < n,
-            "peak_rss_mb": round(rss_base.peak_mb, 1),
-        }
+        pick = (np.arange(n) if base_rows in (0, None) or base_rows >= n
+                else np.sort(rng.choice(n, size=base_rows, replace=False)))
+        sample = [texts[i] for i in pick]
+        if args.reference:
+            origin = reference_origin(args.reference)
+            print(f"--- reference HFTextEncoder ({origin['commit']}), {len(sample)} rows")
+            base, base_vecs = run_reference(args.reference, T.resolve_model("all-MiniLM-L6-v2"),
+                                            sample, tmp)
+            load_s = base["model_load_s"]
+        else:
+            origin = fallback_origin("benchmarks/bench_text.py:main",
+                                     "text encoding (one encode call over every row's description)")
+            print(f"--- fallback: SentenceTransformer.encode, {len(sample)} rows")
+            with PeakRSS() as rss_base:
+                t0 = time.perf_counter()
+                base_vecs = model.encode(sample, batch_size=256, normalize_embeddings=True,
+                                         convert_to_numpy=True)
+                dt = time.perf_counter() - t0
+            base = {"what": "SentenceTransformer.encode over every row (batch 256)",
+                    "rows_encoded": len(sample), "seconds": round(dt, 2),
+                    "texts_per_s": round(len(sample) / dt, 1), **rss_base.as_dict()}
+            load_s = result["model_load_s"]
+        rate = base["texts_per_s"]
+        base["all_rows_extrapolated"] = len(sample) < n
+        base["all_rows_encode_s"] = round(n / rate, 1) if len(sample) < n else base["seconds"]
+        base["all_rows_s_with_model_load"] = round(base["all_rows_encode_s"] + load_s, 1)
+        result["baseline_origin"] = origin
+        result["baseline"] = base
         print(f"baseline: {rate:.0f} texts/s on {len(sample)} rows → all {n} rows "
-              f"≈ {n / rate:.0f} s")
-        del plain
+              f"≈ {base['all_rows_encode_s']:.0f} s (+ {load_s:.1f} s model load)")
 
-        # 2. the stage, cold cache
+        # 2. the command from outside, cold cache (default settings)
         ws = Workspace(os.path.join(tmp, "ws"))
         write_pois_parquet(pois, ws.path("pois.parquet"))
+        if args.command:
+            cmd = run_command(ws.root, os.path.join(tmp, "cache_cmd"), tmp)
+            cmd["rows_per_s"] = round(n / cmd["wall_s"], 1)
+            result["command"] = cmd
+            print(f"command: {cmd['wall_s']:.1f} s = {cmd['rows_per_s']:.0f} rows/s (from outside)")
+
+        # 3. the stage in this process, cold cache (model loaded)
         cfg = load_config(data={"text": {"cache_dir": os.path.join(tmp, "cache"),
                                          "mode": "local", "device": "cpu"}})
         with dask.config.set(scheduler="threads"), PeakRSS() as rss_stage:
@@ -209,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             "encode_texts_per_s": st["texts_per_s"], "read_s": st["read_s"],
             "write_s": st["write_s"], "peak_rss_mb": round(rss_stage.peak_mb, 1),
         }
-        speedup = result["baseline"]["all_rows_seconds"] / dt1
+        speedup = base["all_rows_encode_s"] / dt1
         result["speedup_vs_baseline"] = round(speedup, 2)
         print(f"stage (cold cache): {dt1:.1f} s = {n / dt1:.0f} rows/s, encoded {calls1} texts; "
-              f"{speedup:.1f}× the baseline's time")
+              f"{speedup:.1f}× the baseline's encode time")
 
         # 3. rerun with the cache warm
         c0 = dict(T.MODEL_CALLS)
@@ -228,14 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stage rerun (warm cache): {dt2:.2f} s, model calls: "
               f"{result['stage_rerun']['model_calls']}")
 
-        # correctness: stage vectors equal plain encode on a few rows
+        # correctness: the stage's vectors equal the baseline's on the sampled rows
         store = TextStore(ws.path("text.zarr"))
-        check = rng.choice(n, size=32, replace=False)
-        ref = model.encode([texts[i] for i in check], normalize_embeddings=True)
-        result["max_abs_diff_vs_plain"] = float(np.abs(store.take(store.rows_of(np.sort(check)))
-                                                       - ref[np.argsort(check)]).max())
+        got = store.take(store.rows_of(pick))
+        result["max_abs_diff_vs_baseline"] = float(np.abs(got - base_vecs).max())
+        print(f"max |stage − baseline| over {len(pick)} rows: {result['max_abs_diff_vs_baseline']:.2e}")
 
-        # 4. local vs dask encoding of fresh texts (what mode=auto decides)
+        # 5. local vs dask encoding of fresh texts (what mode=auto decides)
         if dask_n:
             from distributed import Client, LocalCluster
 
@@ -276,12 +389,42 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"local {dask_n / local_s:.0f} texts/s vs dask (warm) {dask_n / warm_s:.0f} texts/s; "
                   f"dask first batch incl. model load {first_s:.1f} s; auto → {auto[0]}")
+        result["summary"] = summary_rows(result, n, origin, args.reference)
         result["machine"] = machine_info()
         path = write_result("text", result)
         print(f"results → {path}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def summary_rows(result: dict, n: int, origin: dict, reference: str | None) -> list[dict]:
+    """The same-run ratios for the README's table."""
+    how = "python benchmarks/bench_text.py" + (" --reference PATH" if reference else "")
+    base = result["baseline"]
+    bname = ("the reference's HFTextEncoder over every row" if reference
+             else "SentenceTransformer.encode over every row")
+    est = " (rate of a random sample, extrapolated)" if base["all_rows_extrapolated"] else ""
+    distinct = f"{result['distinct_texts']:,} distinct of {n:,} descriptions"
+    rows = []
+    if "command" in result:
+        rows.append(ratio_row(
+            stage="text", metric=f"rows/s, whole `aether-scale text` command, {n:,} POIs ({distinct})",
+            ours=result["command"]["rows_per_s"],
+            baseline=round(n / base["all_rows_s_with_model_load"], 1), unit="rows/s",
+            baseline_name=f"{bname}, model load included{est}", origin=origin,
+            ours_what="wall from outside, cold text cache, default settings", command=how))
+    rows.append(ratio_row(
+        stage="text", metric=f"rows/s, the text stage in process, {n:,} POIs ({distinct})",
+        ours=result["stage_cold"]["rows_per_s"], baseline=round(n / base["all_rows_encode_s"], 1),
+        unit="rows/s", baseline_name=f"{bname}, model already loaded{est}", origin=origin,
+        ours_what="run_stage, cold cache, model loaded", command=how))
+    rows.append(ratio_row(
+        stage="text", metric="texts/s per text the model encodes (no de-duplication counted)",
+        ours=result["stage_cold"]["encode_texts_per_s"], baseline=base["texts_per_s"],
+        unit="texts/s", baseline_name=bname, origin=origin,
+        ours_what="the stage's encode of its distinct texts", command=how))
+    return rows
 
 
 if __name__ == "__main__":
