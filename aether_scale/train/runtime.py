@@ -64,8 +64,10 @@ def choose_cpu_gemm(cfg: TrainSection, device: torch.device, dtype: torch.dtype,
     oneDNN op opaque): on the 2-core Zen 4 one run measured the eager step at oneDNN/BLAS
     17.8/17.1 ms (oneDNN kept) and a later one the compiled step at 16.4/13.9 ms (BLAS
     kept); a third process, compiled, measured 12.1/13.7 ms. That host's noise (±25 %
-    for one step) is as large as the gap, so there the choice is near a coin toss. Each path's graph is compiled once here and the run's
-    own Heads reuses it (dynamo caches the graph per path, not per module instance), so
+    for one step) is as large as the gap, so there the choice is near a coin toss. On a
+    2-core Zen 5 (full-width AVX-512) it is not: 6.0 vs 9.2 ms, oneDNN kept, and the
+    command forced onto each path ran 4.8 vs 7.6 s/epoch (2026-12-03). Each path's graph
+    is compiled once here and the run's own Heads reuses it (dynamo caches the graph per path, not per module instance), so
     the measurement costs one compilation more than the run makes anyway. The returned
     dict's ``kernels`` is how the copies ran (``autograd`` when compiling them failed:
     the run then does not try again)."""
