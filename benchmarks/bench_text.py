@@ -34,6 +34,7 @@ same mean pooling and L2 normalisation: equal to float rounding). Writes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -180,8 +181,6 @@ def reference_batch_size(checkout: str) -> int:
 
 def run_reference(checkout: str, model_dir: str, texts: list[str], root: str) -> tuple[dict, np.ndarray]:
     """The reference's HFTextEncoder over ``texts`` in a fresh interpreter (its cwd the checkout)."""
-    import json
-
     texts_path, out = os.path.join(root, "ref_texts.json"), os.path.join(root, "ref.json")
     with open(texts_path, "w") as f:
         json.dump(texts, f)
@@ -210,8 +209,7 @@ def run_command(ws: str, cache_dir: str, root: str) -> dict:
     exe = Path(sys.executable).with_name("aether-scale")
     argv = ([str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]) + [
         "text", "-w", ws, "--force", "--set", f"text.cache_dir={cache_dir}"]
-    for name in ("config.yaml",):  # every default, as a user's first run
-        Path(ws, name).unlink(missing_ok=True)
+    Path(ws, "config.yaml").unlink(missing_ok=True)  # every default, as a user's first run
     log = os.path.join(root, "command.log")
     t0 = time.perf_counter()
     with open(log, "wb") as f, PeakRSS() as rss:
