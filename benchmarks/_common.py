@@ -33,7 +33,7 @@ import psutil
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 __all__ = ["PeakRSS", "machine_info", "write_result", "RESULTS_DIR", "add_reference_argument",
-           "reference_origin", "fallback_origin", "ratio_row", "REFERENCE_REPO"]
+           "reference_origin", "fallback_origin", "ratio_row", "REFERENCE_REPO", "cli_argv"]
 
 REFERENCE_REPO = "inwind0212/AETHER"
 
@@ -191,6 +191,13 @@ def _cpuinfo() -> dict[str, str]:
 
 def _cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or "unknown"
+
+
+def cli_argv() -> list[str]:
+    """The ``aether-scale`` console script of this interpreter's environment (what a user
+    runs), or ``python -m aether_scale.cli`` where the script is not installed."""
+    exe = Path(sys.executable).with_name("aether-scale")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]
 
 
 def write_result(name: str, data: dict[str, Any]) -> Path:

@@ -66,6 +66,7 @@ sys.path.insert(0, str(HERE.parent))
 from _common import (  # noqa: E402
     PeakRSS,
     add_reference_argument,
+    cli_argv,
     fallback_origin,
     machine_info,
     ratio_row,
@@ -145,7 +146,7 @@ def make_inputs(width: int, height: int) -> dict[str, str]:
         dst.write(np.moveaxis(codes, -1, 0))
     # ae.zarr through the ingest stage itself, so the workspace is what a user has
     (d / "ingest.yaml").write_text(f"ingest:\n  tiles: [{tile}]\n")
-    subprocess.run([str(Path(sys.executable).with_name("aether-scale")), "ingest", "-w", str(ws),
+    subprocess.run([*cli_argv(), "ingest", "-w", str(ws),
                     "-c", str(d / "ingest.yaml"), "-q"], check=True)
     with rasterio.open(tif, "w", dtype="float32", nodata=np.nan, **geo) as dst:
         for r in range(0, height, WIN):
@@ -229,8 +230,7 @@ def fallback_reference(inp: dict, out_tif: str) -> dict:
 def run_command(inp: dict, extra: list[str] | None = None, env: dict[str, str] | None = None
                 ) -> dict:
     """``aether-scale infer -w WS --force`` (default settings), timed from outside."""
-    exe = Path(sys.executable).with_name("aether-scale")
-    cmd = [str(exe), "infer", "-w", inp["workspace"], "--force", *(extra or [])]
+    cmd = [*cli_argv(), "infer", "-w", inp["workspace"], "--force", *(extra or [])]
     # a run saves its config in the workspace and the next run without -c starts from it
     # (a `--set cluster.n_workers=1` tried by hand would stick): removed, so every run
     # starts from the defaults

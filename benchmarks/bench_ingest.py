@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from _common import PeakRSS, machine_info, ratio_row, write_result  # noqa: E402
+from _common import PeakRSS, cli_argv, machine_info, ratio_row, write_result  # noqa: E402
 
 SCRATCH = HERE / "scratch" / "ingest"
 N_BANDS = 64
@@ -280,8 +280,7 @@ def _worker_parts(client, start: float, stop: float) -> dict:
 
 def bench_command(tiles_dir: Path, ws: Path) -> dict:
     """The whole ``aether-scale ingest`` command with default settings, timed from outside."""
-    exe = Path(sys.executable).with_name("aether-scale")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale"]) + [
+    cmd = cli_argv() + [
         "ingest", "-q", "-w", str(ws), "--set", f'ingest.tiles=["{tiles_dir}"]']
     shutil.rmtree(ws, ignore_errors=True)
     with PeakRSS(interval=0.25) as rss:

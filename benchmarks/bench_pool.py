@@ -83,6 +83,7 @@ sys.path.insert(0, str(HERE))
 from _common import (  # noqa: E402
     PeakRSS,
     add_reference_argument,
+    cli_argv,
     fallback_origin,
     machine_info,
     ratio_row,
@@ -382,9 +383,7 @@ def run_engine(ae_path: str, x: np.ndarray, y: np.ndarray) -> tuple[dict, dict]:
 
 def run_command(ws: str, root: Path) -> dict[str, Any]:
     """``aether-scale pool -w ws --force`` in a fresh process, default settings."""
-    exe = Path(sys.executable).with_name("aether-scale")
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
-           ["-m", "aether_scale"]), "pool", "-w", ws, "--force"]
+    cmd = [*cli_argv(), "pool", "-w", ws, "--force"]
     import resource
 
     env = {**os.environ, "AETHER_SCALE_NO_BAR": "1"}

@@ -53,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import (  # noqa: E402
     PeakRSS,
     add_reference_argument,
+    cli_argv,
     fallback_origin,
     machine_info,
     ratio_row,
@@ -206,9 +207,7 @@ def run_reference(checkout: str, model_dir: str, texts: list[str], root: str) ->
 
 def run_command(ws: str, cache_dir: str, root: str) -> dict:
     """``aether-scale text -w ws --force`` from outside with a fresh text cache."""
-    exe = Path(sys.executable).with_name("aether-scale")
-    argv = ([str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]) + [
-        "text", "-w", ws, "--force", "--set", f"text.cache_dir={cache_dir}"]
+    argv = cli_argv() + ["text", "-w", ws, "--force", "--set", f"text.cache_dir={cache_dir}"]
     Path(ws, "config.yaml").unlink(missing_ok=True)  # every default, as a user's first run
     log = os.path.join(root, "command.log")
     t0 = time.perf_counter()

@@ -64,6 +64,7 @@ sys.path.insert(0, str(HERE.parent))
 from _common import (  # noqa: E402
     PeakRSS,
     add_reference_argument,
+    cli_argv,
     fallback_origin,
     machine_info,
     ratio_row,
@@ -381,17 +382,11 @@ def gemm_floor(device: torch.device, steps_per_epoch: int, rounds: int = 7, reps
 _CMD_EPOCH = re.compile(r"\[train\] epoch (\d+)/(\d+) loss ([0-9.]+)")
 
 
-def _train_command() -> list[str]:
-    """The ``aether-scale`` console script of this interpreter's environment (what a user runs)."""
-    exe = Path(sys.executable).with_name("aether-scale")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "aether_scale.cli"]
-
-
 def run_command(ws: Path, sets: list[str], epochs: int, tag: str,
                 env: dict[str, str] | None = None) -> dict:
     """``aether-scale train -w ws --force --set train.epochs=<epochs> --set …``: wall seconds,
     the per-epoch losses it printed, its process tree's peak (a started cluster shows)."""
-    argv = [*_train_command(), "train", "-w", str(ws), "--force",
+    argv = [*cli_argv(), "train", "-w", str(ws), "--force",
             "--set", f"train.epochs={epochs}", *(x for kv in sets for x in ("--set", kv))]
     log = SCRATCH / f"command-{tag}-e{epochs}.log"
     # a run saves its config in the workspace and the next run without -c starts from it:
@@ -413,7 +408,7 @@ def run_command(ws: Path, sets: list[str], epochs: int, tag: str,
     return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "losses": losses, "kernels": kern.group(1) if kern else None,
             "cpu_gemm": path[0][0] if path else None, "cpu_gemm_measured": [p[1] for p in path],
             "threads": thr, "max_processes": rss.max_processes, "peak_rss_mb": round(rss.peak_mb, 1),
-            "argv": ["aether-scale", *argv[len(_train_command()):]], "log": str(log)}
+            "argv": ["aether-scale", *argv[len(cli_argv()):]], "log": str(log)}
 
 
 _LOGGED_EPOCH = re.compile(r"epoch (\d+)/(\d+) .* ([0-9.]+) s")
