@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["keep_freed_memory", "retained_heap"]
+__all__ = ["keep_freed_memory", "release_freed_memory", "retained_heap"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _GLIBC_DEFAULT = 128 * 1024  # both thresholds' defaults
@@ -98,3 +98,14 @@ def retained_heap(enabled: bool = True) -> Iterator[bool]:
             lib.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
             lib.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
             lib.malloc_trim(0)
+
+
+def release_freed_memory() -> None:
+    """Collect Python's garbage cycles and hand glibc's free heap back to the OS (run on a
+    dask worker whose finished tasks left it above dask's memory pause threshold)."""
+    import gc
+
+    gc.collect()
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)

@@ -115,3 +115,66 @@ def test_a_sweep_needs_points_and_a_run_workspace(tiny_demo, tmp_path):
                           str(tmp_path / "empty"), "--set", "sweep.lam=[0.1]"],
                          env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "--until pool" in out.stderr
+
+
+def _paused_cluster_client():
+    """A one-worker LocalCluster that dask pauses above 80 % of 512 MiB (a fresh worker: ~62 MiB)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                           memory_limit="512MiB", dashboard_address=None)
+    return cluster, Client(cluster)
+
+
+def _wait_paused(client, timeout=30.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if all(w["status"] == "paused" for w in client.scheduler_info()["workers"].values()):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the worker was never paused")
+
+
+def test_a_sweep_resumes_workers_its_finished_points_left_paused():
+    """Garbage a finished point left (here 370 MiB in a reference cycle) pauses the worker
+    for its memory; the sweep's wait collects it on the workers and the next point runs."""
+    from aether_scale.sweep.run import _next_finished
+
+    def leave_garbage():
+        import numpy as np
+
+        box = {"x": np.ones(370 * 2**20 // 8)}
+        box["self"] = box  # a cycle: only the garbage collector frees it
+        return "left"
+
+    cluster, client = _paused_cluster_client()
+    with cluster, client:
+        client.run(lambda: __import__("gc").disable())  # as if no collection came soon
+        assert client.submit(leave_garbage, pure=False).result() == "left"
+        _wait_paused(client)
+        nxt = client.submit(lambda: "next point", pure=False)
+        assert _next_finished(client, [nxt], "512MiB").result() == "next point"
+
+
+def test_a_sweep_whose_workers_stay_paused_says_so(monkeypatch):
+    """Memory a point keeps (here a module global) cannot be collected: instead of waiting
+    forever the sweep stops with the workers' memory and the fix."""
+    from aether_scale.sweep import run as sweep_run
+
+    def hold():
+        import builtins
+
+        import numpy as np
+
+        builtins._aether_test_hold = np.ones(370 * 2**20 // 8)
+        return "held"
+
+    monkeypatch.setattr(sweep_run, "STALL_S", 3.0)
+    cluster, client = _paused_cluster_client()
+    with cluster, client:
+        assert client.submit(hold, pure=False).result() == "held"
+        _wait_paused(client)
+        nxt = client.submit(lambda: "never", pure=False)
+        with pytest.raises(sweep_run.SweepError, match=r"paused for memory \(\d+ of 512 MiB\)"
+                           r".*cluster.memory_limit, now 512MiB.*sweep.parallel=1"):
+            sweep_run._next_finished(client, [nxt], "512MiB")

@@ -40,6 +40,57 @@ class SweepError(RuntimeError):
     """A sweep that cannot start, or points that failed (the message names them)."""
 
 
+#: seconds every worker may stay paused for memory with no point running before the sweep
+#: gives up on them (dask's pause outlasts any task it was waiting for: nothing resumes it)
+STALL_S = 30.0
+
+
+def _next_finished(client: Any, futures: list[Any], memory_limit: Any) -> Any:
+    """The first of ``futures`` (running points) to finish.
+
+    A point runs whole stages inside its worker process, and the memory they leave there
+    (garbage cycles, freed heap, imported libraries) counts against the worker: above
+    ``distributed.worker.memory.pause`` of its limit dask pauses the worker, and a paused
+    worker is never given the next point (a CI run of the sweep test waited ≈ 8 minutes
+    so, at 950 of 1,024 MiB). When every worker is paused with no point running, each
+    collects its garbage and trims its heap (:func:`~aether_scale.heap.release_freed_memory`,
+    which resumes them when that was the cause); still paused :data:`STALL_S` s later,
+    :class:`SweepError` says so and how to fix it."""
+    from distributed import TimeoutError as DaskTimeout
+    from distributed import wait
+
+    since = None
+    while True:
+        try:
+            done, _ = wait(futures, timeout=2.0, return_when="FIRST_COMPLETED")
+        except (DaskTimeout, TimeoutError):
+            done = set()
+        if done:
+            return next(iter(done))
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
+        paused = {a: w for a, w in workers.items() if w.get("status") == "paused"}
+        if not workers or len(paused) < len(workers) or any(client.processing().values()):
+            since = None
+            continue
+        if since is None:  # the finished points' garbage may be what holds the memory
+            from ..heap import release_freed_memory
+
+            client.run(release_freed_memory)
+            since = time.monotonic()
+        if time.monotonic() - since < STALL_S:
+            continue
+        used = ", ".join(f"{w.get('metrics', {}).get('memory', 0) / 2**20:,.0f} of "
+                         f"{(w.get('memory_limit') or 0) / 2**20:,.0f} MiB"
+                         for w in paused.values())
+        raise SweepError(
+            f"every dask worker is paused for memory ({used}) with {len(futures)} sweep "
+            f"point(s) waiting: each point runs its stages inside a worker process, and what "
+            f"they leave there keeps it above dask's pause threshold, so no point can start. "
+            f"Fix: give the workers more memory (cluster.memory_limit, now {memory_limit}), "
+            f"or run fewer points at once (sweep.parallel=1 runs them in this process); "
+            f"the finished points are kept and a rerun resumes")
+
+
 def sweep_config(workspace: str, config: str | None = None,
                  overrides: Sequence[str] | None = None) -> RunConfig:
     """The sweep's base config: the workspace's saved config, then the sweep file's
@@ -195,8 +246,6 @@ def sweep(workspace: str, config: str | None = None, overrides: Sequence[str] | 
                  f"{out['seconds']:.0f} s — AETHER {show}")
 
     if todo and distributed and parallel > 1:
-        from distributed import as_completed
-
         with connect(cfg.cluster) as client:
             queue = list(todo)
             running = {}
@@ -207,7 +256,7 @@ def sweep(workspace: str, config: str | None = None, overrides: Sequence[str] | 
                                         cfgs[p.id].model_dump(mode="json"), pure=False,
                                         key=f"sweep-{name}-{p.id}-{time.time_ns()}")
                     running[fut] = p.id
-                fut = next(as_completed(list(running)))
+                fut = _next_finished(client, list(running), cfg.cluster.memory_limit)
                 pid = running.pop(fut)
                 try:
                     done(pid, fut.result())
